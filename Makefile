@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine with only Python 3.11 + pip:
+#   make demo   -- runs the embedded tiny default end to end on CPU
+#   make test   -- installs everything and runs the whole test suite
+# Both create .venv and install what they need. torch is pinned so pip takes the local CPU wheel
+# where there is one; on a GPU machine the same pin installs the CUDA build.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: install test demo clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: install
+	bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) outputs mlruns

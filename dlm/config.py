@@ -1,0 +1,280 @@
+"""Experiment configuration: dataclass schema, YAML + dotlist merging, validation at load time.
+
+Every section is a dataclass; omegaconf merges ``experiments/*.yaml`` files and command-line
+``key=value`` overrides onto the schema, so a wrong key or type fails with the key's name before any
+compute starts. Cross-field rules live in :func:`validate`. Errors are one line:
+``key=value: rule; allowed: ...`` (STYLE.md §2).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PATTERNS = ("causal", "bidirectional", "block", "block_clean")
+BACKENDS = ("auto", "sdpa", "flex", "flash", "eager")
+STRATEGIES = ("uniform", "position")
+WEIGHTINGS = ("elbo", "none")
+DTYPES = ("float32", "bfloat16", "float16", "float64")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line naming the key, the value and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = None
+    """HF hub id or local folder of a causal LM (or a dlm checkpoint). None: build from `arch` + `config`."""
+    arch: Optional[str] = None
+    """HF `model_type` to build from scratch (e.g. qwen3, llama) when `name_or_path` is None."""
+    config: Dict[str, Any] = field(default_factory=dict)
+    """HF config kwargs for a from-scratch model (hidden_size, num_hidden_layers, ...)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer folder or hub id; default: `name_or_path`."""
+    mask_token: str = "<|mask|>"
+    """[MASK] token; added to the vocabulary (embeddings resized) when the tokenizer lacks it."""
+    trust_remote_code: bool = False
+    """Run a checkpoint's own modeling code. Off by default: it is arbitrary code execution."""
+    dtype: str = "float32"
+    """Weight dtype at load time; mixed precision is `trainer.precision`."""
+
+
+@dataclass
+class AttentionConfig:
+    pattern: str = "block_clean"
+    """causal | bidirectional | block | block_clean (DESIGN.md §1; paper winner: block_clean)."""
+    block_size: int = 16
+    """Diffusion block length L' in tokens (paper: 16 for 1.5B, 64 for 4B/8B)."""
+    backend: str = "auto"
+    """auto (CPU: sdpa, CUDA: flex) | sdpa | flex | flash | eager."""
+
+
+@dataclass
+class MaskingConfig:
+    strategy: str = "position"
+    """uniform | position (the paper's position-dependent masking)."""
+    half_life: float = 0.1
+    """Half-life ratio lambda = ln2 / (beta * L'); paper: 0.1; large -> uniform, ->0 masks the rightmost k."""
+    complementary: bool = False
+    """Add a second copy with the complementary mask (Fast-dLLM v2), so every token is supervised once."""
+    eps: float = 1e-3
+    """t ~ U[eps, 1] per block."""
+
+
+@dataclass
+class ObjectiveConfig:
+    weighting: str = "elbo"
+    """elbo (1/t, or L'/k for exact-k masking) | none."""
+    shift: bool = False
+    """Dream-style: the logit at i-1 predicts token i. The paper finds no shift better."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "synthetic"
+    """HF dataset id, a local file/folder (json, jsonl, parquet, txt), or `synthetic` (generated offline)."""
+    name: Optional[str] = None
+    """HF dataset config name."""
+    text_field: str = "text"
+    prompt_field: Optional[str] = None
+    """With `response_field`: SFT-style rows; only response tokens are noised and scored."""
+    response_field: Optional[str] = None
+    train_split: str = "train"
+    val_split: Optional[str] = None
+    """None: hold out `val_fraction` of the train split."""
+    val_fraction: float = 0.05
+    max_length: int = 512
+    """Packed sequence length L in tokens."""
+    pad_to_block: bool = False
+    """Pad each document to a block multiple so no block spans two documents (Fast-dLLM v2)."""
+    batch_size: int = 8
+    num_workers: int = 0
+    synthetic_size: int = 20000
+    """Rows of the generated offline task when `path` is `synthetic`."""
+    synthetic_max_number: int = 20
+    """Largest operand of the generated word problems."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """Peak learning rate (paper: 1e-5, cosine)."""
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of `lr`."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip; 0 disables."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    """Lightning strategy: auto | ddp | fsdp | deepspeed_stage_2 | ..."""
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    val_every_n_steps: int = 200
+    limit_val_batches: int = 20
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 200
+    progress_bar: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    tracking_uri: Optional[str] = None
+    """MLflow tracking URI; None: a local file store `./mlruns`."""
+    experiment: str = "dlm"
+    run_name: Optional[str] = None
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "dlm"
+    seed: int = 0
+    output_dir: str = "outputs/${name}"
+    """Lightning checkpoints go to `<output_dir>/checkpoints`, the HF export to `<output_dir>/final`."""
+    resume: bool = False
+    """Continue from `<output_dir>/checkpoints/last.ckpt` in the same MLflow run."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def load_config(*paths: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Merge YAML files (in order) and `key=value` overrides onto the schema, then validate.
+
+    A YAML file may name a parent with a top-level `base: other.yaml` (relative to itself); the parent
+    is merged first.
+    """
+    schema = OmegaConf.structured(ExperimentConfig)
+    layers = [layer for p in paths for layer in _yaml_layers(Path(p))]
+    for bad in (o for o in overrides if "=" not in o):
+        raise ConfigError(f"{bad!r}: override must be key=value; e.g. attention.block_size=32")
+    try:
+        merged = OmegaConf.merge(schema, *layers, OmegaConf.from_dotlist(list(overrides)))
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise ConfigError(_one_line(err)) from None
+    validate(cfg)
+    return cfg
+
+
+def _yaml_layers(path: Path) -> list:
+    if not path.is_file():
+        raise ConfigError(f"config={str(path)!r}: file not found")
+    layer = OmegaConf.load(path)
+    base = layer.pop("base", None)
+    parents = _yaml_layers(path.parent / base) if base else []
+    return [*parents, layer]
+
+
+def _one_line(err: OmegaConfBaseException) -> str:
+    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "config"
+    msg = str(getattr(err, "msg", None) or err).splitlines()[0]
+    if "not in" in msg or "Missing key" in msg:
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        allowed = _fields_at(parent)
+        hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], allowed, n=1)
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return f"{key}: unknown key{suggestion}; allowed: {', '.join(allowed)}"
+    value = getattr(err, "value", None)
+    return f"{key}={value!r}: {msg}"
+
+
+def _fields_at(dotted: str) -> list[str]:
+    node: Any = ExperimentConfig()
+    for part in filter(None, dotted.split(".")):
+        node = getattr(node, part, None)
+    fields = getattr(node, "__dataclass_fields__", {})
+    return list(fields)
+
+
+def _check(ok: bool, key: str, value: Any, rule: str, allowed: str | Sequence[str] = "") -> None:
+    if ok:
+        return
+    allowed = ", ".join(map(str, allowed)) if not isinstance(allowed, str) else allowed
+    raise ConfigError(f"{key}={value!r}: {rule}" + (f"; allowed: {allowed}" if allowed else ""))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def validate(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Check choices and cross-field rules; raise ConfigError naming the first bad key."""
+    a, m, o, d = cfg.attention, cfg.masking, cfg.objective, cfg.data
+    _check(a.pattern in PATTERNS, "attention.pattern", a.pattern, "unknown pattern", PATTERNS)
+    _check(a.backend in BACKENDS, "attention.backend", a.backend, "unknown backend", BACKENDS)
+    _check(a.block_size > 0, "attention.block_size", a.block_size, "must be a positive integer")
+    _check(d.max_length > 0, "data.max_length", d.max_length, "must be a positive integer")
+    _check(
+        d.max_length % a.block_size == 0,
+        "attention.block_size",
+        a.block_size,
+        f"must divide data.max_length={d.max_length}",
+        _divisors(d.max_length),
+    )
+    _check(m.strategy in STRATEGIES, "masking.strategy", m.strategy, "unknown strategy", STRATEGIES)
+    _check(m.half_life > 0, "masking.half_life", m.half_life, "must be > 0 (large = uniform)")
+    _check(0 < m.eps < 1, "masking.eps", m.eps, "must be in (0, 1)")
+    _check(o.weighting in WEIGHTINGS, "objective.weighting", o.weighting, "unknown weighting", WEIGHTINGS)
+    _check(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, "unknown dtype", DTYPES)
+    _check(
+        cfg.model.name_or_path is not None or cfg.model.arch is not None,
+        "model.name_or_path",
+        None,
+        "set a checkpoint, or model.arch (+ model.config) to build one from scratch",
+    )
+    _check(cfg.trainer.precision in PRECISIONS, "trainer.precision", cfg.trainer.precision, "unknown precision", PRECISIONS)
+    _check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be a positive integer")
+    _check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
+    _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
+    _check(cfg.trainer.max_steps > 0, "trainer.max_steps", cfg.trainer.max_steps, "must be a positive integer")
+    _check(len(cfg.optim.betas) == 2, "optim.betas", cfg.optim.betas, "must be two numbers, e.g. [0.9, 0.95]")
+    return cfg
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML; `load_config` on it gives back an equal config."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(to_yaml(cfg))
+    return path
+
+
+def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Dotted key -> value, for MLflow params and sweep tables."""
+    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(container, "")
+    return out
