@@ -25,6 +25,17 @@ def _config(args: argparse.Namespace) -> None:
     print(to_yaml(load_config(*args.configs, overrides=args.overrides)), end="")
 
 
+def _train(args: argparse.Namespace) -> None:
+    from dlm.config import load_config
+    from dlm.train import train
+
+    result = train(load_config(*args.configs, overrides=args.overrides))
+    print(f"final checkpoint: {result.final_dir}")
+    print(f"mlflow run: {result.run_id} ({result.tracking_uri}); browse with: mlflow ui --backend-store-uri {result.tracking_uri}")
+    for key in sorted(k for k in result.metrics if k.startswith(("val/", "train/loss"))):
+        print(f"{key}: {result.metrics[key]:.4f}")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("configs", nargs="+", metavar="CONFIG.yaml [key=value ...]",
                    help="experiment YAML files, then dotlist overrides such as attention.block_size=32")
@@ -51,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     cfg = sub.add_parser("config", help="print the resolved, validated experiment config")
     _add_config_args(cfg)
     cfg.set_defaults(func=_config)
+
+    train = sub.add_parser("train", help="train (AR pretraining or AR-to-dLM conversion) from an experiment config")
+    _add_config_args(train)
+    train.set_defaults(func=_train)
     return parser
 
 

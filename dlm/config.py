@@ -100,6 +100,8 @@ class DataConfig:
     """Rows of the generated offline task when `path` is `synthetic`."""
     synthetic_max_number: int = 20
     """Largest operand of the generated word problems."""
+    cache_dir: str = "outputs/data"
+    """Where generated data (the synthetic task) is written."""
 
 
 @dataclass
@@ -130,6 +132,8 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 200
     progress_bar: bool = True
+    throughput_window: int = 20
+    """Steps averaged for train/items_per_sec (tokens/s) and train/device/mfu."""
 
 
 @dataclass
