@@ -62,3 +62,9 @@ def test_flatten_gives_dotted_params():
     flat = flatten(load_config(TINY))
     assert flat["attention.pattern"] == "block_clean"
     assert flat["model.config.hidden_size"] == 128
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in __import__("pathlib").Path("experiments").glob("*.yaml") if p.name != "base.yaml"))
+def test_every_shipped_preset_loads_and_validates(preset):
+    cfg = load_config(f"experiments/{preset}")
+    assert cfg.data.max_length % cfg.attention.block_size == 0
