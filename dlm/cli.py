@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ar", action="store_true", help="decode autoregressively with transformers' generate")
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=_generate)
+
+    from dlm.drift import add_drift_arguments, run_drift
+
+    drift = sub.add_parser("drift", help="per-layer attention/MLP weight drift of checkpoints from their AR model")
+    add_drift_arguments(drift)
+    drift.set_defaults(func=run_drift)
     return parser
 
 

@@ -37,6 +37,7 @@ class DiffusionLM(L.LightningModule):
         self.cfg = cfg
         backbone = backbone or load_backbone(cfg.model, attn_implementation=kernel_for(cfg))
         self.model, self.tokenizer, self.mask_token_id = backbone.model, backbone.tokenizer, backbone.mask_token_id
+        self.model.train()  # from_pretrained returns eval mode; dropout (where configured) must be on
         self.kernel = kernel_for(cfg)
         # Masked-token accuracy: mean of per-token correctness over scored tokens (torchmetrics syncs it in DDP).
         self.train_acc, self.val_acc = MeanMetric(), MeanMetric()
