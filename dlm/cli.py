@@ -63,6 +63,12 @@ def _generate(args: argparse.Namespace) -> None:
           f"TPF {out.tokens_per_forward:.2f}, {result.tokens_per_second:.1f} tokens/s")
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from dlm.evaluate import run_from_args
+
+    run_from_args(args)
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("configs", nargs="+", metavar="CONFIG.yaml [key=value ...]",
                    help="experiment YAML files, then dotlist overrides such as attention.block_size=32")
@@ -110,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ar", action="store_true", help="decode autoregressively with transformers' generate")
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=_generate)
+
+    from dlm.evaluate import add_eval_arguments
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint with lm-eval (gsm8k, mmlu, gsm8k_synthetic; offline variants)")
+    add_eval_arguments(ev)
+    ev.set_defaults(func=_eval)
 
     from dlm.drift import add_drift_arguments, run_drift
 
