@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(ev)
     ev.set_defaults(func=_eval)
 
+    from dlm import train_bench
+
+    tb = sub.add_parser("bench-train", help="training tokens/s per attention pattern (short real runs)")
+    train_bench.add_arguments(tb)
+    tb.set_defaults(func=train_bench.run_from_args)
+
     from dlm.drift import add_drift_arguments, run_drift
 
     drift = sub.add_parser("drift", help="per-layer attention/MLP weight drift of checkpoints from their AR model")

@@ -142,6 +142,8 @@ class TrackingConfig:
     """MLflow tracking URI; None: a local file store `./mlruns`."""
     experiment: str = "dlm"
     run_name: Optional[str] = None
+    tags: Dict[str, str] = field(default_factory=dict)
+    """Extra MLflow run tags; `mlflow.parentRunId` nests the run under a parent (sweeps)."""
 
 
 @dataclass

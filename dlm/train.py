@@ -60,7 +60,8 @@ def _git_commit() -> str | None:
 
 def build_logger(cfg: ExperimentConfig, run_id: str | None) -> MLFlowLogger:
     return MLFlowLogger(experiment_name=cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.name,
-                        tracking_uri=tracking_uri(cfg), run_id=run_id, log_model=False)
+                        tracking_uri=tracking_uri(cfg), run_id=run_id, log_model=False,
+                        tags=dict(cfg.tracking.tags) or None)
 
 
 def _log_run_info(logger: MLFlowLogger, cfg: ExperimentConfig, resumed: bool) -> None:
