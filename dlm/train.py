@@ -92,6 +92,7 @@ def build_trainer(cfg: ExperimentConfig, logger: MLFlowLogger, callbacks: list[L
         accumulate_grad_batches=t.accumulate_grad_batches, val_check_interval=t.val_every_n_steps,
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar, logger=logger, default_root_dir=str(out),
+        inference_mode=False,  # validate() before fit(): inference tensors would poison training buffers
         callbacks=[checkpoints, throughput, LearningRateMonitor("step"), HFExportCallback(out / "final"), *callbacks],
     )
 
@@ -107,6 +108,8 @@ def train(cfg: ExperimentConfig, callbacks: list[L.Callback] = ()) -> TrainResul
     trainer = build_trainer(cfg, logger, list(callbacks))
     if trainer.is_global_zero:
         _log_run_info(logger, cfg, resumed=run_id is not None)
+    if ckpt_path is None:  # the starting point of the loss curve (val/loss at step 0)
+        trainer.validate(module, datamodule=data, verbose=False)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     return TrainResult(Path(cfg.output_dir) / "final", logger.run_id, tracking_uri(cfg), metrics)

@@ -62,6 +62,8 @@ def test_ar_run_logs_params_metrics_artifacts_and_exports(ar_run):
     assert run.data.params["final_checkpoint"] == str(result.final_dir.resolve())
     assert {"train/loss", "val/loss", "val/masked_acc", "train/device/items_per_sec"} <= set(run.data.metrics)
     assert [a.path for a in _client(tmp).list_artifacts(result.run_id)] == ["config.yaml"]
+    val = _client(tmp).get_metric_history(result.run_id, "val/loss")
+    assert val[0].step == 0 and len(val) >= 2  # the curve starts before the first optimizer step
     assert read_meta(result.final_dir).pattern == "causal"
 
 
