@@ -63,6 +63,12 @@ def _generate(args: argparse.Namespace) -> None:
           f"TPF {out.tokens_per_forward:.2f}, {result.tokens_per_second:.1f} tokens/s")
 
 
+def _bench(args: argparse.Namespace) -> None:
+    from dlm.bench import run_from_args
+
+    run_from_args(args)
+
+
 def _eval(args: argparse.Namespace) -> None:
     from dlm.evaluate import run_from_args
 
@@ -116,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ar", action="store_true", help="decode autoregressively with transformers' generate")
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=_generate)
+
+    from dlm.bench import add_bench_arguments
+
+    bench = sub.add_parser("bench", help="tokens/s, TPF, NFE vs the AR baseline; table, JSON, Pareto plot")
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
 
     from dlm.evaluate import add_eval_arguments
 
