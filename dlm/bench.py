@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
@@ -24,66 +23,13 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlm.checkpoint import load_checkpoint, read_meta
-from dlm.config import ConfigError, DataConfig
+from dlm.config import ConfigError
 from dlm.decoding import DecodeConfig, GenerationOutput, ar_generate, generate
+from dlm.inference import encode_texts
+# extract_answer, reference_answer: re-exported, they lived here before dlm.prompts
+from dlm.prompts import SYNTHETIC, Prompt, extract_answer, load_prompts, reference_answer, score  # noqa: F401
 
-SYNTHETIC = "synthetic"
 METHODS = {"ar": "AR baseline", "dlm-1tpf": "dLM 1 token/forward", "dlm": "dLM cached", "dlm-nocache": "dLM no cache"}
-ANSWER_RE = re.compile(r"#### (-?[0-9.,]+)")
-"""lm-eval gsm8k strict-match: the number after '#### '."""
-
-
-class Prompt(NamedTuple):
-    text: str
-    answer: str | None  # normalised reference number; None = unscored
-
-
-def load_prompts(source: str | Path | Sequence[str] | None, *, limit: int, data: DataConfig | None = None) -> list[Prompt]:
-    """The first `limit` prompts of `synthetic` (the task's test split), a JSONL file of
-    {"prompt", "answer"} (or GSM8K {"question", "answer"}) rows, or a list of plain prompts (unscored)."""
-    if source is None or str(source) == SYNTHETIC:
-        from dlm.data import synthetic_dir
-
-        rows = _read_jsonl(synthetic_dir(data or DataConfig()) / "test.jsonl")
-    elif isinstance(source, (str, Path)):
-        if not Path(source).is_file():
-            raise ConfigError(f"bench.prompts={str(source)!r}: no such file; allowed: {SYNTHETIC}, a JSONL file of {{prompt, answer}} rows")
-        rows = _read_jsonl(Path(source))
-    else:
-        rows = [{"prompt": text} for text in source]
-    prompts = [_to_prompt(row, source) for row in rows[:limit]]
-    if not prompts:
-        raise ConfigError(f"bench.prompts={str(source)!r}: no prompts")
-    return prompts
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def _to_prompt(row: dict, source: Any) -> Prompt:
-    from dlm.synthetic import PROMPT_TEMPLATE
-
-    if "prompt" not in row and "question" not in row:
-        raise ConfigError(f"bench.prompts={str(source)!r}: rows need a 'prompt' (or GSM8K 'question') field; got {sorted(row)}")
-    text = row.get("prompt") or PROMPT_TEMPLATE.format(question=row["question"])
-    answer = row.get("answer")
-    return Prompt(text, None if answer is None else reference_answer(str(answer)))
-
-
-def _normalise(number: str) -> str:
-    return number.strip().replace(",", "").rstrip(".")
-
-
-def reference_answer(answer: str) -> str:
-    """GSM8K answers end in '#### N'; an answer without that marker is taken whole."""
-    match = ANSWER_RE.search(answer)
-    return _normalise(match.group(1) if match else answer)
-
-
-def extract_answer(text: str) -> str | None:
-    match = ANSWER_RE.search(text)
-    return _normalise(match.group(1)) if match else None
 
 
 @dataclass(frozen=True)
@@ -121,15 +67,10 @@ class Batch(NamedTuple):
 
 def encode_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], batch_size: int, device: torch.device) -> list[Batch]:
     """Left-padded batches; prompt ids without special tokens, as the training data tokenizes them."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     batches = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        rows = [tokenizer(p.text, add_special_tokens=False)["input_ids"] for p in chunk]
-        width = max(map(len, rows))
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-        batches.append(Batch(ids, mask, [p.answer for p in chunk]))
+        batches.append(Batch(*encode_texts(tokenizer, [p.text for p in chunk], device), [p.answer for p in chunk]))
     return batches
 
 
@@ -201,17 +142,6 @@ def measure_grid(grid: dict[Setting, Target], prompts: Sequence[Prompt], *, gen_
             m = measure(t, s, batches[s], gen_length=gen_length, ignore_eos=ignore_eos, scored=scored and s not in out)
             out[s] = replace(out[s], seconds=out[s].seconds + m.seconds) if s in out else m
     return out
-
-
-def score(tokenizer: PreTrainedTokenizerBase, outs: Sequence[GenerationOutput], batches: Sequence[Batch]) -> float:
-    """Exact match of the '#### N' number; text is cut at the first EOS (matters under `ignore_eos`)."""
-    eos = tokenizer.eos_token_id
-    hits = []
-    for out, batch in zip(outs, batches):
-        for tokens, answer in zip(out.tokens, batch.answers):
-            tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
-            hits.append(extract_answer(tokenizer.decode(tokens)) == answer)
-    return sum(hits) / len(hits)
 
 
 @dataclass

@@ -158,8 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         from transformers.utils.logging import disable_progress_bar
 
         disable_progress_bar()
+    return run_reporting_errors(lambda: func(args))
+
+
+def run_reporting_errors(func: Callable[[], object]) -> int:
+    """Exit status of `func()`: 0, or 2 after printing a ConfigError as one `error: ...` line on stderr."""
     try:
-        func(args)
+        func()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from dlm.config import ConfigError
+from dlm.prompts import read_jsonl
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -311,8 +312,7 @@ def _require_data(data_dir: str | Path | None, needed: str) -> Path:
 
 @functools.lru_cache(maxsize=8)
 def _read_jsonl_cached(path: str, mtime_ns: int) -> tuple[dict, ...]:
-    with open(path, encoding="utf-8") as fh:
-        return tuple(json.loads(line) for line in fh if line.strip())
+    return tuple(read_jsonl(Path(path)))
 
 
 def _read_jsonl(path: Path) -> list[dict]:

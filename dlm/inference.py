@@ -9,8 +9,10 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from dlm.backbone import Backbone
 from dlm.checkpoint import CheckpointMeta, load_checkpoint
@@ -35,11 +37,31 @@ def decode_config_for(meta: CheckpointMeta, **overrides) -> DecodeConfig:
 
 
 def encode_prompts(backbone: Backbone, prompts: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded `(input_ids, attention_mask)`: every row then starts generating at the same index."""
-    tok = backbone.tokenizer
-    tok.padding_side = "left"
-    enc = tok(prompts, padding=True, return_tensors="pt", add_special_tokens=False)
-    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    """Left-padded `(input_ids, attention_mask)` of `prompts` (see `encode_texts`)."""
+    return encode_texts(backbone.tokenizer, prompts, device)
+
+
+def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                 device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded `(input_ids, attention_mask)`; ids without special tokens, as the training data is
+    tokenized (`dlm.data`)."""
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    return left_pad(rows, pad_token_id(tokenizer), device)
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask)`, both `(B, P)` long, 0 = pad: every row then starts generating at the same index."""
+    width = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's pad token, else EOS (masked out anyway), else 0."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id or 0
 
 
 def complete(backbone: Backbone, meta: CheckpointMeta, prompts: list[str], decode: DecodeConfig, *,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from dlm.config import ConfigError
+from dlm.cli import run_reporting_errors
 
 
 def register() -> None:
@@ -26,12 +26,7 @@ def main() -> int:
     register()
     from lm_eval.__main__ import cli_evaluate
 
-    try:
-        cli_evaluate()
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_reporting_errors(cli_evaluate)
 
 
 if __name__ == "__main__":

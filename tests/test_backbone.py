@@ -29,14 +29,18 @@ def test_builtin_tokenizer_has_eos_pad_and_mask(tokenizer):
     assert "7" in tokenizer.tokenize(" 17")  # digits are split
 
 
-def test_mask_token_added_grows_embeddings_and_keeps_rows(qwen3):
-    model, tok = qwen3.model, qwen3.tokenizer
+def test_mask_token_added_grows_embeddings_and_keeps_rows(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from tests.conftest import make_backbone
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)  # own copy: the session tokenizer must not change
+    model = make_backbone("qwen3", tok).model
     before = model.get_input_embeddings().weight.detach().clone()
     mask_id = ensure_mask_token(model, tok, "<|MASK2|>")
     after = model.get_input_embeddings().weight
     assert mask_id == before.shape[0] and after.shape[0] == before.shape[0] + 1
     assert_close(after[: before.shape[0]], before)
-    tok.mask_token = "<|mask|>"
 
 
 def test_existing_mask_token_is_reused(qwen3):

@@ -11,31 +11,19 @@ import mlflow
 import pytest
 import torch
 
-from dlm.bench import (Prompt, add_bench_arguments, extract_answer, load_prompts, reference_answer, run_bench,
-                       run_from_args, score)
-from dlm.checkpoint import CheckpointMeta, save_checkpoint
-from dlm.config import ConfigError, DataConfig
-from dlm.decoding import GenerationOutput
+from dlm.bench import add_bench_arguments, run_bench, run_from_args
+from dlm.config import ConfigError
 from dlm.synthetic import format_example, problems
-from tests.conftest import make_backbone
+from tests.conftest import save_tiny, sharp_backbone
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 GEN = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Many tiny forwards: one thread avoids OpenMP spin-waits on the shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _save(tokenizer, out: Path, pattern: str, seed: int) -> Path:
-    bb = make_backbone("qwen3", tokenizer, seed=seed)
-    with torch.no_grad():
-        bb.model.lm_head.weight.mul_(30.0)  # confident enough that threshold 0.3 commits several tokens a pass
-    return save_checkpoint(bb.model, bb.tokenizer, CheckpointMeta(pattern, 4, "<|mask|>", bb.mask_token_id), out)
+    # sharpened: confident enough that threshold 0.3 commits several tokens a pass
+    return save_tiny(sharp_backbone("qwen3", tokenizer, dtype=torch.float32, seed=seed), out, pattern)
 
 
 @pytest.fixture(scope="module")
@@ -113,25 +101,6 @@ def test_cached_and_uncached_decoding_agree_on_tokens_per_forward(files):
     assert (cached.tpf, cached.nfe, cached.exact_match) == (no_cache.tpf, no_cache.nfe, no_cache.exact_match)
     assert cached.speedup_cache == pytest.approx(cached.tokens_per_sec / no_cache.tokens_per_sec)
     assert "the dLM checkpoint under the causal mask" in out.table
-
-
-def test_score_reads_the_number_after_hashes_up_to_eos(tokenizer):
-    eos = tokenizer.eos_token_id
-    right = tokenizer.encode("3 + 4 = 7\n#### 7") + [eos] + tokenizer.encode("#### 9")
-    wrong = tokenizer.encode("#### 1,000.")
-    outs = [GenerationOutput(tokens=[right, wrong], nfe=1, num_generated=[len(right), len(wrong)])]
-    batch = type("B", (), {"answers": ["7", "1000"]})
-    assert score(tokenizer, outs, [batch]) == 1.0
-    batch.answers = ["9", "7"]
-    assert score(tokenizer, outs, [batch]) == 0.0
-    assert reference_answer("Tom has 3 + 4 = 7 apples.\n#### 7") == "7" and extract_answer("no answer") is None
-
-
-def test_synthetic_prompts_are_the_test_split_in_the_training_template(tmp_path):
-    prompts = load_prompts("synthetic", limit=2, data=DataConfig(cache_dir=str(tmp_path), synthetic_size=20))
-    assert len(prompts) == 2 and all(p.text.startswith("Question: ") and p.text.endswith("\nAnswer:") for p in prompts)
-    assert all(p.answer.isdigit() for p in prompts)
-    assert load_prompts(["a", "b"], limit=5) == [Prompt("a", None), Prompt("b", None)]
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -5,30 +5,12 @@ import torch
 
 from dlm.config import ConfigError
 from dlm.decoding import DecodeConfig, GenerationOutput, _choose, _top_p, ar_generate, generate
-from tests.conftest import make_backbone
+from dlm.inference import left_pad
+from tests.conftest import make_backbone, sharp_backbone
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPTS = ["Tom has 3 apples and", "Q: 12 + 7 =", "Sara buys 4 pens. She gives 2 away. How many", "x"]
-SHARPEN = 30.0
-"""lm_head scale: a random tiny model is near-uniform over 384 tokens (max prob ~0.004); x30 gives
-confidences of 0.1-0.6, so a threshold of 0.3 makes some passes commit several tokens and some one."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These models are tiny: one thread is faster, and two OpenMP threads spin-waiting on a shared
-    # 2-core machine made every pass ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def sharp_backbone(arch, tokenizer, **kwargs):
-    """float64 so that near-ties cannot flip an argmax between two paths; sharpened (see SHARPEN)."""
-    bb = make_backbone(arch, tokenizer, dtype=torch.float64, **kwargs)
-    with torch.no_grad():
-        bb.model.lm_head.weight.mul_(SHARPEN)
-    return bb
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +20,7 @@ def qwen(tokenizer):
 
 def encode(tokenizer, prompts):
     """Left-padded batch: (input_ids, attention_mask)."""
-    rows = [tokenizer.encode(p) for p in prompts]
-    width = max(map(len, rows))
-    ids = torch.tensor([[0] * (width - len(r)) + r for r in rows])
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return ids, mask
+    return left_pad([tokenizer.encode(p) for p in prompts], 0)
 
 
 def run(bb, prompts, **kwargs):

@@ -17,7 +17,6 @@ import torch
 from lm_eval.tasks._yaml_loader import load_yaml
 
 from dlm import synthetic
-from dlm.checkpoint import CheckpointMeta, save_checkpoint
 from dlm.config import ConfigError, DataConfig
 from dlm.data import synthetic_dir
 from dlm.decoding import DecodeConfig
@@ -25,7 +24,7 @@ from dlm.evaluate import (
     DECODE_FLAGS, EVALS_DIR, add_eval_arguments, evaluate, gsm8k_synthetic_dataset, metrics_from_results,
     prepare_tasks, resolve_tasks, run_from_args,
 )
-from tests.conftest import make_backbone
+from tests.conftest import save_tiny, sharp_backbone
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / ".." / "shared" / "data"
@@ -35,36 +34,28 @@ needs_data = pytest.mark.skipif(not (DATA / "gsm8k/test.jsonl").is_file() or not
 DATA_KEYS = {"task", "tag", "dataset_path", "dataset_name", "dataset_kwargs", "custom_dataset"}
 """What a local variant may change: its name and where the data comes from."""
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small forwards: one thread is faster on the shared 2-core machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def save_tiny(tokenizer, path: Path, pattern: str, chat_template: str | None = None) -> Path:
+def save_sharp(tokenizer, path: Path, pattern: str, chat_template: str | None = None) -> Path:
     """A random tiny Qwen3 in float64, lm_head sharpened x30 so it generates (not EOS first) and no
     padding noise can flip an argmax between batch sizes."""
-    bb = make_backbone("qwen3", tokenizer, dtype=torch.float64)
-    with torch.no_grad():
-        bb.model.lm_head.weight.mul_(30.0)
+    bb = sharp_backbone("qwen3", tokenizer)
     bb.tokenizer.chat_template = chat_template
     try:
-        return save_checkpoint(bb.model, bb.tokenizer, CheckpointMeta(pattern, 4, "<|mask|>", bb.mask_token_id), path)
+        return save_tiny(bb, path, pattern)
     finally:
         bb.tokenizer.chat_template = None
 
 
 @pytest.fixture(scope="module")
 def dlm_ckpt(tokenizer, tmp_path_factory):
-    return save_tiny(tokenizer, tmp_path_factory.mktemp("ckpt") / "block_clean", "block_clean")
+    return save_sharp(tokenizer, tmp_path_factory.mktemp("ckpt") / "block_clean", "block_clean")
 
 
 @pytest.fixture(scope="module")
 def ar_ckpt(tokenizer, tmp_path_factory):
-    return save_tiny(tokenizer, tmp_path_factory.mktemp("ckpt") / "causal", "causal")
+    return save_sharp(tokenizer, tmp_path_factory.mktemp("ckpt") / "causal", "causal")
 
 
 @pytest.fixture(scope="module")
@@ -231,7 +222,7 @@ def test_decode_flags_are_decode_config_fields_and_reach_the_decoder(dlm_ckpt, t
 def test_chat_template_shapes_the_prompts_when_asked(tokenizer, tmp_path):
     template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
                 "{% if add_generation_prompt %}<assistant>{% endif %}")
-    ckpt = save_tiny(tokenizer, tmp_path / "chat", "block_clean", chat_template=template)
+    ckpt = save_sharp(tokenizer, tmp_path / "chat", "block_clean", chat_template=template)
     results = evaluate(ckpt, "gsm8k_synthetic", limit=1, gen_kwargs="max_gen_toks=4", apply_chat_template=True,
                        log_samples=True, task_metadata=synthetic_metadata(tmp_path))
     sample = results["samples"]["gsm8k_synthetic"][0]  # one entry per filter, same request

@@ -3,20 +3,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlm.checkpoint import CheckpointMeta, save_checkpoint
+from dlm.checkpoint import CheckpointMeta
 from dlm.cli import main
 from dlm.decoding import generate
-from dlm.inference import complete, decode_config_for, encode_prompts, load_for_decoding
-from tests.conftest import make_backbone
+from dlm.inference import complete, decode_config_for, encode_prompts, left_pad, load_for_decoding, pad_token_id
+from tests.conftest import make_backbone, save_tiny
 
 PROMPTS = ["Question: Tom has 3 cups.\nAnswer:", "Question: Ana has 12 pens. Ana loses 2. How many?\nAnswer:"]
 
 
 @pytest.fixture
 def checkpoint(tokenizer, tmp_path):
-    bb = make_backbone("qwen3", tokenizer)
-    meta = CheckpointMeta("block_clean", 4, "<|mask|>", bb.mask_token_id, shift=False)
-    return save_checkpoint(bb.model, bb.tokenizer, meta, tmp_path / "ckpt")
+    return save_tiny(make_backbone("qwen3", tokenizer), tmp_path / "ckpt")
 
 
 def test_decode_config_follows_checkpoint_then_overrides():
@@ -35,6 +33,15 @@ def test_complete_matches_decoder_on_left_padded_batch(checkpoint):
                       eos_token_id=bb.tokenizer.eos_token_id)
     assert result.output.tokens == direct.tokens
     assert len(result.texts) == 2 and result.tokens_per_second > 0
+
+
+def test_encoded_prompts_match_the_tokenizers_own_left_padding(qwen3):
+    ids, attention = encode_prompts(qwen3, PROMPTS)
+    want = qwen3.tokenizer(PROMPTS, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+    assert torch.equal(ids, want["input_ids"]) and torch.equal(attention, want["attention_mask"])
+    no_pad = type("Tok", (), {"pad_token_id": None, "eos_token_id": 5})
+    assert pad_token_id(no_pad) == 5 and pad_token_id(qwen3.tokenizer) == qwen3.tokenizer.pad_token_id
+    torch.testing.assert_close(left_pad([[1, 2], [3]], 9), (torch.tensor([[1, 2], [9, 3]]), torch.tensor([[1, 1], [0, 1]])))
 
 
 def test_generate_command_prints_completion_and_stats(checkpoint, capsys):

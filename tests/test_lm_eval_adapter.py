@@ -1,38 +1,27 @@
-"""The lm-eval `dlm` model: exact scoring against direct forwards, generation limits, registry, errors."""
+"""The lm-eval `dlm` model: scoring through dlm.likelihood, generation limits, registry, errors."""
 
 from __future__ import annotations
 
 import pytest
-import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model, model_registry
 
-from dlm.attention import block_causal
-from dlm.checkpoint import CheckpointMeta, save_checkpoint
+from dlm.checkpoint import CheckpointMeta
 from dlm.config import ConfigError
-from dlm.lm_eval_adapter import DLMEvalModel, diffusion_rows
-from tests.conftest import make_backbone
+from dlm.inference import pad_token_id
+from dlm.lm_eval_adapter import DLMEvalModel
+from dlm.likelihood import score_continuations
+from tests.conftest import save_tiny, sharp_backbone
+from tests.test_likelihood import CONTEXT, CONTINUATIONS
 
-CONTEXT = "Question: Tom has 3 apples. Tom finds 4 more. How many apples does Tom have now?\nAnswer:"
-CONTINUATIONS = [" A", " B", " 7", " Tom has 3 + 4 = 7 apples.\n#### 7"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # many small forwards: one thread is faster on the shared 2-core machine
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def bb(tokenizer):
     """float64, so padding noise cannot flip an argmax between batched and single runs; the lm_head is
     sharpened x30 because this seed's near-uniform model would emit EOS first (empty generations)."""
-    backbone = make_backbone("qwen3", tokenizer, dtype=torch.float64)
-    with torch.no_grad():
-        backbone.model.lm_head.weight.mul_(30.0)
-    return backbone
+    return sharp_backbone("qwen3", tokenizer)
 
 
 def adapter(bb, pattern="block_clean", shift=False, **kwargs) -> DLMEvalModel:
@@ -48,71 +37,15 @@ def gen_requests(contexts, **gen_kwargs):
     return [Instance("generate_until", {}, (c, dict(gen_kwargs)), idx=i) for i, c in enumerate(contexts)]
 
 
-def log_probs(model, ids, block_ids, mask_id):
-    """Decoder distribution at every position of one sequence under the block-causal rule."""
-    blk = torch.tensor(block_ids)
-    mask = block_causal(blk[:, None], blk[None, :])[None, None]
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids]), attention_mask=mask,
-                       position_ids=torch.arange(len(ids))[None]).logits[0]
-    logits[:, mask_id] = -torch.inf
-    return logits.log_softmax(-1)
-
-
-def step_by_step(bb, ctx, cont, *, block_size=4, shift=False):
-    """The chain rule with one forward per continuation token: ctx + cont[:i] + [MASK] to the block end."""
-    p, first, total, greedy = len(ctx), -(-len(ctx) // block_size), 0.0, True
-    for i in range(len(cont)):
-        end = min((i // block_size + 1) * block_size, len(cont))
-        ids = ctx + cont[:i] + [bb.mask_token_id] * (end - i)
-        blocks = [q // block_size for q in range(p)] + [first + j // block_size for j in range(end)]
-        lp = log_probs(bb.model, ids, blocks, bb.mask_token_id)[p + i - 1 if shift else p + i]
-        total += float(lp[cont[i]])
-        greedy &= int(lp.argmax()) == cont[i]
-    return total, greedy
-
-
-def test_single_token_continuation_is_the_log_softmax_at_the_masked_position(bb, tokenizer):
-    lm = adapter(bb)
-    ctx = tokenizer.encode(CONTEXT)
-    p = len(ctx)
-    direct = log_probs(bb.model, ctx + [bb.mask_token_id], [q // 4 for q in range(p)] + [-(-p // 4)], bb.mask_token_id)[p]
-    for token in (tokenizer.encode(" 7")[-1], int(direct.argmax())):
-        (lp, greedy), = lm._loglikelihood_tokens([(("", ""), ctx, [token])])  # ids: no re-tokenization
-        assert lp == pytest.approx(float(direct[token]), abs=1e-5)
-        assert greedy == (token == int(direct.argmax()))
-
-
-@pytest.mark.parametrize("shift", [False, True])
-def test_chain_rule_in_one_forward_matches_one_forward_per_token(bb, tokenizer, shift):
-    lm = adapter(bb, shift=shift, batch_size=3)
-    ctx = tokenizer.encode(CONTEXT)
-    conts = [tokenizer.encode(c) for c in CONTINUATIONS]
-    got = lm._score([(ctx, c) for c in conts], disable_tqdm=True)
-    for cont, (lp, greedy) in zip(conts, got):
-        want, want_greedy = step_by_step(bb, ctx, cont, shift=shift)
-        assert lp == pytest.approx(want, abs=1e-4)
-        assert greedy == want_greedy
-
-
-def test_long_continuations_split_into_rows_without_changing_the_score(bb, tokenizer):
-    ctx, cont = tokenizer.encode(CONTEXT), tokenizer.encode(CONTINUATIONS[-1])
-    rows = diffusion_rows(ctx, cont, block_size=4, mask_token_id=bb.mask_token_id, shift=False, max_length=40)
-    assert len(rows) > 1 and all(sum(s > 0 for s in r.segment) <= 40 for r in rows)
-    assert sum(len(r.targets) for r in rows) == len(cont)
-    (lp, _), = adapter(bb, max_length=40)._score([(ctx, cont)], disable_tqdm=True)
-    kept = ctx[-(40 - len(cont)):]  # the context's left end is dropped to fit max_length positions
-    assert lp == pytest.approx(step_by_step(bb, kept, cont)[0], abs=1e-4)
-
-
-def test_ar_checkpoint_scores_with_the_plain_causal_forward(bb, tokenizer):
-    lm = adapter(bb, pattern="causal")
-    ctx, cont = tokenizer.encode(CONTEXT), tokenizer.encode(CONTINUATIONS[-1])
-    with torch.no_grad():
-        logits = bb.model(input_ids=torch.tensor([ctx + cont])).logits[0]  # HF's own causal mask
-    want = logits.log_softmax(-1)[len(ctx) - 1:-1].gather(-1, torch.tensor(cont)[:, None]).sum()
-    (lp, _), = lm.loglikelihood(ll_requests([(CONTEXT, CONTINUATIONS[-1])]))
-    assert lp == pytest.approx(float(want), abs=1e-4)
+@pytest.mark.parametrize(("pattern", "shift"), [("block_clean", False), ("block_clean", True), ("causal", False)])
+def test_scores_are_dlm_likelihood_under_the_checkpoints_layout(bb, tokenizer, pattern, shift):
+    lm = adapter(bb, pattern=pattern, shift=shift, block_size=8, max_length=40, batch_size=2)
+    ctx, conts = tokenizer.encode(CONTEXT), [tokenizer.encode(c) for c in CONTINUATIONS]
+    got = lm._loglikelihood_tokens([(("", ""), ctx, c) for c in conts])  # ids: no re-tokenization
+    want = score_continuations(bb.model, [(ctx, c) for c in conts], causal=pattern == "causal", block_size=8,
+                               mask_token_id=bb.mask_token_id, shift=shift, max_length=40,
+                               pad_token_id=pad_token_id(tokenizer), batch_size=2)
+    assert got == want
 
 
 @pytest.mark.parametrize("pattern", ["block_clean", "causal"])
@@ -197,8 +130,7 @@ def test_unknown_model_args_key_fails_in_one_line_before_loading(tmp_path):
     ("batch_size=auto", r"^batch_size='auto': must be a positive integer"),
 ])
 def test_bad_model_args_values_fail_in_one_line(bb, tokenizer, tmp_path, args, message):
-    meta = CheckpointMeta("block_clean", 4, "<|mask|>", bb.mask_token_id)
-    save_checkpoint(bb.model, tokenizer, meta, tmp_path / "ckpt")
+    save_tiny(bb, tmp_path / "ckpt")
     with pytest.raises(ConfigError, match=message):
         DLMEvalModel.create_from_arg_string(f"pretrained={tmp_path / 'ckpt'},{args}")
 

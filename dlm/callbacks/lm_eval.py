@@ -12,6 +12,7 @@ import lightning as L
 import numpy as np
 import torch
 
+from dlm.callbacks.throughput import decoding_mode
 from dlm.config import ConfigError
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class LmEvalCallback(L.Callback):
         meta = CheckpointMeta.from_config(pl_module.cfg, pl_module.mask_token_id)
         lm = DLMEvalModel(backbone=Backbone(model, pl_module.tokenizer, pl_module.mask_token_id), meta=meta,
                           decode=self.decode, batch_size=self.batch_size)
-        with _eval_mode(model), _kept_rng_state():
+        with decoding_mode(model), _kept_rng_state():  # the decoder and scorer pass 4-D masks
             results = run_lm_eval(lm, list(self._runs.values()), task_manager=self._manager, num_fewshot=self.num_fewshot,
                                   limit=self.limit, gen_kwargs=self.gen_kwargs)
         return metrics_from_results(results, {run: name for name, run in self._runs.items()})
@@ -105,21 +106,6 @@ def _data_metadata(pl_module: L.LightningModule) -> dict[str, Any]:
         return {}
     return {"synthetic_size": data.synthetic_size, "synthetic_max_number": data.synthetic_max_number,
             "cache_dir": data.cache_dir}
-
-
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """eval() and a dense-mask kernel (the decoder and scorer pass 4-D masks), restored afterwards."""
-    was_training, impl = model.training, model.config._attn_implementation
-    model.eval()
-    if impl not in ("sdpa", "eager"):
-        model.set_attn_implementation("sdpa")
-    try:
-        yield
-    finally:
-        if impl not in ("sdpa", "eager"):
-            model.set_attn_implementation(impl)
-        model.train(was_training)
 
 
 @contextlib.contextmanager

@@ -15,9 +15,10 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import PreTrainedModel
 
-from dlm.bench import SYNTHETIC, Setting, Target, check_positions, encode_batches, load_prompts, measure
+from dlm.bench import Setting, Target, check_positions, encode_batches, measure
 from dlm.config import ConfigError
 from dlm.decoding import MASK_IMPLEMENTATIONS
+from dlm.prompts import SYNTHETIC, load_prompts
 
 log = logging.getLogger(__name__)
 

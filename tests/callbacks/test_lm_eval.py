@@ -14,6 +14,7 @@ from dlm.callbacks import LmEvalCallback
 from dlm.config import ConfigError, load_config
 from dlm.module import DiffusionLM
 from dlm.train import train
+from tests.conftest import one_torch_thread
 from tests.test_train import small_overrides
 
 METRIC = "eval/gsm8k_synthetic/exact_match_strict-match"
@@ -35,12 +36,10 @@ def run(tmp_path_factory):
     handler = logging.Handler()
     handler.emit = records.append
     logging.getLogger("dlm.callbacks.lm_eval").addHandler(handler)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     try:
-        result = train(tiny_dlm(tmp), callbacks=[good, failing])
+        with one_torch_thread():
+            result = train(tiny_dlm(tmp), callbacks=[good, failing])
     finally:
-        torch.set_num_threads(threads)
         logging.getLogger("dlm.callbacks.lm_eval").removeHandler(handler)
     return mlflow.MlflowClient(f"sqlite:///{tmp}/mlflow.db"), result, records
 

@@ -6,13 +6,12 @@ import warnings
 
 import mlflow
 import pytest
-import torch
 
 from dlm.callbacks import ThroughputCallback
 from dlm.callbacks.throughput import decoding_mode
 from dlm.config import ConfigError, load_config
 from dlm.train import train
-from tests.conftest import make_backbone
+from tests.conftest import make_backbone, one_torch_thread
 from tests.test_train import small_overrides
 
 
@@ -23,14 +22,9 @@ def run(tmp_path_factory):
     overrides = small_overrides(tmp, **{"model.name_or_path": "null", "model.tokenizer": "builtin:tiny"})
     good = ThroughputCallback(4, num_prompts=2, gen_length=8, batch_size=2, threshold=0.5)
     failing = ThroughputCallback(3, num_prompts=1, gen_length=10**6, batch_size=1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            result = train(load_config("experiments/tiny.yaml", overrides=overrides), callbacks=[good, failing])
-    finally:
-        torch.set_num_threads(threads)
+    with one_torch_thread(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(load_config("experiments/tiny.yaml", overrides=overrides), callbacks=[good, failing])
     return mlflow.MlflowClient(f"sqlite:///{tmp}/mlflow.db"), result, [str(w.message) for w in caught]
 
 
