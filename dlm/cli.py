@@ -135,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_arguments(ev)
     ev.set_defaults(func=_eval)
 
+    from dlm.sweep import add_sweep_arguments, run_sweep_from_args
+
+    sweep = sub.add_parser("sweep", help="run a sweep: every point trained, benchmarked and evaluated in a nested MLflow run")
+    add_sweep_arguments(sweep)
+    sweep.set_defaults(func=run_sweep_from_args)
+
+    from dlm.report import add_report_arguments, run_report_from_args
+
+    rep = sub.add_parser("report", help="a sweep's summary table and figures, read back from MLflow")
+    add_report_arguments(rep)
+    rep.set_defaults(func=run_report_from_args)
+
     from dlm import train_bench
 
     tb = sub.add_parser("bench-train", help="training tokens/s per attention pattern (short real runs)")

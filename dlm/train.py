@@ -110,6 +110,8 @@ def train(cfg: ExperimentConfig, callbacks: list[L.Callback] = ()) -> TrainResul
         _log_run_info(logger, cfg, resumed=run_id is not None)
     if ckpt_path is None:  # the starting point of the loss curve (val/loss at step 0)
         trainer.validate(module, datamodule=data, verbose=False)
+        if trainer.is_global_zero:  # validate() finalized the run as FINISHED; training is still to come
+            logger.experiment.update_run(logger.run_id, status="RUNNING")
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     return TrainResult(Path(cfg.output_dir) / "final", logger.run_id, tracking_uri(cfg), metrics)

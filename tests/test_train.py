@@ -44,6 +44,14 @@ class CrashAt(L.Callback):
             raise RuntimeError("simulated crash")
 
 
+class StatusProbe(L.Callback):
+    """Reads the run's MLflow status while training runs."""
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == 1:
+            self.status = trainer.logger.experiment.get_run(trainer.logger.run_id).info.status
+
+
 def _client(tmp_path):
     return mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
 
@@ -51,7 +59,10 @@ def _client(tmp_path):
 @pytest.fixture(scope="module")
 def ar_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ar")
-    return tmp, _run(tmp)
+    probe = StatusProbe()
+    result = _run(tmp, callbacks=[probe])
+    assert probe.status == "RUNNING"  # not FINISHED by the step-0 validation
+    return tmp, result
 
 
 def test_ar_run_logs_params_metrics_artifacts_and_exports(ar_run):
