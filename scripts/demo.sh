@@ -29,11 +29,11 @@ step "4/7 bench: parallel decoding vs the AR baseline (accuracy vs tokens per fo
 step "5/7 eval on the synthetic GSM8K-format task through lm-eval"
 "$DLM" eval outputs/tiny/final --tasks gsm8k_synthetic --limit 100 --batch-size 1 --output outputs/eval/tiny.json
 
-step "6/7 a tiny ablation sweep (attention pattern x token shift)"
-"$DLM" sweep sweeps/attention_pattern_tiny.yaml
+step "6/7 a tiny ablation sweep over the attention pattern"
+"$DLM" sweep sweeps/attention_pattern_demo.yaml
 
 step "7/7 sweep report"
-"$DLM" report attention_pattern_tiny
+"$DLM" report attention_pattern_demo
 
 step "done in $(( $(date +%s) - START ))s. Browse every run with:"
 echo "  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlflow.db   # then open http://127.0.0.1:5000"

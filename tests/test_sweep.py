@@ -246,6 +246,7 @@ def test_a_missing_data_file_fails_validation(tmp_path, ar_checkpoint):
 def test_shipped_sweeps_load_and_expand():
     ids = {p.stem: [pt.id for pt in expand(load_sweep(p))] for p in sorted((REPO / "sweeps").glob("*.yaml"))}
     assert ids["attention_pattern_tiny"] == ids["attention_pattern"] and len(ids["attention_pattern"]) == 6
+    assert ids["attention_pattern_demo"] == ["pattern-bidirectional", "pattern-block", "pattern-block_clean"]
     assert ids["masking_tiny"][:2] == ["strategy-uniform", "strategy-position_half_life-0.03"]
     tiny_block = load_sweep(REPO / "sweeps/block_size_tiny.yaml")
     assert tiny_block.eval.decode_block_sizes == [2, 4, 8, 16] and load_sweep(REPO / "sweeps/block_size.yaml").launcher == "slurm"
