@@ -42,12 +42,12 @@ class DiffusionLM(L.LightningModule):
         # Masked-token accuracy: mean of per-token correctness over scored tokens (torchmetrics syncs it in DDP).
         self.train_acc, self.val_acc = MeanMetric(), MeanMetric()
         self.flops_per_batch = 0  # read by Lightning's ThroughputMonitor for MFU; set per batch in forward
+        self._n_params = sum(p.numel() for p in self.model.parameters())  # before any sharding; once
 
     def _training_flops(self, input_ids: Tensor) -> int:
         """PaLM estimate: 6N per token for the weights + 12 * layers * hidden * T for attention scores."""
         c = self.model.config
-        n_params = sum(p.numel() for p in self.model.parameters())
-        per_token = 6 * n_params + 12 * c.num_hidden_layers * c.hidden_size * input_ids.shape[1]
+        per_token = 6 * self._n_params + 12 * c.num_hidden_layers * c.hidden_size * input_ids.shape[1]
         return per_token * input_ids.numel()
 
     def forward(self, input_ids: Tensor) -> Tensor:
