@@ -397,12 +397,3 @@ def run_from_args(args: argparse.Namespace) -> BenchResult:
     print(result.table)
     print(f"json: {result.json_path}\nplot: {result.plot_path}" + (f"\nmlflow run: {result.mlflow_run}" if result.mlflow_run else ""))
     return result
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m dlm.bench", description="Throughput benchmark of a dlm checkpoint.")
-    add_bench_arguments(parser)
-    try:
-        run_from_args(parser.parse_args())
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None

@@ -273,13 +273,3 @@ def add_report_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
 
 def run_report_from_args(args: argparse.Namespace) -> ReportResult:
     return report(args.sweep_name, tracking_uri=args.tracking_uri, out_dir=args.out_dir, threshold=args.threshold)
-
-
-if __name__ == "__main__":
-    import sys
-
-    cli = add_report_arguments(argparse.ArgumentParser(prog="python -m dlm.report", description="Summarise a sweep."))
-    try:
-        run_report_from_args(cli.parse_args())
-    except ConfigError as err:
-        sys.exit(f"error: {err}")

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -414,11 +413,3 @@ def run_sweep_from_args(args: argparse.Namespace) -> SweepResult:
         raise SystemExit(f"error: {len(result.failed)} of {len(result.points)} points failed "
                          f"({', '.join(o.point_id for o in result.failed)}); re-run the same command to retry them")
     return result
-
-
-if __name__ == "__main__":
-    parser = add_sweep_arguments(argparse.ArgumentParser(prog="python -m dlm.sweep", description="Run a sweep."))
-    try:
-        run_sweep_from_args(parser.parse_args())
-    except ConfigError as err:
-        sys.exit(f"error: {err}")
