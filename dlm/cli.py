@@ -64,7 +64,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from dlm.bench import run_from_args
+    from dlm.bench_cli import run_from_args
 
     run_from_args(args)
 
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto")
     gen.set_defaults(func=_generate)
 
-    from dlm.bench import add_bench_arguments
+    from dlm.bench_cli import add_bench_arguments
 
     bench = sub.add_parser("bench", help="tokens/s, TPF, NFE vs the AR baseline; table, JSON, Pareto plot")
     add_bench_arguments(bench)

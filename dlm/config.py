@@ -102,6 +102,14 @@ class DataConfig:
     """Largest operand of the generated word problems."""
     cache_dir: str = "outputs/data"
     """Where generated data (the synthetic task) is written."""
+    streaming: bool = False
+    """Read the data as a stream (`load_dataset(streaming=True)`): nothing is downloaded or tokenized whole,
+    for corpora such as FineWeb-Edu. The train loader's position is saved in checkpoints, so resume goes on
+    where the stream stopped."""
+    val_rows: int = 1000
+    """With `streaming` and no `val_split`: rows held out from the head of the train split for validation."""
+    shuffle_buffer: int = 10000
+    """With `streaming`: rows in the shuffle buffer (a stream is shuffled approximately)."""
 
 
 @dataclass
@@ -252,6 +260,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     _check(cfg.trainer.precision in PRECISIONS, "trainer.precision", cfg.trainer.precision, "unknown precision", PRECISIONS)
     _check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be a positive integer")
     _check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
+    _check(d.val_rows > 0, "data.val_rows", d.val_rows, "must be a positive integer")
+    _check(d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer, "must be a positive integer")
     _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
     _check(cfg.trainer.max_steps > 0, "trainer.max_steps", cfg.trainer.max_steps, "must be a positive integer")
     _check(len(cfg.optim.betas) == 2, "optim.betas", cfg.optim.betas, "must be two numbers, e.g. [0.9, 0.95]")

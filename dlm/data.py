@@ -3,8 +3,10 @@
 Rows become ``ids + [EOS]`` (SFT rows: ``prompt ids + response ids + [EOS]``, only the response and EOS
 eligible for noise and loss), optionally padded with EOS to a block multiple so no block spans two
 documents (Fast-dLLM v2), then concatenated and cut into `max_length` chunks. Tokenizing and packing go
-through `Dataset.map`, so `datasets` caches them. The collate samples the per-block mask, so every epoch
-sees fresh noise.
+through `Dataset.map`, so `datasets` caches them. With `data.streaming` the same map functions run
+lazily on an `IterableDataset` (nothing is downloaded whole), each rank reads its own part of the stream,
+and the train loader is torchdata's `StatefulDataLoader`, whose position Lightning keeps in checkpoints.
+The collate samples the per-block mask, so every epoch sees fresh noise.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict, IterableDataset, load_dataset
+from datasets.distributed import split_dataset_by_node
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from dlm import synthetic
@@ -26,6 +30,7 @@ from dlm.masking import complementary, sample_mask
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 SYNTHETIC = "synthetic"
+AnyDataset = Dataset | IterableDataset
 
 
 def synthetic_dir(cfg: DataConfig, seed: int = 0) -> Path:
@@ -46,17 +51,19 @@ def check_source(cfg: DataConfig) -> None:
         raise ConfigError(f"data.path={cfg.path!r}: no such file or folder; allowed: a local file/folder, an HF dataset id, {SYNTHETIC}")
 
 
-def load_raw(cfg: DataConfig, split: str) -> Dataset:
-    """One split of the raw dataset: synthetic, a local file or folder, or a hub id."""
+def load_raw(cfg: DataConfig, split: str) -> AnyDataset:
+    """One split of the raw dataset: synthetic, a local file or folder, or a hub id (a stream if `streaming`)."""
     check_source(cfg)
+    stream = cfg.streaming
     if cfg.path == SYNTHETIC:
         root = synthetic_dir(cfg)
-        return load_dataset("json", data_files={"train": str(root / "train.jsonl"), "test": str(root / "test.jsonl")}, split=split)
+        files = {"train": str(root / "train.jsonl"), "test": str(root / "test.jsonl")}
+        return load_dataset("json", data_files=files, split=split, streaming=stream)
     path = Path(cfg.path).expanduser()
     try:
         if path.is_file():
-            return load_dataset(LOCAL_BUILDERS.get(path.suffix, "text"), data_files={split: str(path)}, split=split)
-        return load_dataset(str(path) if path.is_dir() else cfg.path, cfg.name, split=split)
+            return load_dataset(LOCAL_BUILDERS.get(path.suffix, "text"), data_files={split: str(path)}, split=split, streaming=stream)
+        return load_dataset(str(path) if path.is_dir() else cfg.path, cfg.name, split=split, streaming=stream)
     except (FileNotFoundError, ValueError, ConnectionError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ConfigError(f"data.path={cfg.path!r}: cannot load split {split!r} ({first})") from None
@@ -88,21 +95,31 @@ def pack_rows(batch: dict[str, list], *, max_length: int) -> dict[str, list]:
     return out
 
 
-def check_columns(raw: Dataset, cfg: DataConfig) -> None:
+def column_names(raw: AnyDataset) -> list[str]:
+    """A stream may not know its features before it is read: then its first row names the columns."""
+    if raw.column_names is not None:
+        return list(raw.column_names)
+    return list(next(iter(raw), {}).keys())
+
+
+def check_columns(columns: list[str], cfg: DataConfig) -> None:
     fields = {"data.prompt_field": cfg.prompt_field, "data.response_field": cfg.response_field}
     if not (cfg.prompt_field and cfg.response_field):
         fields = {"data.text_field": cfg.text_field}
     for key, name in fields.items():
-        if name not in raw.column_names:
-            raise ConfigError(f"{key}={name!r}: no such column; allowed: {', '.join(raw.column_names)}")
+        if name not in columns:
+            raise ConfigError(f"{key}={name!r}: no such column; allowed: {', '.join(columns)}")
 
 
-def tokenize_and_pack(raw: Dataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, *, block_size: int) -> Dataset:
+def tokenize_and_pack(raw: AnyDataset, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig, *, block_size: int) -> AnyDataset:
+    """Eager and cached for a `Dataset`, lazy for a stream (which takes no progress-bar `desc`)."""
+    stream = isinstance(raw, IterableDataset)
     tokenized = raw.map(
-        tokenize_rows, batched=True, remove_columns=raw.column_names, desc="tokenize",
-        fn_kwargs={"tokenizer": tokenizer, "cfg": cfg, "block_size": block_size},
+        tokenize_rows, batched=True, remove_columns=column_names(raw),
+        fn_kwargs={"tokenizer": tokenizer, "cfg": cfg, "block_size": block_size}, **({} if stream else {"desc": "tokenize"}),
     )
-    return tokenized.map(pack_rows, batched=True, batch_size=1000, desc="pack", fn_kwargs={"max_length": cfg.max_length})
+    return tokenized.map(pack_rows, batched=True, batch_size=1000, fn_kwargs={"max_length": cfg.max_length},
+                         **({} if stream else {"desc": "pack"}))
 
 
 @dataclass
@@ -148,20 +165,21 @@ class DiffusionDataModule(L.LightningDataModule):
         check_source(cfg.data)
         self.cfg, self.tokenizer = cfg, tokenizer
         self.collator = DiffusionCollator(cfg.attention.pattern, cfg.attention.block_size, mask_token_id, cfg.masking)
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
+        self.train_set: AnyDataset | None = None
+        self.val_set: AnyDataset | None = None
 
     def prepare_data(self) -> None:
-        self._build()  # rank 0 first: fills the datasets cache that setup() then reads
+        if not self.cfg.data.streaming:
+            self._build()  # rank 0 first: fills the datasets cache that setup() then reads
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            self.train_set, self.val_set = self._build()
+            self.train_set, self.val_set = self._build_stream() if self.cfg.data.streaming else self._build()
 
     def _build(self) -> tuple[Dataset, Dataset]:
         d = self.cfg.data
         raw = load_raw(d, d.train_split)
-        check_columns(raw, d)
+        check_columns(column_names(raw), d)
         if d.val_split:
             splits = DatasetDict(train=raw, test=load_raw(d, d.val_split))
         else:
@@ -174,13 +192,33 @@ class DiffusionDataModule(L.LightningDataModule):
             raise ConfigError(f"data.max_length={d.max_length}: longer than all packed data ({len(train)} train / {len(val)} val chunks); use a shorter length or more data")
         return train, val
 
+    def _build_stream(self) -> tuple[IterableDataset, IterableDataset]:
+        """Validation is the head of the train stream (or `val_split`); each rank trains on its own part."""
+        d = self.cfg.data
+        raw = load_raw(d, d.train_split)
+        check_columns(column_names(raw), d)
+        train, val = (raw, load_raw(d, d.val_split)) if d.val_split else (raw.skip(d.val_rows), raw.take(d.val_rows))
+        world = self.trainer.world_size if self.trainer else 1
+        if world > 1:  # every rank validates on the same rows, so no rank is left without a batch
+            train = split_dataset_by_node(train, rank=self.trainer.global_rank, world_size=world)
+        train = train.shuffle(seed=self.cfg.seed, buffer_size=d.shuffle_buffer)
+        bs = self.cfg.attention.block_size
+        train, val = (tokenize_and_pack(s, self.tokenizer, d, block_size=bs) for s in (train, val))
+        if next(iter(val), None) is None:
+            held_out = f"split {d.val_split!r}" if d.val_split else f"data.val_rows={d.val_rows} rows"
+            raise ConfigError(f"data.max_length={d.max_length}: longer than the packed validation stream ({held_out}); use a shorter length or more rows")
+        return train, val
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
 
-    def _loader(self, dataset: Dataset, *, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: AnyDataset, *, shuffle: bool) -> DataLoader:
+        """A stream is shuffled upstream (buffer) and its loader is stateful, so resume continues the stream."""
         d = self.cfg.data
-        return DataLoader(dataset, batch_size=d.batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=d.num_workers, collate_fn=self.collator, persistent_workers=d.num_workers > 0)
+        stream = isinstance(dataset, IterableDataset)
+        loader = StatefulDataLoader if stream else DataLoader
+        return loader(dataset, batch_size=d.batch_size, shuffle=shuffle and not stream, drop_last=shuffle,
+                      num_workers=d.num_workers, collate_fn=self.collator, persistent_workers=d.num_workers > 0)

@@ -70,6 +70,12 @@ class DiffusionLM(L.LightningModule):
                               eligible=batch["eligible"], pattern=a.pattern, seq_len=noised.shape[1],
                               block_size=a.block_size, shift=o.shift)
 
+    def on_train_epoch_start(self) -> None:
+        """A stream (`data.streaming`) reshuffles per epoch only when told the epoch (Lightning tells samplers)."""
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.loss(batch)
         self.train_acc.update(out.correct[out.scored].float())

@@ -11,7 +11,8 @@ import mlflow
 import pytest
 import torch
 
-from dlm.bench import add_bench_arguments, run_bench, run_from_args
+from dlm.bench import run_bench
+from dlm.bench_cli import add_bench_arguments, run_from_args
 from dlm.config import ConfigError
 from dlm.synthetic import format_example, problems
 from tests.conftest import save_tiny, sharp_backbone

@@ -27,3 +27,10 @@ def test_bad_config_is_one_error_line_and_exit_2():
     assert proc.stderr.strip().splitlines() == [
         "error: attention.pattern='blok': unknown pattern; allowed: causal, bidirectional, block, block_clean"
     ]
+
+
+def test_help_builds_every_parser_without_importing_torch():
+    code = "import sys; from dlm.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"

@@ -111,3 +111,53 @@ def test_synthetic_test_split_is_disjoint_from_train(tmp_path):
 
 def test_synthetic_generation_is_deterministic():
     assert list(problems(5, seed=3)) == list(problems(5, seed=3))
+
+
+def _text(tokenizer, loader) -> str:
+    return " ".join(text for batch in loader for text in tokenizer.batch_decode(batch["input_ids"]))
+
+
+def test_streaming_holds_out_the_head_and_packs_lazily(tokenizer, tmp_path):
+    from datasets import IterableDataset
+
+    path = tmp_path / "rows.jsonl"  # the first 20 rows speak of apples, the rest of pears
+    path.write_text("".join(json.dumps({"body": f"Row {i} about {'apples' if i < 20 else 'pears'}."}) + "\n" for i in range(200)))
+    cfg = _cfg(tmp_path, f"data.path={path}", "data.text_field=body", "data.prompt_field=null",
+               "data.response_field=null", "data.streaming=true", "data.val_rows=20")
+    dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
+    dm.setup("fit")
+    assert isinstance(dm.train_set, IterableDataset) and isinstance(dm.val_set, IterableDataset)
+    val, train = _text(tokenizer, dm.val_dataloader()), _text(tokenizer, dm.train_dataloader())
+    assert "apples" in val and "pears" not in val
+    assert "pears" in train and "apples" not in train
+    assert next(iter(dm.train_dataloader()))["input_ids"].shape == (4, 32)
+
+
+def test_streaming_loader_resumes_from_its_state(tokenizer, tmp_path):
+    cfg = _cfg(tmp_path, "data.streaming=true", "data.val_rows=10")
+    dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    [next(it) for _ in range(3)]
+    state = loader.state_dict()
+    expected = next(it)["input_ids"]
+    fresh = dm.train_dataloader()
+    fresh.load_state_dict(state)
+    assert torch.equal(next(iter(fresh))["input_ids"], expected)
+
+
+def test_streaming_reshuffles_per_epoch(tokenizer, tmp_path):
+    cfg = _cfg(tmp_path, "data.streaming=true", "data.val_rows=10", "data.shuffle_buffer=50")
+    dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
+    dm.setup("fit")
+    first = next(iter(dm.train_dataloader()))["input_ids"]
+    assert torch.equal(next(iter(dm.train_dataloader()))["input_ids"], first)  # seeded
+    dm.train_set.set_epoch(1)
+    assert not torch.equal(next(iter(dm.train_dataloader()))["input_ids"], first)
+
+
+def test_streaming_too_long_max_length_is_named(tokenizer, tmp_path):
+    cfg = _cfg(tmp_path, "data.streaming=true", "data.val_rows=1", "data.max_length=4096")
+    with pytest.raises(ConfigError, match=r"^data.max_length=4096: longer than the packed validation stream \(data.val_rows=1 rows\)"):
+        DiffusionDataModule(cfg, tokenizer, mask_token_id=1).setup()

@@ -114,6 +114,29 @@ def test_crash_marks_run_failed_and_resume_continues_same_run(tmp_path):
     assert torch.load(tmp_path / "out/checkpoints/last.ckpt", weights_only=False)["global_step"] == 6
 
 
+class BatchRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.ids: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.ids[trainer.global_step] = batch["input_ids"].clone()
+
+
+def test_streaming_resume_continues_the_stream(tmp_path):
+    stream = {"data.streaming": "true", "data.val_rows": "20", "data.shuffle_buffer": "1"}
+    first = BatchRecorder()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path, callbacks=[first, CrashAt(4)], **stream)
+    ckpt = torch.load(tmp_path / "out/checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # the loader's position is saved
+    resumed = BatchRecorder()
+    _run(tmp_path, callbacks=[resumed], resume="true", **stream)
+    assert min(resumed.ids) == 3  # checkpoint after 3 steps
+    # The stream goes on, not from its head. Lightning had fetched one batch ahead when it saved the
+    # loader's position, so the batch of step 3 is skipped: resumed step 3 is the first run's step 4.
+    assert torch.equal(resumed.ids[3], first.ids[4]) and not torch.equal(resumed.ids[3], first.ids[0])
+
+
 def test_bad_data_path_fails_before_any_run(tmp_path):
     with pytest.raises(ConfigError, match=r"^data.path='./missing.jsonl': no such file or folder"):
         _run(tmp_path, **{"data.path": "./missing.jsonl"})
@@ -121,8 +144,10 @@ def test_bad_data_path_fails_before_any_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_on_cpu(tmp_path):
-    args = small_overrides(tmp_path, **{"trainer.strategy": "ddp", "trainer.devices": "2", "trainer.max_steps": "4"})
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_ddp_two_processes_on_cpu(tmp_path, streaming):
+    args = small_overrides(tmp_path, **{"trainer.strategy": "ddp", "trainer.devices": "2", "trainer.max_steps": "4",
+                                        "data.streaming": streaming, "data.val_rows": "20"})
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "dlm", "train", "experiments/tiny_ar.yaml", *args],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
