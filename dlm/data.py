@@ -169,8 +169,12 @@ class DiffusionDataModule(L.LightningDataModule):
         self.val_set: AnyDataset | None = None
 
     def prepare_data(self) -> None:
-        if not self.cfg.data.streaming:
-            self._build()  # rank 0 first: fills the datasets cache that setup() then reads
+        """Rank 0 first: fills the datasets cache (or writes the synthetic files a stream reads) for setup()."""
+        d = self.cfg.data
+        if not d.streaming:
+            self._build()
+        elif d.path == SYNTHETIC:
+            synthetic_dir(d)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:

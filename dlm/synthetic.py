@@ -9,6 +9,7 @@ the seed. DESIGN.md §3: one-step add/subtract with numbers 1-20 is what a 0.8M-
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 from typing import Iterator
@@ -89,6 +90,6 @@ def write_splits(
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # a process of its own: concurrent writers never collide
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(path)
