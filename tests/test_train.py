@@ -137,6 +137,22 @@ def test_streaming_resume_continues_the_stream(tmp_path):
     assert torch.equal(resumed.ids[3], first.ids[4]) and not torch.equal(resumed.ids[3], first.ids[0])
 
 
+class FirstBatchPerEpoch(L.Callback):
+    def __init__(self) -> None:
+        self.ids: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.ids.append(batch["input_ids"].clone())
+
+
+def test_streaming_reshuffles_each_epoch_in_a_run(tmp_path):
+    seen = FirstBatchPerEpoch()  # ~80 train rows: the stream runs out (an epoch) within 40 steps
+    _run(tmp_path, callbacks=[seen], **{"data.streaming": "true", "data.synthetic_size": "100", "data.val_rows": "20",
+                                        "data.shuffle_buffer": "100", "trainer.max_steps": "40"})
+    assert len(seen.ids) >= 2 and not torch.equal(seen.ids[0], seen.ids[1])
+
+
 def test_bad_data_path_fails_before_any_run(tmp_path):
     with pytest.raises(ConfigError, match=r"^data.path='./missing.jsonl': no such file or folder"):
         _run(tmp_path, **{"data.path": "./missing.jsonl"})
