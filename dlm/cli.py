@@ -63,18 +63,6 @@ def _generate(args: argparse.Namespace) -> None:
           f"TPF {out.tokens_per_forward:.2f}, {result.tokens_per_second:.1f} tokens/s")
 
 
-def _bench(args: argparse.Namespace) -> None:
-    from dlm.bench_cli import run_from_args
-
-    run_from_args(args)
-
-
-def _eval(args: argparse.Namespace) -> None:
-    from dlm.evaluate import run_from_args
-
-    run_from_args(args)
-
-
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("configs", nargs="+", metavar="CONFIG.yaml [key=value ...]",
                    help="experiment YAML files, then dotlist overrides such as attention.block_size=32")
@@ -88,76 +76,63 @@ def _split_overrides(args: argparse.Namespace) -> None:
         args.overrides = [c for c in items if "=" in c]
 
 
+def _add_demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seq-len", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=4)
+    p.add_argument("--patterns", nargs="*", choices=PATTERNS)
+
+
+def _add_generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="dlm checkpoint folder (HF format + dlm.yaml)")
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    p.add_argument("--prompts-file", help="one prompt per line (write \\n for a newline inside a prompt)")
+    p.add_argument("--block-size", type=int, help="decode block size (default: the training block size)")
+    p.add_argument("--threshold", type=float, help="confidence threshold in (0, 1] (default 0.9)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--sub-block-size", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--stop", action="append", help="stop string; repeatable")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every pass (reference)")
+    p.add_argument("--one-token-per-forward", action="store_true", help="the non-parallel reference")
+    p.add_argument("--ar", action="store_true", help="decode autoregressively with transformers' generate")
+    p.add_argument("--device", default="auto")
+
+
+Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], object]]
+
+
+def _commands() -> list[Command]:
+    """(name, help, add arguments, run) per subcommand; none of these modules imports torch at import time."""
+    from dlm import bench_cli, evaluate, report, sweep, train_bench
+    from dlm.drift import add_drift_arguments, run_drift
+
+    return [
+        ("attention-demo", "print the attention patterns for a small sequence", _add_demo_args, _attention_demo),
+        ("config", "print the resolved, validated experiment config", _add_config_args, _config),
+        ("train", "train (AR pretraining or AR-to-dLM conversion) from an experiment config", _add_config_args, _train),
+        ("generate", "complete prompts with a dlm checkpoint (cached parallel decoding)", _add_generate_args, _generate),
+        ("bench", "tokens/s, TPF, NFE vs the AR baseline; table, JSON, Pareto plot",
+         bench_cli.add_bench_arguments, bench_cli.run_from_args),
+        ("eval", "evaluate a checkpoint with lm-eval (gsm8k, mmlu, gsm8k_synthetic; offline variants)",
+         evaluate.add_eval_arguments, evaluate.run_from_args),
+        ("sweep", "run a sweep: every point trained, benchmarked and evaluated in a nested MLflow run",
+         sweep.add_sweep_arguments, sweep.run_sweep_from_args),
+        ("report", "a sweep's summary table and figures, read back from MLflow",
+         report.add_report_arguments, report.run_report_from_args),
+        ("bench-train", "training tokens/s per attention pattern (short real runs)",
+         train_bench.add_arguments, train_bench.run_from_args),
+        ("drift", "per-layer attention/MLP weight drift of checkpoints from their AR model", add_drift_arguments, run_drift),
+    ]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlm", description="Block-diffusion LMs from pretrained AR models.")
     sub = parser.add_subparsers(dest="command", required=True)
-
-    demo = sub.add_parser("attention-demo", help="print the attention patterns for a small sequence")
-    demo.add_argument("--seq-len", type=int, default=8)
-    demo.add_argument("--block-size", type=int, default=4)
-    demo.add_argument("--patterns", nargs="*", choices=PATTERNS)
-    demo.set_defaults(func=_attention_demo)
-
-    cfg = sub.add_parser("config", help="print the resolved, validated experiment config")
-    _add_config_args(cfg)
-    cfg.set_defaults(func=_config)
-
-    train = sub.add_parser("train", help="train (AR pretraining or AR-to-dLM conversion) from an experiment config")
-    _add_config_args(train)
-    train.set_defaults(func=_train)
-
-    gen = sub.add_parser("generate", help="complete prompts with a dlm checkpoint (cached parallel decoding)")
-    gen.add_argument("checkpoint", help="dlm checkpoint folder (HF format + dlm.yaml)")
-    gen.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
-    gen.add_argument("--prompts-file", help="one prompt per line (write \\n for a newline inside a prompt)")
-    gen.add_argument("--block-size", type=int, help="decode block size (default: the training block size)")
-    gen.add_argument("--threshold", type=float, help="confidence threshold in (0, 1] (default 0.9)")
-    gen.add_argument("--max-new-tokens", type=int, default=256)
-    gen.add_argument("--sub-block-size", type=int)
-    gen.add_argument("--temperature", type=float)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--stop", action="append", help="stop string; repeatable")
-    gen.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every pass (reference)")
-    gen.add_argument("--one-token-per-forward", action="store_true", help="the non-parallel reference")
-    gen.add_argument("--ar", action="store_true", help="decode autoregressively with transformers' generate")
-    gen.add_argument("--device", default="auto")
-    gen.set_defaults(func=_generate)
-
-    from dlm.bench_cli import add_bench_arguments
-
-    bench = sub.add_parser("bench", help="tokens/s, TPF, NFE vs the AR baseline; table, JSON, Pareto plot")
-    add_bench_arguments(bench)
-    bench.set_defaults(func=_bench)
-
-    from dlm.evaluate import add_eval_arguments
-
-    ev = sub.add_parser("eval", help="evaluate a checkpoint with lm-eval (gsm8k, mmlu, gsm8k_synthetic; offline variants)")
-    add_eval_arguments(ev)
-    ev.set_defaults(func=_eval)
-
-    from dlm.sweep import add_sweep_arguments, run_sweep_from_args
-
-    sweep = sub.add_parser("sweep", help="run a sweep: every point trained, benchmarked and evaluated in a nested MLflow run")
-    add_sweep_arguments(sweep)
-    sweep.set_defaults(func=run_sweep_from_args)
-
-    from dlm.report import add_report_arguments, run_report_from_args
-
-    rep = sub.add_parser("report", help="a sweep's summary table and figures, read back from MLflow")
-    add_report_arguments(rep)
-    rep.set_defaults(func=run_report_from_args)
-
-    from dlm import train_bench
-
-    tb = sub.add_parser("bench-train", help="training tokens/s per attention pattern (short real runs)")
-    train_bench.add_arguments(tb)
-    tb.set_defaults(func=train_bench.run_from_args)
-
-    from dlm.drift import add_drift_arguments, run_drift
-
-    drift = sub.add_parser("drift", help="per-layer attention/MLP weight drift of checkpoints from their AR model")
-    add_drift_arguments(drift)
-    drift.set_defaults(func=run_drift)
+    for name, help_text, add_arguments, run in _commands():
+        command = sub.add_parser(name, help=help_text)
+        add_arguments(command)
+        command.set_defaults(func=run)
     return parser
 
 
