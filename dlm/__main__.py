@@ -1,5 +1,5 @@
 import sys
 
-from dlm.cli import main
+from dlm.cli.main import main
 
 sys.exit(main())

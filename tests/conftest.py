@@ -16,10 +16,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from dlm.backbone import Backbone, build_model, ensure_mask_token  # noqa: E402
-from dlm.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
-from dlm.config import ModelConfig  # noqa: E402
-from dlm.tokenizer import tiny_tokenizer  # noqa: E402
+from dlm.models.backbone import Backbone, build_model, ensure_mask_token  # noqa: E402
+from dlm.models.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
+from dlm.settings.experiment import ModelConfig  # noqa: E402
+from dlm.models.tokenizer import tiny_tokenizer  # noqa: E402
 
 TINY = {
     "qwen3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from tests.test_sweep import SWEEP_NAME, tiny_sweep
+from tests.experiments.test_sweep import SWEEP_NAME, tiny_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOK = REPO / "notebooks" / "ablations.ipynb"

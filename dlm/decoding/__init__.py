@@ -1,0 +1,1 @@
+"""Decoding: the KV-cached parallel decoder, the AR baseline, text in / text out."""

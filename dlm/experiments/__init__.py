@@ -1,0 +1,1 @@
+"""Experiments: sweeps (schema expansion, runner, launchers), their report and figures, training benchmarks."""

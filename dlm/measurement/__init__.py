@@ -1,0 +1,1 @@
+"""Measurement: decoding benchmarks, their plots, and weight drift."""

@@ -1,0 +1,1 @@
+"""Model loading: HF backbones with a [MASK] token, the offline tokenizer, dlm checkpoint folders."""

@@ -1,0 +1,211 @@
+"""Exact log-likelihood of a continuation under a dlm model: block diffusion or causal AR.
+
+Block diffusion (the decoder's layout) uses the left-to-right chain rule
+
+    log p(c | x) = sum_i log p(c_i | x, c_<i, the rest of c_i's block masked)
+
+i.e. the probability that the decoder, committing one token per pass from left to right, writes `c`.
+The layout is the decoder's (context at positions 0..p-1, continuation blocks from block ceil(p/B)),
+so for a single-token continuation (MMLU's " A") it is exactly the log-softmax at the masked position
+after the context. The distribution is the decoder's: [MASK] is never a token, so it is left out of the
+softmax. All n conditionals come from one forward per request: the context and continuation (clean,
+block-causal) followed by one partially masked copy of its block per continuation token, each copy
+seeing the clean earlier blocks and itself (the BD3-LM vectorised trick).
+
+Cost: one forward of p + n + sum_b w_b^2 <= p + n(1 + B) tokens (context p, continuation n in blocks of
+w_b <= B; MMLU: p + 1, like one AR forward); long continuations are split so no forward holds more than
+~max_length copy tokens. Causal AR checkpoints use the ordinary causal log-likelihood (one forward, full
+softmax). `rolling_windows` cuts a document into lm-eval's disjoint windows, each scored by the same
+rule (~B forwards of <= 2 * max_length tokens per window for diffusion). Not an ELBO: no Monte Carlo
+samples, no variance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+
+from dlm.tensor.attention import additive_mask, block_causal
+from dlm.settings.experiment import ConfigError
+
+
+@dataclass
+class Row:
+    """One forward's worth of tokens for scoring; index i is both token i and its logit."""
+
+    ids: list[int] = field(default_factory=list)
+    position_ids: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    segment: list[int] = field(default_factory=list)
+    """0: clean (context, revealed continuation), block-causal; k > 0: the k-th partially masked copy."""
+    reads: list[int] = field(default_factory=list)
+    """Index whose logits predict targets[j]."""
+    targets: list[int] = field(default_factory=list)
+
+    def add(self, ids: list[int], position_ids: list[int], block_ids: list[int], segment: int) -> int:
+        """Append tokens; returns the index of the first."""
+        start = len(self.ids)
+        self.ids += ids
+        self.position_ids += position_ids
+        self.block_ids += block_ids
+        self.segment += [segment] * len(ids)
+        return start
+
+
+def score_continuations(model, pairs: list[tuple[list[int], list[int]]], *, causal: bool, block_size: int,
+                        mask_token_id: int, shift: bool, max_length: int, pad_token_id: int, batch_size: int,
+                        disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+    """(log p(continuation | context), every step is the argmax) per (context ids, continuation ids) pair.
+
+    `causal=True` scores with the plain causal forward (`block_size`, `mask_token_id`, `shift` unused);
+    otherwise by the chain rule above, in the decoder's layout for `block_size` and `shift`.
+    """
+    rows, owner = [], []
+    for k, (ctx, cont) in enumerate(pairs):
+        if causal:
+            new = ar_rows(ctx, cont, max_length=max_length)
+        else:
+            new = diffusion_rows(ctx, cont, block_size=block_size, mask_token_id=mask_token_id, shift=shift,
+                                 max_length=max_length)
+        rows += new
+        owner += [k] * len(new)
+    per_row = score_rows(model, rows, exclude_token=None if causal else mask_token_id, pad_token_id=pad_token_id,
+                         batch_size=batch_size, disable_tqdm=disable_tqdm)
+    totals = [(0.0, True) for _ in pairs]
+    for k, (lp, greedy) in zip(owner, per_row):
+        totals[k] = (totals[k][0] + lp, totals[k][1] and greedy)
+    return totals
+
+
+def rolling_windows(tokens: list[int], *, prefix_token_id: int, max_length: int,
+                    causal: bool) -> list[tuple[list[int], list[int]]]:
+    """A whole document as disjoint (context, continuation) windows, as lm-eval's HF model cuts it."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    window = max_length if causal else max_length - 1  # diffusion counts the context token too
+    return [make_disjoint_window(w) for w in get_rolling_token_windows(
+        tokens, prefix_token=prefix_token_id, max_seq_len=window, context_len=1)]
+
+
+def ar_rows(context: list[int], continuation: list[int], *, max_length: int) -> list[Row]:
+    """Ordinary causal scoring: `(context + continuation)[:-1]`, left-truncated to `max_length`."""
+    _check_fits(continuation, max_length)
+    seq = (context + continuation)[-(max_length + 1):][:-1]
+    n = len(continuation)
+    row = Row()
+    row.add(seq, list(range(len(seq))), list(range(len(seq))), 0)  # block size 1 = causal
+    row.reads, row.targets = list(range(len(seq) - n, len(seq))), list(continuation)
+    return [row]
+
+
+def diffusion_rows(context: list[int], continuation: list[int], *, block_size: int, mask_token_id: int,
+                   shift: bool, max_length: int) -> list[Row]:
+    """Chain-rule scoring rows (module docstring): clean part + one masked copy per continuation token.
+
+    Positions follow `dlm.decoding`: the continuation starts a fresh block after the context, whose
+    left end is dropped so that context + continuation fit in `max_length` positions. Continuation
+    blocks are grouped so each row holds about `max_length` copy tokens at most.
+    """
+    _check_fits(continuation, max_length - 1)
+    context = context[-(max_length - len(continuation)):]
+    p, n = len(context), len(continuation)
+    first = -(-p // block_size)  # ceil(p / block_size): the first continuation block
+    blocks = [(s, min(s + block_size, n)) for s in range(0, n, block_size)]
+    rows, group = [], []
+    for s, e in blocks:
+        if group and sum((b - a) ** 2 for a, b in group) + (e - s) ** 2 > max_length:
+            rows.append(_copy_row(context, continuation, group, first, block_size, mask_token_id, shift))
+            group = []
+        group.append((s, e))
+    rows.append(_copy_row(context, continuation, group, first, block_size, mask_token_id, shift))
+    return rows
+
+
+def _copy_row(context: list[int], cont: list[int], group: list[tuple[int, int]], first: int, block_size: int,
+              mask_token_id: int, shift: bool) -> Row:
+    p, last_start = len(context), group[-1][0]
+    row, copies = Row(), 0
+    clean = context + cont[:last_start]  # what the group's blocks see clean; index == position
+    row.add(clean, list(range(len(clean))),
+            [q // block_size for q in range(p)] + [first + j // block_size for j in range(last_start)], 0)
+    for s, e in group:
+        positions, block = list(range(p + s, p + e)), first + s // block_size
+        for j in range(e - s):
+            if shift and j == 0:  # Dream-style: the logit before the block predicts its first token
+                row.reads.append(p + s - 1)
+            else:
+                copy = cont[s:s + j] + [mask_token_id] * (e - s - j)
+                copies += 1
+                start = row.add(copy, positions, [block] * len(copy), segment=copies)
+                row.reads.append(start + j - (1 if shift else 0))
+            row.targets.append(cont[s + j])
+    return row
+
+
+def _check_fits(continuation: list[int], limit: int) -> None:
+    if len(continuation) > limit:
+        raise ConfigError(f"continuation of {len(continuation)} tokens: longer than the {limit} the model can score "
+                          f"(max_length); allowed: shorter continuations or a larger model_args max_length")
+
+
+def row_masks(rows: list[Row], length: int, device: torch.device | str) -> Tensor:
+    """`(B, 1, T, T)` bool, True = may attend, for rows right-padded to `length`.
+
+    Clean queries see clean keys of their own or earlier blocks; a copy sees the clean keys of earlier
+    blocks and itself. A pad query sees only itself (no empty softmax row); nothing sees a pad.
+    """
+    def pad(values: list[int], fill: int) -> list[int]:
+        return values + [fill] * (length - len(values))
+
+    blk = torch.tensor([pad(r.block_ids, 0) for r in rows], device=device)[:, :, None]  # (B, T, 1)
+    seg = torch.tensor([pad(r.segment, -1) for r in rows], device=device)[:, :, None]
+    blk_k, seg_k = blk.transpose(1, 2), seg.transpose(1, 2)  # (B, 1, T)
+    clean_k = seg_k == 0
+    earlier = torch.where(seg == 0, block_causal(blk, blk_k), blk_k < blk)
+    sees = (clean_k & earlier) | ((seg > 0) & (seg_k == seg))
+    itself = torch.eye(length, dtype=torch.bool, device=device)[None]
+    return torch.where(seg >= 0, sees, itself)[:, None]
+
+
+def score_rows(model, rows: list[Row], *, exclude_token: int | None, pad_token_id: int, batch_size: int,
+               disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+    """(sum of target log-probs, every target is the argmax) per row; `exclude_token` leaves the softmax."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))  # similar lengths share a batch
+    out: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
+    for start in tqdm(range(0, len(order), batch_size), disable=disable_tqdm, desc="dlm loglikelihood"):
+        batch = [rows[i] for i in order[start:start + batch_size]]
+        for i, result in zip(order[start:start + batch_size], _score_batch(model, batch, exclude_token, pad_token_id, device)):
+            out[i] = result
+    return out
+
+
+def _score_batch(model, rows: list[Row], exclude_token: int | None, pad_token_id: int, device) -> list[tuple[float, bool]]:
+    length = max(len(r.ids) for r in rows)
+    ids = torch.tensor([r.ids + [pad_token_id] * (length - len(r.ids)) for r in rows], device=device)
+    pos = torch.tensor([r.position_ids + [0] * (length - len(r.ids)) for r in rows], device=device)
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        keep[b, r.reads] = True
+    mask = row_masks(rows, length, device)
+    if model.config._attn_implementation == "eager":
+        mask = additive_mask(mask, model.dtype)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=keep).logits
+        logits = logits.reshape(-1, logits.shape[-1]).float()  # (num_reads, V): row-major, ascending index
+        if exclude_token is not None:
+            logits[:, exclude_token] = -torch.inf
+        logprobs = logits.log_softmax(dim=-1)
+    results, offset = [], 0
+    for r in rows:
+        rank = {idx: k for k, idx in enumerate(sorted(r.reads))}
+        at = torch.tensor([offset + rank[i] for i in r.reads], device=device)
+        targets = torch.tensor(r.targets, device=device)
+        lp = logprobs[at].gather(-1, targets[:, None]).sum()
+        greedy = bool((logprobs[at].argmax(dim=-1) == targets).all())
+        results.append((float(lp), greedy))
+        offset += len(r.reads)
+    return results

@@ -1,0 +1,104 @@
+"""LightningModule: an unmodified HF backbone run under the configured attention pattern and loss.
+
+Wiring only: masks come from `dlm.attention`, noise from the DataModule's collate, the loss from
+`dlm.objective`. The `causal` pattern trains with the plain AR loss (the AR baseline and the tiny
+AR pretraining); every other pattern with the masked-diffusion ELBO.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+from torchmetrics import MeanMetric
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from dlm.tensor.attention import build_attention_inputs, resolve_backend
+from dlm.models.backbone import Backbone, load_backbone
+from dlm.settings.experiment import ExperimentConfig
+from dlm.tensor.objective import LossOutput, ar_loss, block_weights, diffusion_loss
+
+
+def kernel_for(cfg: ExperimentConfig) -> str:
+    """The attention kernel this run will use (flex on CUDA by default, sdpa on CPU)."""
+    on_cuda = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    return resolve_backend(cfg.attention.backend, cfg.attention.pattern, "cuda" if on_cuda else "cpu")
+
+
+class DiffusionLM(L.LightningModule):
+    """Continued pretraining of an AR checkpoint as a block-diffusion LM (or AR, for `causal`)."""
+
+    def __init__(self, cfg: ExperimentConfig, backbone: Backbone | None = None) -> None:
+        super().__init__()
+        self.save_hyperparameters({"config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)}, logger=False)
+        self.cfg = cfg
+        backbone = backbone or load_backbone(cfg.model, attn_implementation=kernel_for(cfg))
+        self.model, self.tokenizer, self.mask_token_id = backbone.model, backbone.tokenizer, backbone.mask_token_id
+        self.model.train()  # from_pretrained returns eval mode; dropout (where configured) must be on
+        self.kernel = kernel_for(cfg)
+        # Masked-token accuracy: mean of per-token correctness over scored tokens (torchmetrics syncs it in DDP).
+        self.train_acc, self.val_acc = MeanMetric(), MeanMetric()
+        self.flops_per_batch = 0  # read by Lightning's ThroughputMonitor for MFU; set per batch in forward
+        self._n_params = sum(p.numel() for p in self.model.parameters())  # before any sharding; once
+
+    def _training_flops(self, input_ids: Tensor) -> int:
+        """PaLM estimate: 6N per token for the weights + 12 * layers * hidden * T for attention scores."""
+        c = self.model.config
+        per_token = 6 * self._n_params + 12 * c.num_hidden_layers * c.hidden_size * input_ids.shape[1]
+        return per_token * input_ids.numel()
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        a = self.cfg.attention
+        seq_len = input_ids.shape[1] // 2 if a.pattern == "block_clean" else input_ids.shape[1]
+        attn = build_attention_inputs(a.pattern, batch_size=input_ids.shape[0], seq_len=seq_len,
+                                      block_size=a.block_size, backend=self.kernel, device=input_ids.device,
+                                      dtype=self.model.dtype)
+        self.flops_per_batch = self._training_flops(input_ids)
+        return self.model(input_ids=input_ids, **attn.as_kwargs(), use_cache=False).logits
+
+    def loss(self, batch: dict[str, Tensor]) -> LossOutput:
+        a, o = self.cfg.attention, self.cfg.objective
+        if a.pattern == "causal":
+            return ar_loss(self(batch["input_ids"]), batch["input_ids"], batch["eligible"])
+        noised = batch["noised_ids"]
+        inputs = torch.cat([noised, batch["input_ids"]], 1) if a.pattern == "block_clean" else noised
+        weights = block_weights(batch["num_masked"], batch["num_eligible"], a.block_size, o.weighting)
+        return diffusion_loss(self(inputs), batch["input_ids"], batch["mask"], weights=weights,
+                              eligible=batch["eligible"], pattern=a.pattern, seq_len=noised.shape[1],
+                              block_size=a.block_size, shift=o.shift)
+
+    def on_train_epoch_start(self) -> None:
+        """A stream (`data.streaming`) reshuffles per epoch only when told the epoch (Lightning tells samplers)."""
+        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.loss(batch)
+        self.train_acc.update(out.correct[out.scored].float())
+        self.log("train/loss", out.loss, prog_bar=True)
+        self.log("train/masked_acc", self.train_acc, prog_bar=True)
+        return out.loss
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        out = self.loss(batch)
+        self.val_acc.update(out.correct[out.scored].float())
+        self.log("val/loss", out.loss, prog_bar=True, sync_dist=True)
+        self.log("val/masked_acc", self.val_acc, prog_bar=True)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        o = self.cfg.optim
+        decay = [p for n, p in self.named_parameters() if p.ndim >= 2 and p.requires_grad]
+        no_decay = [p for n, p in self.named_parameters() if p.ndim < 2 and p.requires_grad]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o.lr, betas=tuple(o.betas),
+        )
+        scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=self.cfg.trainer.max_steps,
+            min_lr_rate=o.min_lr_ratio,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

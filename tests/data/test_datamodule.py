@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dlm.settings.experiment import ConfigError, load_config
+from dlm.data.datamodule import DiffusionCollator, DiffusionDataModule, check_source, pack_rows, tokenize_rows
+from dlm.data.synthetic import format_example, problems
+
+
+def _cfg(tmp_path, *overrides):
+    return load_config("experiments/tiny.yaml", overrides=[
+        f"data.cache_dir={tmp_path}/data", "data.synthetic_size=300", "data.max_length=32", "data.batch_size=4",
+        "attention.block_size=4", *overrides])
+
+
+def test_tokenize_marks_only_response_and_eos_eligible(tokenizer, tmp_path):
+    cfg = _cfg(tmp_path).data
+    row = format_example({"question": "Tom has 3 cups.", "answer": "3\n#### 3"})
+    out = tokenize_rows({"prompt": [row["prompt"]], "response": [row["response"]]}, tokenizer=tokenizer, cfg=cfg, block_size=4)
+    ids, eligible = out["input_ids"][0], out["eligible"][0]
+    n_prompt = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
+    assert ids[-1] == tokenizer.eos_token_id
+    assert eligible == [0] * n_prompt + [1] * (len(ids) - n_prompt)
+    assert tokenizer.decode(ids[:-1]) == row["text"]
+
+
+def test_pad_to_block_pads_each_document_with_eos(tokenizer, tmp_path):
+    cfg = _cfg(tmp_path, "data.pad_to_block=true", "data.prompt_field=null", "data.response_field=null").data
+    out = tokenize_rows({"text": ["a b c", "Question: 12"]}, tokenizer=tokenizer, cfg=cfg, block_size=4)
+    for ids in out["input_ids"]:
+        assert len(ids) % 4 == 0 and ids[-1] == tokenizer.eos_token_id
+
+
+def test_pack_cuts_fixed_chunks_in_order():
+    out = pack_rows({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]], "eligible": [[0, 1, 1], [1, 1], [0, 0, 1, 1]]}, max_length=4)
+    assert out["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert out["eligible"] == [[0, 1, 1, 1], [1, 0, 0, 1]]
+
+
+def test_collate_noises_only_eligible_with_mask_token(tmp_path):
+    cfg = _cfg(tmp_path)
+    collate = DiffusionCollator("block_clean", 4, mask_token_id=1, masking=cfg.masking)
+    rows = [{"input_ids": list(range(10, 26)), "eligible": [0] * 6 + [1] * 10} for _ in range(3)]
+    torch.manual_seed(0)
+    batch = collate(rows)
+    assert batch["noised_ids"].shape == (3, 16) and batch["t"].shape == (3, 4)
+    assert not batch["mask"][:, :6].any()
+    assert torch.equal(batch["noised_ids"] == 1, batch["mask"])
+    assert torch.equal(batch["position_ids"][0], torch.cat([torch.arange(16), torch.arange(16)]))
+
+
+def test_collate_complementary_doubles_batch_and_covers_every_token(tmp_path):
+    cfg = _cfg(tmp_path, "masking.complementary=true")
+    collate = DiffusionCollator("block", 4, mask_token_id=1, masking=cfg.masking)
+    batch = collate([{"input_ids": list(range(16)), "eligible": [1] * 16} for _ in range(2)])
+    assert batch["mask"].shape == (4, 16)
+    assert torch.equal(batch["mask"][:2] ^ batch["mask"][2:], torch.ones(2, 16, dtype=torch.bool))
+
+
+def test_collate_causal_has_no_noise(tmp_path):
+    collate = DiffusionCollator("causal", 4, mask_token_id=1, masking=_cfg(tmp_path).masking)
+    batch = collate([{"input_ids": [5, 6, 7, 8], "eligible": [1, 1, 1, 1]}])
+    assert set(batch) == {"input_ids", "eligible", "position_ids"}
+
+
+def test_datamodule_synthetic_splits_and_batches(tokenizer, tmp_path):
+    cfg = _cfg(tmp_path)
+    dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (4, 32)
+    assert len(dm.val_set) > 0 and len(dm.train_set) > len(dm.val_set)
+    assert (tmp_path / "data").is_dir()
+
+
+def test_datamodule_loads_local_jsonl(tokenizer, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps({"body": f"Text number {i} about apples."}) + "\n" for i in range(200)))
+    cfg = _cfg(tmp_path, f"data.path={path}", "data.text_field=body", "data.prompt_field=null",
+               "data.response_field=null", "data.val_fraction=0.1")
+    dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
+    dm.setup("fit")
+    assert next(iter(dm.val_dataloader()))["input_ids"].shape[1] == 32
+
+
+def test_unknown_local_path_fails_before_loading(tmp_path):
+    with pytest.raises(ConfigError, match=r"^data.path='./nope.jsonl': no such file or folder"):
+        check_source(_cfg(tmp_path, "data.path=./nope.jsonl").data)
+
+
+def test_missing_column_is_named(tokenizer, tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"body": "x"}) + "\n")
+    cfg = _cfg(tmp_path, f"data.path={path}", "data.prompt_field=null", "data.response_field=null")
+    with pytest.raises(ConfigError, match=r"^data.text_field='text': no such column; allowed: body"):
+        DiffusionDataModule(cfg, tokenizer, mask_token_id=1).setup()
+
+
+def test_synthetic_test_split_is_disjoint_from_train(tmp_path):
+    from dlm.data.datamodule import synthetic_dir
+
+    root = synthetic_dir(_cfg(tmp_path).data)
+    train = {json.loads(line)["question"] for line in (root / "train.jsonl").read_text().splitlines()}
+    test = [json.loads(line) for line in (root / "test.jsonl").read_text().splitlines()]
+    assert test and not {r["question"] for r in test} & train
+    assert all(r["answer"].rsplit("#### ", 1)[1].isdigit() for r in test)
+
+
+def test_synthetic_generation_is_deterministic():
+    assert list(problems(5, seed=3)) == list(problems(5, seed=3))
+
+
+def _text(tokenizer, loader) -> str:
+    return " ".join(text for batch in loader for text in tokenizer.batch_decode(batch["input_ids"]))
+
+
+def test_streaming_holds_out_the_head_and_packs_lazily(tokenizer, tmp_path):
+    from datasets import IterableDataset
+
+    path = tmp_path / "rows.jsonl"  # the first 20 rows speak of apples, the rest of pears
+    path.write_text("".join(json.dumps({"body": f"Row {i} about {'apples' if i < 20 else 'pears'}."}) + "\n" for i in range(200)))
+    cfg = _cfg(tmp_path, f"data.path={path}", "data.text_field=body", "data.prompt_field=null",
+               "data.response_field=null", "data.streaming=true", "data.val_rows=20")
+    dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
+    dm.setup("fit")
+    assert isinstance(dm.train_set, IterableDataset) and isinstance(dm.val_set, IterableDataset)
+    val, train = _text(tokenizer, dm.val_dataloader()), _text(tokenizer, dm.train_dataloader())
+    assert "apples" in val and "pears" not in val
+    assert "pears" in train and "apples" not in train
+    assert next(iter(dm.train_dataloader()))["input_ids"].shape == (4, 32)
+
+
+def test_streaming_loader_resumes_from_its_state(tokenizer, tmp_path):
+    cfg = _cfg(tmp_path, "data.streaming=true", "data.val_rows=10")
+    dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    it = iter(loader)
+    [next(it) for _ in range(3)]
+    state = loader.state_dict()
+    expected = next(it)["input_ids"]
+    fresh = dm.train_dataloader()
+    fresh.load_state_dict(state)
+    assert torch.equal(next(iter(fresh))["input_ids"], expected)
+
+
+def test_streaming_reshuffles_per_epoch(tokenizer, tmp_path):
+    cfg = _cfg(tmp_path, "data.streaming=true", "data.val_rows=10", "data.shuffle_buffer=50")
+    dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
+    dm.setup("fit")
+    first = next(iter(dm.train_dataloader()))["input_ids"]
+    assert torch.equal(next(iter(dm.train_dataloader()))["input_ids"], first)  # seeded
+    dm.train_set.set_epoch(1)
+    assert not torch.equal(next(iter(dm.train_dataloader()))["input_ids"], first)
+
+
+def test_streaming_too_long_max_length_is_named(tokenizer, tmp_path):
+    cfg = _cfg(tmp_path, "data.streaming=true", "data.val_rows=1", "data.max_length=4096")
+    with pytest.raises(ConfigError, match=r"^data.max_length=4096: longer than the packed validation stream \(data.val_rows=1 rows\)"):
+        DiffusionDataModule(cfg, tokenizer, mask_token_id=1).setup()

@@ -1,0 +1,155 @@
+"""`dlm bench` on real tiny checkpoints: the grid, table, JSON, MLflow record, plot, and one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from dlm.measurement.bench import run_bench
+from dlm.cli.bench_args import add_bench_arguments, run_from_args
+from dlm.settings.experiment import ConfigError
+from dlm.data.synthetic import format_example, problems
+from tests.conftest import save_tiny, sharp_backbone
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+GEN = 16
+
+
+def _save(tokenizer, out: Path, pattern: str, seed: int) -> Path:
+    # sharpened: confident enough that threshold 0.3 commits several tokens a pass
+    return save_tiny(sharp_backbone("qwen3", tokenizer, dtype=torch.float32, seed=seed), out, pattern)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tokenizer):
+    tmp = tmp_path_factory.mktemp("bench")
+    prompts = tmp / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": format_example(p)["prompt"], "answer": p["answer"]}) + "\n"
+                               for p in problems(3, seed=1)))
+    return {"dlm": _save(tokenizer, tmp / "dlm", "block_clean", 0), "ar": _save(tokenizer, tmp / "ar", "causal", 1),
+            "prompts": prompts, "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def new_run(files):
+    """Runs in one sqlite store per module: creating the store costs seconds."""
+    client = mlflow.MlflowClient(f"sqlite:///{files['tmp']}/mlflow.db")
+    experiment = client.create_experiment("bench")
+    return lambda: client.create_run(experiment).info.run_id
+
+
+@pytest.fixture(scope="module")
+def result(files, new_run):
+    run = new_run()
+    return run_bench(files["dlm"], ar_baseline=files["ar"], thresholds=(0.3, 1.0), batch_sizes=(1, 2), gen_length=GEN,
+                     repeats=2, warmup=1, prompts=files["prompts"], ignore_eos=True, mlflow_run=run,
+                     tracking_uri=f"sqlite:///{files['tmp']}/mlflow.db", output_dir=files["tmp"] / "out")
+
+
+def _row(result, method, batch_size, threshold=None):
+    (row,) = [r for r in result.rows if (r.method, r.batch_size, r.threshold) == (method, batch_size, threshold)]
+    return row
+
+
+def test_grid_has_every_setting_once_per_batch_size(result):
+    settings = [(r.method, r.batch_size, r.threshold) for r in result.rows]
+    per_batch = [("ar", None), ("dlm-1tpf", None), ("dlm", 0.3), ("dlm", 1.0), ("dlm-nocache", 0.9)]
+    assert settings == [(m, b, t) for b in (1, 2) for m, t in per_batch]
+    assert all(r.tokens_per_prompt == GEN and r.tokens_per_sec_min <= r.tokens_per_sec <= r.tokens_per_sec_max
+               for r in result.rows)
+
+
+def test_one_token_per_forward_references_have_tpf_one(result):
+    for b in (1, 2):
+        assert _row(result, "dlm-1tpf", b).tpf == 1.0 and _row(result, "dlm-1tpf", b).nfe == GEN
+        assert _row(result, "ar", b).tpf == 1.0 and _row(result, "ar", b).speedup_vs_ar == 1.0
+    assert _row(result, "dlm", 1, 0.3).tpf > 1.0  # the sharpened model commits several tokens in some passes
+
+
+def test_speedups_divide_the_matching_rows(result):
+    cached, no_cache, ar = _row(result, "dlm", 2, 0.3), _row(result, "dlm-nocache", 2, 0.9), _row(result, "ar", 2)
+    assert cached.speedup_vs_ar == pytest.approx(cached.tokens_per_sec / ar.tokens_per_sec)
+    assert cached.speedup_cache is None  # no no-cache row at threshold 0.3
+    assert no_cache.speedup_cache is None and no_cache.exact_match is not None
+
+
+def test_table_json_plot_and_mlflow_record(result, files):
+    lines = result.table.splitlines()
+    assert lines[0].startswith("| setting | batch | threshold | tokens/s |") and len(lines) == 2 + 10 + 2
+    assert f"AR baseline: {files['ar']}" in result.table and "EOS ignored" in result.table
+    saved = json.loads(result.json_path.read_text())
+    assert saved["meta"]["gen_length"] == GEN and saved["meta"]["block_size"] == 4
+    assert [r["tpf"] for r in saved["rows"]] == [r.tpf for r in result.rows]
+    assert result.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    client = mlflow.MlflowClient(f"sqlite:///{files['tmp']}/mlflow.db")
+    metrics = client.get_run(result.mlflow_run).data.metrics
+    assert metrics["bench/dlm_bs1_t0.3/tpf"] == pytest.approx(_row(result, "dlm", 1, 0.3).tpf)
+    assert metrics["bench/ar_bs2/tokens_per_sec"] == pytest.approx(_row(result, "ar", 2).tokens_per_sec)
+    assert {a.path for a in client.list_artifacts(result.mlflow_run, "bench")} == {"bench/bench.json", "bench/pareto.png"}
+
+
+def test_cached_and_uncached_decoding_agree_on_tokens_per_forward(files):
+    out = run_bench(files["dlm"], thresholds=(0.3,), no_cache_thresholds=(0.3,), batch_sizes=(2,), gen_length=8,
+                    repeats=1, warmup=0, prompts=files["prompts"], output_dir=files["tmp"] / "agree")
+    cached, no_cache = _row(out, "dlm", 2, 0.3), _row(out, "dlm-nocache", 2, 0.3)
+    assert (cached.tpf, cached.nfe, cached.exact_match) == (no_cache.tpf, no_cache.nfe, no_cache.exact_match)
+    assert cached.speedup_cache == pytest.approx(cached.tokens_per_sec / no_cache.tokens_per_sec)
+    assert "the dLM checkpoint under the causal mask" in out.table
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"thresholds": (0.5, 1.5)}, r"^bench.thresholds=1.5: must be in \(0, 1\]"),
+    ({"thresholds": (0.0,)}, r"^bench.thresholds=0.0: must be in \(0, 1\]"),
+    ({"no_cache_thresholds": (-1.0,)}, r"^bench.no_cache_thresholds=-1.0: must be in \(0, 1\]"),
+    ({"block_size": 0}, r"^bench.block_size=0: must be a positive integer"),
+    ({"batch_sizes": (1, 0)}, r"^bench.batch_sizes=0: must be a positive integer"),
+    ({"gen_length": 250}, r"^bench.gen_length=250: longest prompt \d+ tokens \+ 250 = \d+ exceeds max_position_embeddings=256"),
+    ({"mlflow_run": "nope"}, r"^bench.mlflow_run='nope': no such run"),
+    ({"scored": True, "prompts": "PLAIN"}, r"scoring needs an 'answer' in every row"),
+])
+def test_bad_input_fails_in_one_line_before_any_output(files, new_run, tmp_path, kwargs, match):
+    if kwargs.get("prompts") == "PLAIN":
+        (tmp_path / "plain.jsonl").write_text('{"prompt": "hi"}\n')
+        kwargs["prompts"] = tmp_path / "plain.jsonl"
+    kwargs = {"prompts": files["prompts"], "tracking_uri": f"sqlite:///{files['tmp']}/mlflow.db"} | kwargs
+    with pytest.raises(ConfigError, match=match) as err:
+        run_bench(files["dlm"], output_dir=tmp_path / "out", **kwargs)
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_checkpoint_without_dlm_yaml_or_with_the_causal_pattern_is_refused(files, tmp_path):
+    with pytest.raises(ConfigError, match=r"^checkpoint='.*': no dlm.yaml; not a dlm checkpoint"):
+        run_bench(tmp_path)
+    with pytest.raises(ConfigError, match=r"pattern=causal is an AR model; pass it as --ar-baseline"):
+        run_bench(files["ar"])
+    with pytest.raises(ConfigError, match=r"no dlm.yaml"):
+        run_bench(files["dlm"], ar_baseline=tmp_path)
+
+
+def test_command_line_parses_lists_and_prints_the_table(files, capsys):
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    args = parser.parse_args([str(files["dlm"]), "--thresholds", "0.3", "--batch-sizes", "2", "--gen-length", "8",
+                              "--no-cache-thresholds", "", "--repeats", "1", "--warmup", "0", "--no-score",
+                              "--prompts", str(files["prompts"]), "--output-dir", str(files["tmp"] / "cli")])
+    result = run_from_args(args)
+    assert [r.method for r in result.rows] == ["ar", "dlm-1tpf", "dlm"] and result.rows[0].exact_match is None
+    assert "| dLM cached | 2 | 0.3 |" in capsys.readouterr().out
+
+
+def test_mlflow_run_auto_logs_into_the_run_that_trained_the_checkpoint(files, new_run, tmp_path):
+    uri = f"sqlite:///{files['tmp']}/mlflow.db"
+    client, run = mlflow.MlflowClient(uri), new_run()
+    (files["tmp"] / "mlflow_run.json").write_text(json.dumps({"run_id": run, "tracking_uri": uri}))  # as dlm train writes it
+    out = run_bench(files["dlm"], mlflow_run="auto", thresholds=(0.5,), batch_sizes=(1,), no_cache_thresholds=(),
+                    gen_length=4, repeats=1, warmup=0, prompts=files["prompts"], output_dir=tmp_path)
+    assert out.mlflow_run == run and "bench/dlm_bs1_t0.5/tokens_per_sec" in client.get_run(run).data.metrics
+    with pytest.raises(ConfigError, match=r"^bench.mlflow_run='auto': no .*mlflow_run.json; pass a run id"):
+        run_bench(shutil.copytree(files["dlm"], tmp_path / "copy/final"), mlflow_run="auto")

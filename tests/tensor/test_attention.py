@@ -1,0 +1,201 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention.flex_attention import flex_attention
+from torch.nn.functional import scaled_dot_product_attention
+from torch.testing import assert_close
+from transformers import DynamicCache
+
+from dlm.tensor.attention import (
+    additive_mask,
+    build_attention_inputs,
+    decode_mask,
+    dense_mask,
+    describe,
+    flex_block_mask,
+    position_ids,
+)
+from dlm.settings.experiment import PATTERNS, ConfigError
+
+T, F = True, False
+CASES = [(p, bs) for p in PATTERNS for bs in (3, 4)]  # odd and even block sizes, L = 12
+
+
+def test_literal_masks_l4_block2():
+    assert dense_mask("causal", 4, 2).tolist() == [[T, F, F, F], [T, T, F, F], [T, T, T, F], [T, T, T, T]]
+    assert dense_mask("bidirectional", 4, 2).all()
+    assert dense_mask("block", 4, 2).tolist() == [[T, T, F, F], [T, T, F, F], [T, T, T, T], [T, T, T, T]]
+    # rows/cols: noisy n0..n3, clean c0..c3
+    assert dense_mask("block_clean", 4, 2).int().tolist() == [
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [0, 0, 1, 1, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1, 1, 1],
+        [0, 0, 0, 0, 1, 1, 1, 1],
+    ]
+
+
+def test_block_size_one_is_causal_and_full_block_is_bidirectional():
+    assert torch.equal(dense_mask("block", 10, 1), dense_mask("causal", 10, 1))
+    assert torch.equal(dense_mask("block", 10, 10), dense_mask("bidirectional", 10, 10))
+
+
+def _flex_dense_form(block_mask, n: int) -> torch.Tensor:
+    """Token-level mask the BlockMask enforces: attend with equal scores to one-hot values."""
+    q = torch.zeros(1, 1, n, 8)
+    v = torch.eye(n).view(1, 1, n, n)
+    out = flex_attention(q, q.new_zeros(1, 1, n, 8), v, block_mask=block_mask)
+    return out[0, 0] > 0
+
+
+@pytest.mark.parametrize("pattern,block_size", CASES)
+def test_dense_mask_equals_flex_block_mask(pattern, block_size):
+    dense = dense_mask(pattern, 12, block_size)
+    block_mask = flex_block_mask(pattern, 12, block_size, "cpu")
+    assert torch.equal(_flex_dense_form(block_mask, dense.shape[0]), dense)
+
+
+@pytest.mark.parametrize("pattern,block_size", CASES)
+def test_uncompiled_flex_matches_sdpa_kernel(pattern, block_size):
+    torch.manual_seed(0)
+    dense = dense_mask(pattern, 12, block_size)
+    n = dense.shape[0]
+    q, k, v = (torch.randn(2, 4, n, 16) for _ in range(3))
+    expected = scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    got = flex_attention(q, k, v, block_mask=flex_block_mask(pattern, 12, block_size, "cpu"))
+    assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_block_mask_is_cached_per_shape():
+    assert flex_block_mask("block", 12, 4, "cpu") is flex_block_mask("block", 12, 4, "cpu")
+
+
+def _logits(model, ids, pattern, block_size, backend="sdpa"):
+    seq_len = ids.shape[1] // 2 if pattern == "block_clean" else ids.shape[1]
+    attn = build_attention_inputs(pattern, batch_size=ids.shape[0], seq_len=seq_len, block_size=block_size,
+                                  backend=backend, dtype=model.dtype)
+    with torch.no_grad():
+        return model(input_ids=ids, **attn.as_kwargs()).logits
+
+
+def test_block_pattern_hides_later_blocks(backbone):
+    ids = torch.randint(5, 300, (1, 12))
+    changed = ids.clone()
+    changed[0, 9] += 1  # block 2 of size 4
+    diff = (_logits(backbone.model, ids, "block", 4) - _logits(backbone.model, changed, "block", 4)).abs().amax(-1)[0]
+    assert diff[:8].max() == 0
+    assert diff[8:].min() > 0
+
+
+def test_block_clean_noisy_token_changes_only_its_own_noisy_block(backbone):
+    L, bs = 12, 4
+    ids = torch.randint(5, 300, (1, 2 * L))
+    changed = ids.clone()
+    changed[0, 5] += 1  # noisy block 1
+    diff = (_logits(backbone.model, ids, "block_clean", bs) - _logits(backbone.model, changed, "block_clean", bs)).abs().amax(-1)[0]
+    noisy = diff[:L]
+    assert noisy[4:8].min() > 0
+    assert noisy[:4].max() == 0 and noisy[8:].max() == 0
+    assert diff[L:].max() == 0  # the clean half never sees noisy tokens
+
+
+def test_block_clean_clean_token_changes_only_later_noisy_blocks(backbone):
+    L, bs = 12, 4
+    ids = torch.randint(5, 300, (1, 2 * L))
+    changed = ids.clone()
+    changed[0, L + 5] += 1  # clean block 1
+    noisy = (_logits(backbone.model, ids, "block_clean", bs) - _logits(backbone.model, changed, "block_clean", bs)).abs().amax(-1)[0, :L]
+    assert noisy[:8].max() == 0
+    assert noisy[8:].min() > 0
+
+
+@pytest.mark.parametrize("block_size", [3, 4])
+def test_kv_cache_block_by_block_equals_full_forward(backbone, block_size):
+    L = 12
+    ids = torch.randint(5, 300, (2, L))
+    full = _logits(backbone.model, ids, "block", block_size)
+    cache, pieces = DynamicCache(), []
+    with torch.no_grad():
+        for start in range(0, L, block_size):
+            q_len = min(block_size, L - start)
+            mask = decode_mask(q_len, start, block_size)[None, None]
+            pos = torch.arange(start, start + q_len).expand(2, -1)
+            out = backbone.model(input_ids=ids[:, start:start + q_len], attention_mask=mask, position_ids=pos,
+                                 cache=cache, use_cache=True)
+            pieces.append(out.logits)
+    assert_close(torch.cat(pieces, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_mask_matches_rows_of_block_mask():
+    full = dense_mask("block", 12, 4)
+    assert torch.equal(decode_mask(4, 8, 4), full[8:12, :12])
+    assert torch.equal(decode_mask(3, 5, 4), full[5:8, :8])
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_eager_additive_mask_matches_sdpa(tokenizer, pattern):
+    from tests.conftest import make_backbone
+
+    sdpa = make_backbone("qwen3", tokenizer, attn_implementation="sdpa", seed=1).model
+    eager = make_backbone("qwen3", tokenizer, attn_implementation="eager", seed=1).model
+    n = 16 if pattern == "block_clean" else 8
+    ids = torch.randint(5, 300, (2, n))
+    assert_close(_logits(eager, ids, pattern, 4, backend="eager"), _logits(sdpa, ids, pattern, 4), atol=1e-5, rtol=1e-5)
+
+
+def test_additive_mask_values():
+    m = additive_mask(torch.tensor([True, False]), torch.float32)
+    assert m[0] == 0 and m[1] == torch.finfo(torch.float32).min
+
+
+def test_block_clean_position_ids_repeat_for_clean_half():
+    assert position_ids("block_clean", 1, 3)[0].tolist() == [0, 1, 2, 0, 1, 2]
+    assert position_ids("block", 2, 3).tolist() == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_describe_prints_each_row():
+    text = describe("block", 4, 2)
+    assert text.splitlines()[1].strip().endswith("##..")
+    assert len(text.splitlines()) == 5
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(pattern="blok"), r"attention.pattern='blok': unknown pattern; allowed: causal, bidirectional, block, block_clean"),
+        (dict(block_size=0), r"attention.block_size=0: must be a positive integer"),
+        (dict(backend="xformers"), r"attention.backend='xformers': unknown backend; allowed: auto"),
+        (dict(backend="flex"), r"attention.backend='flex': needs CUDA"),
+        (dict(backend="flash"), r"attention.backend='flash': pattern 'block' needs a custom mask"),
+    ],
+)
+def test_bad_attention_input_fails_in_one_line(kwargs, match):
+    args = dict(pattern="block", batch_size=1, seq_len=8, block_size=4, backend="sdpa") | kwargs
+    with pytest.raises(ConfigError, match=match) as info:
+        build_attention_inputs(args.pop("pattern"), **args)
+    assert "\n" not in str(info.value)
+
+
+def test_auto_backend_is_sdpa_on_cpu():
+    assert build_attention_inputs("block", batch_size=1, seq_len=8, block_size=4).backend == "sdpa"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: full-model flex path")
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_full_model_flex_matches_sdpa_on_cuda(tokenizer, pattern):
+    from tests.conftest import make_backbone
+
+    sdpa = make_backbone("qwen3", tokenizer, attn_implementation="sdpa", seed=2).model.cuda()
+    flex = make_backbone("qwen3", tokenizer, attn_implementation="flex_attention", seed=2).model.cuda()
+    ids = torch.randint(5, 300, (2, 256 if pattern == "block_clean" else 128), device="cuda")
+    got = _logits(flex, ids, pattern, 16, backend="flex")
+    expected = _logits(sdpa, ids, pattern, 16, backend="sdpa")
+    assert_close(got, expected, atol=2e-4, rtol=2e-4)
+    loss = flex(input_ids=ids, **build_attention_inputs(pattern, batch_size=2, seq_len=ids.shape[1] // (2 if pattern == "block_clean" else 1),
+                                                        block_size=16, backend="flex", device="cuda").as_kwargs()).logits.float().logsumexp(-1).mean()
+    loss.backward()  # flex has a backward on CUDA

@@ -1,0 +1,174 @@
+"""End-to-end Lightning runs on a tiny model: MLflow record, resume after a crash, HF export, DDP."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import mlflow
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dlm.models.checkpoint import load_checkpoint, read_meta
+from dlm.settings.experiment import ConfigError, load_config
+from dlm.training.trainer import train
+
+REPO = Path(__file__).resolve().parents[2]
+SMALL_MODEL = ["model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
+               "model.config.num_attention_heads=2", "model.config.num_key_value_heads=1", "model.config.head_dim=16"]
+
+
+def small_overrides(tmp_path: Path, **kw: str) -> list[str]:
+    base = {"output_dir": f"{tmp_path}/out", "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
+            "data.cache_dir": f"{tmp_path}/data", "data.synthetic_size": "400", "data.max_length": "32",
+            "data.batch_size": "4", "trainer.max_steps": "6", "trainer.val_every_n_steps": "3",
+            "trainer.limit_val_batches": "2", "trainer.checkpoint_every_n_steps": "3", "trainer.log_every_n_steps": "1",
+            "trainer.progress_bar": "false", "trainer.throughput_window": "2", "trainer.accelerator": "cpu", "trainer.devices": "1"}
+    return [f"{k}={v}" for k, v in (base | kw).items()] + SMALL_MODEL
+
+
+def _run(tmp_path, config="experiments/tiny_ar.yaml", callbacks=(), **kw):
+    return train(load_config(config, overrides=small_overrides(tmp_path, **kw)), callbacks=list(callbacks))
+
+
+class CrashAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("simulated crash")
+
+
+class StatusProbe(L.Callback):
+    """Reads the run's MLflow status while training runs."""
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == 1:
+            self.status = trainer.logger.experiment.get_run(trainer.logger.run_id).info.status
+
+
+def _client(tmp_path):
+    return mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+
+
+@pytest.fixture(scope="module")
+def ar_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ar")
+    probe = StatusProbe()
+    result = _run(tmp, callbacks=[probe])
+    assert probe.status == "RUNNING"  # not FINISHED by the step-0 validation
+    return tmp, result
+
+
+def test_ar_run_logs_params_metrics_artifacts_and_exports(ar_run):
+    tmp, result = ar_run
+    run = _client(tmp).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["attention.pattern"] == "causal"
+    assert run.data.params["final_checkpoint"] == str(result.final_dir.resolve())
+    assert {"train/loss", "val/loss", "val/masked_acc", "train/device/items_per_sec"} <= set(run.data.metrics)
+    assert [a.path for a in _client(tmp).list_artifacts(result.run_id)] == ["config.yaml"]
+    val = _client(tmp).get_metric_history(result.run_id, "val/loss")
+    assert val[0].step == 0 and len(val) >= 2  # the curve starts before the first optimizer step
+    assert read_meta(result.final_dir).pattern == "causal"
+
+
+def test_exported_checkpoint_matches_lightning_weights(ar_run):
+    tmp, result = ar_run
+    lightning_state = torch.load(tmp / "out/checkpoints/last.ckpt", weights_only=False)["state_dict"]
+    exported = load_file(result.final_dir / "model.safetensors")
+    for name, tensor in exported.items():
+        torch.testing.assert_close(tensor, lightning_state[f"model.{name}"])
+    backbone, meta = load_checkpoint(result.final_dir)
+    torch.testing.assert_close(backbone.model.model.embed_tokens.weight, lightning_state["model.model.embed_tokens.weight"])
+
+
+def test_conversion_from_ar_checkpoint_runs_block_clean(ar_run, tmp_path):
+    _, ar = ar_run
+    result = _run(tmp_path, "experiments/tiny.yaml", **{"model.name_or_path": str(ar.final_dir)})
+    meta = read_meta(result.final_dir)
+    assert (meta.pattern, meta.block_size, meta.shift) == ("block_clean", 4, False)
+    assert result.metrics["val/loss"] > 0 and 0 <= result.metrics["val/masked_acc"] <= 1
+
+
+def test_crash_marks_run_failed_and_resume_continues_same_run(tmp_path):
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path, callbacks=[CrashAt(4)])
+    client = _client(tmp_path)
+    (crashed,) = client.search_runs([client.get_experiment_by_name("dlm-tiny").experiment_id])
+    assert crashed.info.status == "FAILED"
+    assert not (tmp_path / "out/final").exists()
+    with pytest.raises(ConfigError, match="set resume=true to continue"):
+        _run(tmp_path)  # refuses to overwrite the crashed run's checkpoints
+    resumed = _run(tmp_path, resume="true")
+    assert resumed.run_id == crashed.info.run_id
+    assert client.get_run(resumed.run_id).info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(resumed.run_id, "train/loss")]
+    # crashed in the batch of step 3 (checkpoint at 3 steps); the resumed run redoes step 3 onwards
+    assert sorted(steps) == [0, 1, 2, 3, 3, 4, 5]
+    assert torch.load(tmp_path / "out/checkpoints/last.ckpt", weights_only=False)["global_step"] == 6
+
+
+class BatchRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.ids: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.ids[trainer.global_step] = batch["input_ids"].clone()
+
+
+def test_streaming_resume_continues_the_stream(tmp_path):
+    stream = {"data.streaming": "true", "data.val_rows": "20", "data.shuffle_buffer": "1"}
+    first = BatchRecorder()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path, callbacks=[first, CrashAt(4)], **stream)
+    ckpt = torch.load(tmp_path / "out/checkpoints/last.ckpt", weights_only=False)
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]  # the loader's position is saved
+    resumed = BatchRecorder()
+    _run(tmp_path, callbacks=[resumed], resume="true", **stream)
+    assert min(resumed.ids) == 3  # checkpoint after 3 steps
+    # The stream goes on, not from its head. Lightning had fetched one batch ahead when it saved the
+    # loader's position, so the batch of step 3 is skipped: resumed step 3 is the first run's step 4.
+    assert torch.equal(resumed.ids[3], first.ids[4]) and not torch.equal(resumed.ids[3], first.ids[0])
+
+
+class FirstBatchPerEpoch(L.Callback):
+    def __init__(self) -> None:
+        self.ids: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.ids.append(batch["input_ids"].clone())
+
+
+def test_streaming_reshuffles_each_epoch_in_a_run(tmp_path):
+    seen = FirstBatchPerEpoch()  # ~80 train rows: the stream runs out (an epoch) within 40 steps
+    _run(tmp_path, callbacks=[seen], **{"data.streaming": "true", "data.synthetic_size": "100", "data.val_rows": "20",
+                                        "data.shuffle_buffer": "100", "trainer.max_steps": "40"})
+    assert len(seen.ids) >= 2 and not torch.equal(seen.ids[0], seen.ids[1])
+
+
+def test_bad_data_path_fails_before_any_run(tmp_path):
+    with pytest.raises(ConfigError, match=r"^data.path='./missing.jsonl': no such file or folder"):
+        _run(tmp_path, **{"data.path": "./missing.jsonl"})
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("streaming", ["false", "true"])
+def test_ddp_two_processes_on_cpu(tmp_path, streaming):
+    args = small_overrides(tmp_path, **{"trainer.strategy": "ddp", "trainer.devices": "2", "trainer.max_steps": "4",
+                                        "data.streaming": streaming, "data.val_rows": "20"})
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "dlm", "train", "experiments/tiny_ar.yaml", *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "final checkpoint:" in proc.stdout
+    assert read_meta(tmp_path / "out/final").pattern == "causal"
+    (run,) = _client(tmp_path).search_runs([_client(tmp_path).get_experiment_by_name("dlm-tiny").experiment_id])
+    assert run.info.status == "FINISHED"
