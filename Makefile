@@ -1,6 +1,6 @@
 # Two entry points for a fresh machine with only Python 3.11 + pip:
 #   make demo   -- runs the embedded tiny default end to end on CPU
-#   make test   -- installs everything and runs the whole test suite
+#   make test   -- installs everything, checks the import contracts and ruff, runs the whole test suite
 # Both create .venv and install what they need. torch is pinned so pip takes the local CPU wheel
 # where there is one; on a GPU machine the same pin installs the CUDA build.
 VENV ?= .venv
@@ -20,6 +20,8 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install

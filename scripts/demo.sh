@@ -24,7 +24,7 @@ step "3/7 generate"
 
 step "4/7 bench: parallel decoding vs the AR baseline (accuracy vs tokens per forward)"
 "$DLM" bench outputs/tiny/final --ar-baseline outputs/tiny_ar/final --thresholds 0.5,0.7,0.9,1.0 \
-  --batch-sizes 1 --gen-length 64 --repeats 1 --num-prompts 50 --output-dir outputs/bench/tiny
+  --batch-sizes 1 --max-new-tokens 64 --repeats 1 --num-prompts 50 --output-dir outputs/bench/tiny
 
 step "5/7 eval on the synthetic GSM8K-format task through lm-eval"
 "$DLM" eval outputs/tiny/final --tasks gsm8k_synthetic --limit 100 --batch-size 1 --output outputs/eval/tiny.json

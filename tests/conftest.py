@@ -18,8 +18,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from dlm.models.backbone import Backbone, build_model, ensure_mask_token  # noqa: E402
 from dlm.models.checkpoint import CheckpointMeta, save_checkpoint  # noqa: E402
-from dlm.settings.experiment import ModelConfig  # noqa: E402
 from dlm.models.tokenizer import tiny_tokenizer  # noqa: E402
+from dlm.settings import ModelConfig  # noqa: E402
 
 TINY = {
     "qwen3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -47,7 +47,8 @@ def tokenizer(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def make_backbone(arch: str, tokenizer, *, attn_implementation: str = "sdpa", dtype=torch.float32, seed: int = 0) -> Backbone:
+def make_backbone(arch: str, tokenizer, *, attn_implementation: str = "sdpa", dtype=torch.float32,
+                  seed: int = 0) -> Backbone:
     torch.manual_seed(seed)
     cfg = ModelConfig(arch=arch, config=TINY[arch])
     model = build_model(cfg, tokenizer, attn_implementation=attn_implementation, dtype=dtype).eval()
@@ -96,3 +97,11 @@ def backbone(request, tokenizer) -> Backbone:
 @pytest.fixture
 def qwen3(tokenizer) -> Backbone:
     return make_backbone("qwen3", tokenizer)
+
+
+@pytest.fixture(scope="session")
+def ar_checkpoint(tmp_path_factory) -> Path:
+    """A random tiny AR checkpoint (the SMALL_MODEL shape), what experiments/tiny.yaml converts."""
+    from tests.helpers import save_tiny_ar
+
+    return save_tiny_ar(tmp_path_factory.getbasetemp() / "tiny_ar")

@@ -26,9 +26,11 @@ def test_ablations_notebook_executes_and_writes_its_figures(swept, tmp_path, mon
     monkeypatch.setenv("DLM_SWEEP", SWEEP_NAME)
     monkeypatch.setenv("DLM_FIGURES_DIR", str(figures))
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+    NotebookClient(nb, timeout=300, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
     names = ["accuracy_vs_block_size", "accuracy_vs_tpf", "drift_per_layer"]
-    assert sorted(p.name for p in figures.iterdir()) == sorted([f"{SWEEP_NAME}_{n}.png" for n in names] + [f"{SWEEP_NAME}_table1.csv"])
+    assert sorted(p.name for p in figures.iterdir()) == sorted([f"{SWEEP_NAME}_{n}.png" for n in names]
+                                                               + [f"{SWEEP_NAME}_table1.csv"])
     assert all((figures / f"{SWEEP_NAME}_{n}.png").read_bytes().startswith(b"\x89PNG") for n in names)
     table1 = pd.read_csv(figures / f"{SWEEP_NAME}_table1.csv", index_col=0)
     assert list(table1.index) == ["block", "block_clean"]  # the patterns in PATTERNS order

@@ -1,4 +1,4 @@
-"""`dlm-lm-eval` / `python -m dlm.lm_eval_cli`: lm-eval's own CLI with the `dlm` model registered.
+"""`dlm-lm-eval` / `python -m dlm.cli.lm_eval`: lm-eval's own CLI with the `dlm` model registered.
 
 lm-eval 0.4.13 discovers no plugin models (no entry-point group; `--include_path` loads tasks only),
 so its stock `lm-eval` command cannot see `--model dlm`. This script imports the adapter (which

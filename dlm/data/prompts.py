@@ -7,20 +7,17 @@ gsm8k strict-match does: the number after '#### ', commas and a trailing period 
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
-from dlm.settings.experiment import ConfigError, DataConfig
+from dlm.data.jsonl import read_jsonl
+from dlm.data.synthetic import PROMPT_TEMPLATE, synthetic_dir
+from dlm.settings import SYNTHETIC, ConfigError, DataConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from dlm.measurement.bench import Batch
-    from dlm.decoding.engine import GenerationOutput
-
-SYNTHETIC = "synthetic"
 ANSWER_RE = re.compile(r"#### (-?[0-9.,]+)")
 """lm-eval gsm8k strict-match: the number after '#### '."""
 
@@ -30,16 +27,16 @@ class Prompt(NamedTuple):
     answer: str | None  # normalised reference number; None = unscored
 
 
-def load_prompts(source: str | Path | Sequence[str] | None, *, limit: int, data: DataConfig | None = None) -> list[Prompt]:
+def load_prompts(source: str | Path | Sequence[str] | None, *, limit: int,
+                 data: DataConfig | None = None) -> list[Prompt]:
     """The first `limit` prompts of `synthetic` (the task's test split), a JSONL file of
     {"prompt", "answer"} (or GSM8K {"question", "answer"}) rows, or a list of plain prompts (unscored)."""
     if source is None or str(source) == SYNTHETIC:
-        from dlm.data.datamodule import synthetic_dir
-
         rows = read_jsonl(synthetic_dir(data or DataConfig()) / "test.jsonl")
     elif isinstance(source, (str, Path)):
         if not Path(source).is_file():
-            raise ConfigError(f"bench.prompts={str(source)!r}: no such file; allowed: {SYNTHETIC}, a JSONL file of {{prompt, answer}} rows")
+            raise ConfigError(f"bench.prompts={str(source)!r}: no such file; "
+                              f"allowed: {SYNTHETIC}, a JSONL file of {{prompt, answer}} rows")
         rows = read_jsonl(Path(source))
     else:
         rows = [{"prompt": text} for text in source]
@@ -49,17 +46,10 @@ def load_prompts(source: str | Path | Sequence[str] | None, *, limit: int, data:
     return prompts
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """One dict per non-blank line (UTF-8; only '\\n' ends a line, so a raw U+2028 inside a string is kept)."""
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 def _to_prompt(row: dict, source: Any) -> Prompt:
-    from dlm.data.synthetic import PROMPT_TEMPLATE
-
     if "prompt" not in row and "question" not in row:
-        raise ConfigError(f"bench.prompts={str(source)!r}: rows need a 'prompt' (or GSM8K 'question') field; got {sorted(row)}")
+        raise ConfigError(f"bench.prompts={str(source)!r}: rows need a 'prompt' (or GSM8K 'question') field; "
+                          f"got {sorted(row)}")
     text = row.get("prompt") or PROMPT_TEMPLATE.format(question=row["question"])
     answer = row.get("answer")
     return Prompt(text, None if answer is None else reference_answer(str(answer)))
@@ -80,12 +70,12 @@ def extract_answer(text: str) -> str | None:
     return _normalise(match.group(1)) if match else None
 
 
-def score(tokenizer: PreTrainedTokenizerBase, outs: Sequence[GenerationOutput], batches: Sequence[Batch]) -> float:
-    """Exact match of the '#### N' number; text is cut at the first EOS (matters under `ignore_eos`)."""
+def score(tokenizer: PreTrainedTokenizerBase, generated: Sequence[list[int]], answers: Sequence[str | None]) -> float:
+    """Exact match of the '#### N' number per generated row; text is cut at the first EOS (matters under
+    `ignore_eos`)."""
     eos = tokenizer.eos_token_id
     hits = []
-    for out, batch in zip(outs, batches):
-        for tokens, answer in zip(out.tokens, batch.answers):
-            tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
-            hits.append(extract_answer(tokenizer.decode(tokens)) == answer)
+    for tokens, answer in zip(generated, answers, strict=True):
+        tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
+        hits.append(extract_answer(tokenizer.decode(tokens)) == answer)
     return sum(hits) / len(hits)

@@ -8,11 +8,12 @@ the seed. DESIGN.md §3: one-step add/subtract with numbers 1-20 is what a 0.8M-
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from pathlib import Path
 from typing import Iterator
+
+from dlm.data.jsonl import write_jsonl
+from dlm.settings import DataConfig
 
 NAMES = ["Tom", "Ana", "Sam", "Mia", "Leo", "Zoe", "Ben", "Eva", "Max", "Ivy", "Jon", "Kim"]
 OBJECTS = ["apples", "books", "coins", "pens", "cards", "shells", "stamps", "cups", "eggs", "rocks"]
@@ -84,12 +85,14 @@ def write_splits(
     seen = {p["question"] for p in train}
     test = [p | format_example(p) for p in problems(test_size * 3, seed=seed + 10_000, max_number=max_number)
             if p["question"] not in seen][:test_size]
-    _write_jsonl(out / "train.jsonl", train + free)
-    _write_jsonl(out / "test.jsonl", test)
+    write_jsonl(out / "train.jsonl", train + free)
+    write_jsonl(out / "test.jsonl", test)
     return out
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # a process of its own: concurrent writers never collide
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+def synthetic_dir(cfg: DataConfig, seed: int = 0) -> Path:
+    """Folder of the generated task (train/test jsonl), written once and reused by every later command."""
+    root = Path(cfg.cache_dir) / f"synthetic-n{cfg.synthetic_size}-max{cfg.synthetic_max_number}-s{seed}"
+    if not (root / "test.jsonl").is_file():
+        write_splits(root, train_size=cfg.synthetic_size, seed=seed, max_number=cfg.synthetic_max_number)
+    return root

@@ -14,9 +14,13 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from dlm.decoding.ar import ar_generate
+from dlm.decoding.engine import generate
+from dlm.decoding.output import GenerationOutput
 from dlm.models.backbone import Backbone
 from dlm.models.checkpoint import CheckpointMeta, load_checkpoint
-from dlm.decoding.engine import DecodeConfig, GenerationOutput, ar_generate, generate
+from dlm.models.device import resolve_device
+from dlm.settings import DecodeConfig
 
 
 @dataclass
@@ -26,7 +30,7 @@ class Completions:
     seconds: float
 
     @property
-    def tokens_per_second(self) -> float:
+    def tokens_per_sec(self) -> float:
         return sum(self.output.num_generated) / max(self.seconds, 1e-9)
 
 
@@ -36,7 +40,8 @@ def decode_config_for(meta: CheckpointMeta, **overrides) -> DecodeConfig:
     return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def encode_prompts(backbone: Backbone, prompts: list[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(backbone: Backbone, prompts: list[str],
+                   device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded `(input_ids, attention_mask)` of `prompts` (see `encode_texts`)."""
     return encode_texts(backbone.tokenizer, prompts, device)
 
@@ -44,13 +49,15 @@ def encode_prompts(backbone: Backbone, prompts: list[str], device: torch.device 
 def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded `(input_ids, attention_mask)`; ids without special tokens, as the training data is
-    tokenized (`dlm.data`)."""
+    tokenized (`dlm.data.sources`)."""
     rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     return left_pad(rows, pad_token_id(tokenizer), device)
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """`(input_ids, attention_mask)`, both `(B, P)` long, 0 = pad: every row then starts generating at the same index."""
+def left_pad(rows: list[list[int]], pad_id: int,
+             device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """`(input_ids, attention_mask)`, both `(B, P)` long, 0 = pad: every row then starts generating at the
+    same index."""
     width = max(map(len, rows))
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
@@ -82,9 +89,10 @@ def complete(backbone: Backbone, meta: CheckpointMeta, prompts: list[str], decod
     return Completions(texts, out, seconds)
 
 
-def load_for_decoding(path: str | Path, *, device: str = "auto", dtype: str = "float32") -> tuple[Backbone, CheckpointMeta]:
+def load_for_decoding(path: str | Path, *, device: str = "auto",
+                      dtype: str = "float32") -> tuple[Backbone, CheckpointMeta]:
     """A checkpoint on `device` (auto: CUDA when present) in eval mode, with sdpa attention for the decoder."""
+    target = resolve_device(device)  # an absent device fails before the weights load
     backbone, meta = load_checkpoint(path, attn_implementation="sdpa", dtype=dtype)
-    target = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     backbone.model.to(target).eval()
     return backbone, meta

@@ -1,15 +1,15 @@
 """The lm-eval model class `dlm`: dlm checkpoints (block diffusion or the AR baseline) in the harness.
 
 Registered in lm-eval's model registry on import, so `simple_evaluate(model="dlm", ...)` and the
-`dlm-lm-eval` console script (`dlm.lm_eval_cli`) find it. `lm_eval.models` is imported first: lm-eval
+`dlm-lm-eval` console script (`dlm.cli.lm_eval`) find it. `lm_eval.models` is imported first: lm-eval
 loads its built-in models only while its registry is empty, so registering ours first would hide them.
 
-generate_until: the cached parallel decoder (`dlm.decoding.generate`) for diffusion patterns,
+generate_until: the cached parallel decoder (`dlm.decoding.engine.generate`) for diffusion patterns,
 transformers' greedy `generate` (`ar_generate`) for `causal` checkpoints; `until` and `max_gen_toks`
 are honoured, the decoder knobs come from `model_args` (`block_size`, `threshold`, `sub_block_size`,
 `gen_length` = `max_new_tokens`, any `DecodeConfig` field).
 
-loglikelihood / loglikelihood_rolling: exact scores from `dlm.likelihood` (the chain rule under the
+loglikelihood / loglikelihood_rolling: exact scores from `dlm.tensor.likelihood` (the chain rule under the
 decoder's block layout for diffusion patterns, the plain causal log-likelihood for `causal`); this class
 only tokenizes, batches and caches the requests.
 """
@@ -28,14 +28,18 @@ import torch
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from dlm.decoding.ar import ar_generate
+from dlm.decoding.engine import generate
+from dlm.decoding.output import GenerationOutput
+from dlm.decoding.text import left_pad, pad_token_id
 from dlm.models.backbone import Backbone
 from dlm.models.checkpoint import CheckpointMeta, load_checkpoint, read_meta
-from dlm.settings.experiment import ConfigError
-from dlm.decoding.engine import DecodeConfig, GenerationOutput, ar_generate, generate
-from dlm.decoding.text import left_pad, pad_token_id
-from dlm.tensor.likelihood import rolling_windows, score_continuations
+from dlm.models.device import resolve_device
+from dlm.settings import ConfigError, DecodeConfig, check
+from dlm.tensor.likelihood import score_continuations
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,8 @@ class DLMEvalModel(TemplateLM):
         self._max_length = _positive_int("max_length", max_length) if max_length is not None else None
         if backbone is None:
             if pretrained is None:
-                raise ConfigError("model_args.pretrained=None: required; allowed: a dlm checkpoint folder (with dlm.yaml)")
+                raise ConfigError("model_args.pretrained=None: required; "
+                                  "allowed: a dlm checkpoint folder (with dlm.yaml)")
             _decode_config(read_meta(pretrained), decode, knobs)
             backbone, meta = load_checkpoint(pretrained, dtype=str(dtype))
             backbone.model.to(_resolve_device(device)).eval()
@@ -114,7 +119,7 @@ class DLMEvalModel(TemplateLM):
         return info
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        """No special tokens by default: training tokenized text the same way (`dlm.data`)."""
+        """No special tokens by default: training tokenized text the same way (`dlm.data.sources`)."""
         return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
 
     def tok_decode(self, tokens: list[int]) -> str:
@@ -125,7 +130,8 @@ class DLMEvalModel(TemplateLM):
         if not self.tokenizer.chat_template:
             raise ConfigError(f"apply_chat_template=True: the tokenizer of {self.checkpoint!r} has no chat template; "
                               "allowed: run without --apply_chat_template")
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt,
                                                   continue_final_message=not add_generation_prompt)
 
     # -- scoring ------------------------------------------------------------------------------------
@@ -188,7 +194,8 @@ class DLMEvalModel(TemplateLM):
                               f"allowed: 1..{self.max_length - 1} (gen_length / task max_gen_toks)")
         sample = bool(kwargs.get("do_sample", False)) and float(kwargs.get("temperature", 1.0)) > 0
         if sample and self.is_ar:
-            raise ConfigError("gen_kwargs.do_sample=True: the AR baseline decodes greedily only; allowed: do_sample=false")
+            raise ConfigError("gen_kwargs.do_sample=True: the AR baseline decodes greedily only; "
+                              "allowed: do_sample=false")
         temperature = float(kwargs.get("temperature", 1.0)) if sample else 0.0
         return {"until": until, "max_new_tokens": max_new, "temperature": temperature,
                 "top_p": float(kwargs.get("top_p", self.decode.top_p)) if sample else self.decode.top_p}
@@ -226,6 +233,14 @@ class DLMEvalModel(TemplateLM):
         return sorted(i for i in ids if i is not None)
 
 
+def rolling_windows(tokens: list[int], *, prefix_token_id: int, max_length: int,
+                    causal: bool) -> list[tuple[list[int], list[int]]]:
+    """A whole document as disjoint (context, continuation) windows, as lm-eval's HF model cuts it."""
+    window = max_length if causal else max_length - 1  # diffusion counts the context token too
+    return [make_disjoint_window(w) for w in get_rolling_token_windows(
+        tokens, prefix_token=prefix_token_id, max_seq_len=window, context_len=1)]
+
+
 def _cut(text: str, until: list[str]) -> str:
     """Text before the first stop string (the decoder already cuts at token level; this catches the rest)."""
     for stop in until:
@@ -249,7 +264,8 @@ def _check_keys(knobs: dict[str, Any]) -> None:
         if key not in DECODE_KEYS and key not in ALIASES:
             allowed = [*MODEL_KEYS, *DECODE_KEYS, *ALIASES]
             hint = difflib.get_close_matches(key, allowed, n=1)
-            raise ConfigError(f"model_args.{key}={knobs[key]!r}: unknown key{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
+            raise ConfigError(f"model_args.{key}={knobs[key]!r}: "
+                              f"unknown key{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
                               f"allowed: {', '.join(allowed)}")
 
 
@@ -269,20 +285,19 @@ def _coerce(key: str, value: Any, default: Any) -> Any:
 
 
 def _positive_int(key: str, value: Any) -> int:
+    """lm-eval hands model_args over as strings: `"4"` is 4, `"auto"` is refused."""
     try:
         number = int(value)
     except (TypeError, ValueError):
         number = 0
-    if number <= 0 or (isinstance(value, float) and value != number):
-        raise ConfigError(f"{key}={value!r}: must be a positive integer ('auto' is not supported)")
+    check(number > 0 and not (isinstance(value, float) and value != number), key, value,
+          "must be a positive integer ('auto' is not supported)")
     return number
 
 
 def _resolve_device(device: str | None) -> torch.device:
     """lm-eval's CLI defaults to cuda:0; fall back to CPU (with a warning) where there is no GPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
         log.warning("device=%s: CUDA is not available; running on cpu", device)
         return torch.device("cpu")
-    return torch.device(device)
+    return resolve_device(device)

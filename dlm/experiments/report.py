@@ -7,20 +7,24 @@ frames below take the layout of `mlflow.search_runs` (columns `run_id`, `metrics
 `tags.<key>`), so the notebook calls `mlflow.search_runs` itself and passes its frame in.
 
 Metric names read (written by `dlm.sweep`, `dlm.bench`, `dlm.evaluate`, `WeightDriftCallback`):
-`val/loss`; `eval/[decode_bs_<N>/]<task>/<metric>`; `bench/<method>_bs<B>[_t<threshold>]/<key>`;
+`val/loss`; `eval/[decode_block_<N>/]<task>/<metric>`; `bench/<method>_batch<B>[_t<threshold>]/<key>`;
 `drift/layer_<i>/<attention|mlp>`. MLflow keeps each metric's latest value, which is the final one here.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from dlm.settings.experiment import ConfigError
+from dlm.experiments import sweep_plots
+from dlm.experiments.points import short_names
+from dlm.experiments.sweep_runs import find_parent
+from dlm.settings import ConfigError
+from dlm.settings.sweep import ReportConfig
+from dlm.tracking import runs as tracking
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,8 +32,8 @@ if TYPE_CHECKING:
 DESCRIBE = {"pattern": "attention.pattern", "block_size": "attention.block_size", "shift": "objective.shift",
             "strategy": "masking.strategy", "half_life": "masking.half_life", "lr": "optim.lr"}
 """Columns every points frame carries (plot axes and labels), whatever was swept."""
-EVAL_RE = re.compile(r"^metrics\.eval/(?:decode_bs_(?P<bs>\d+)/)?(?P<task>[^/]+)/(?P<metric>[^/]+)$")
-BENCH_RE = re.compile(r"^metrics\.bench/(?P<method>[^_/]+)_bs(?P<bs>\d+)(?:_t(?P<t>[^/]+))?/(?P<key>[^/]+)$")
+EVAL_RE = re.compile(r"^metrics\.eval/(?:decode_block_(?P<bs>\d+)/)?(?P<task>[^/]+)/(?P<metric>[^/]+)$")
+BENCH_RE = re.compile(r"^metrics\.bench/(?P<method>[^_/]+)_batch(?P<bs>\d+)(?:_t(?P<t>[^/]+))?/(?P<key>[^/]+)$")
 DRIFT_RE = re.compile(r"^metrics\.drift/layer_(?P<layer>\d+)/(?P<group>attention|mlp)$")
 PLOTS = ("accuracy_vs_block_size.png", "accuracy_vs_tpf.png", "drift_per_layer.png")
 
@@ -58,13 +62,10 @@ class SweepRuns:
 
 def load_sweep_runs(sweep_name: str, tracking_uri: str | None = None) -> SweepRuns:
     """Parent (newest with the sweep's tags, in any experiment) and every child run of it."""
-    from mlflow import MlflowClient
-
-    from dlm.experiments.sweep import find_parent
-    from dlm.training.trainer import DEFAULT_TRACKING_URI
-
-    uri = tracking_uri or DEFAULT_TRACKING_URI
-    client = MlflowClient(uri)
+    uri = tracking.resolve_uri(tracking_uri)
+    if not tracking.store_exists(uri):  # do not create an empty store just to report nothing
+        raise ConfigError(f"sweep={sweep_name!r}: no parent run; tracking URI {uri} has no store yet")
+    client = tracking.client(uri)
     parent = find_parent(client, sweep_name)
     if parent is None:
         raise ConfigError(f"sweep={sweep_name!r}: no parent run in tracking URI {uri}; run `dlm sweep` first")
@@ -114,8 +115,6 @@ def latest_per_point(runs: pd.DataFrame) -> pd.DataFrame:
 def points_frame(runs: pd.DataFrame, swept: Sequence[str] = ()) -> pd.DataFrame:
     """point, the swept values (short names), the DESCRIBE columns, status, val_loss, run_id."""
     import pandas as pd
-
-    from dlm.experiments.sweep import short_names
 
     runs = latest_per_point(runs)
     names = short_names(list(swept))
@@ -180,7 +179,8 @@ def drift_frame(runs: pd.DataFrame) -> pd.DataFrame:
         for col, value in run.items():
             m = DRIFT_RE.match(str(col))
             if m and pd.notna(value):
-                rows.append({"point": run["tags.dlm.point"], "layer": int(m["layer"]), "group": m["group"], "drift": float(value)})
+                rows.append({"point": run["tags.dlm.point"], "layer": int(m["layer"]), "group": m["group"],
+                             "drift": float(value)})
     return pd.DataFrame(rows, columns=["point", "layer", "group", "drift"])
 
 
@@ -214,24 +214,20 @@ class ReportResult:
     parent_run_id: str = ""
 
 
-def report(sweep_name: str, tracking_uri: str | None = None, out_dir: str | Path | None = None, *,
-           threshold: float = 0.9, echo: bool = True) -> ReportResult:
-    """Print the sweep's table, write it (`summary.csv`, `summary.txt`) and the PNGs to `out_dir`
+def report(sweep_name: str, settings: ReportConfig | None = None, *, echo: bool = True) -> ReportResult:
+    """Print the sweep's table, write it (`summary.csv`, `summary.txt`) and the PNGs to `settings.out_dir`
     (default `<sweep output>/report`), and log them to the parent run under `report/`."""
-    from mlflow import MlflowClient
-
-    from dlm.experiments import sweep_plots
-    from dlm.experiments.sweep import short_names
-
-    data = load_sweep_runs(sweep_name, tracking_uri)
+    s = settings or ReportConfig()
+    data = load_sweep_runs(sweep_name, s.tracking_uri)
     if data.runs.empty:
         raise ConfigError(f"sweep={sweep_name!r}: the parent run has no child runs yet")
     points = points_frame(data.runs, data.swept)
     evals, bench, drift = eval_frame(data.runs), bench_frame(data.runs), drift_frame(data.runs)
     table = summary_table(points, evals, bench, swept=list(short_names(data.swept).values()), metric=data.metric,
-                          threshold=threshold)
+                          threshold=s.threshold)
     text = format_summary(sweep_name, table, data.metric)
-    out = Path(out_dir or Path(data.parent.data.tags.get("dlm.output_dir", f"outputs/sweeps/{sweep_name}")) / "report")
+    out = Path(s.out_dir or Path(data.parent.data.tags.get("dlm.output_dir",
+                                                           f"outputs/sweeps/{sweep_name}")) / "report")
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "summary.csv", index=False)
     (out / "summary.txt").write_text(text + "\n")
@@ -242,34 +238,15 @@ def report(sweep_name: str, tracking_uri: str | None = None, out_dir: str | Path
         PLOTS[2]: sweep_plots.drift_per_layer(drift),
     }
     plots = [sweep_plots.save(fig, out / name) for name, fig in figures.items() if fig is not None]
-    client = MlflowClient(tracking_uri or _default_uri())
-    for path in [out / "summary.csv", out / "summary.txt", *plots]:
-        client.log_artifact(data.parent.info.run_id, str(path), artifact_path="report")
+    tracking.log_artifacts(data.parent.info.run_id, s.tracking_uri,
+                           [out / "summary.csv", out / "summary.txt", *plots], "report")
     if echo:
         print(text)
-        print(f"report: {out} (plots: {', '.join(p.name for p in plots) or 'none'}); parent run {data.parent.info.run_id}")
+        print(f"report: {out} (plots: {', '.join(p.name for p in plots) or 'none'}); "
+              f"parent run {data.parent.info.run_id}")
     return ReportResult(table, text, out, plots, data.parent.info.run_id)
 
 
 def format_summary(sweep_name: str, table: pd.DataFrame, metric: str) -> str:
     body = table.to_string(index=False, float_format=lambda v: f"{v:.4g}", na_rep="–")
     return f"sweep {sweep_name}: {len(table)} points; accuracy = {metric}\n{body}"
-
-
-def _default_uri() -> str:
-    from dlm.training.trainer import DEFAULT_TRACKING_URI
-
-    return DEFAULT_TRACKING_URI
-
-
-# -- command line (wired into dlm.cli as `dlm report`) ----------------------------------------------------
-def add_report_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("sweep_name", help="the sweep's `name` (e.g. attention_pattern_tiny)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: sqlite:///mlflow.db)")
-    parser.add_argument("--out-dir", help="where the table and PNGs go (default: <sweep output>/report)")
-    parser.add_argument("--threshold", type=float, default=0.9, help="bench threshold whose TPF and tokens/s the table shows")
-    return parser
-
-
-def run_report_from_args(args: argparse.Namespace) -> ReportResult:
-    return report(args.sweep_name, tracking_uri=args.tracking_uri, out_dir=args.out_dir, threshold=args.threshold)

@@ -1,4 +1,5 @@
-"""Sweep figures from the tidy frames of `dlm.report` (points, eval, bench, drift), for `dlm report` and the notebook.
+"""Sweep figures from the tidy frames of `dlm.experiments.report` (points, eval, bench, drift), for `dlm report`
+and the notebook.
 
 Each function returns a Matplotlib `Figure` (or None when the sweep logged nothing to draw) built on a bare
 Agg canvas, not pyplot: it works headless and leaves a notebook's backend and figure list alone.
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 LINE_KEYS = ("pattern", "shift", "block_size", "strategy", "half_life", "lr")
-"""Point descriptors (`dlm.report.DESCRIBE`) that name a line when they vary across the sweep."""
+"""Point descriptors (`dlm.experiments.report.DESCRIBE`) that name a line when they vary across the sweep."""
 
 
 def _figure(width: float = 7, height: float = 4.2) -> Figure:
@@ -126,7 +127,8 @@ def accuracy_vs_tpf(points: pd.DataFrame, bench: pd.DataFrame) -> Figure | None:
 
 
 def drift_per_layer(drift: pd.DataFrame) -> Figure | None:
-    """Relative weight drift per decoder layer, attention and MLP, one colour per point (`dlm.drift` figure)."""
+    """Relative weight drift per decoder layer, attention and MLP, one colour per point (the figure of
+    `dlm.measurement.drift`)."""
     if drift.empty:
         return None
     from dlm.measurement.drift import DriftReport, drift_figure

@@ -7,13 +7,15 @@ doubled input counts once) and MFU where the device's peak FLOPs are known (GPUs
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from dlm.settings.experiment import PATTERNS, ConfigError, load_config
+from dlm.settings import ConfigError, TrainBenchConfig, load_config
+from dlm.tracking import runs
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 
 @dataclass
@@ -24,21 +26,27 @@ class TrainSpeed:
     final_loss: float
 
 
-def _last(client: "mlflow.MlflowClient", run_id: str, key: str) -> float | None:
+def _last(client: MlflowClient, run_id: str, key: str) -> float | None:
     history = client.get_metric_history(run_id, key)
     return history[-1].value if history else None
 
 
-def bench_training(config: str, patterns: Sequence[str], *, steps: int = 30, overrides: Sequence[str] = ()) -> list[TrainSpeed]:
-    """Train `config` for `steps` under each pattern; read the throughput the run logged."""
-    import mlflow
+def _required(client: MlflowClient, run_id: str, key: str, pattern: str) -> float:
+    """A metric the run must have logged: missing means the run was too short to measure, not 0 tokens/s."""
+    value = _last(client, run_id, key)
+    if value is None:
+        raise ConfigError(f"bench_train.steps: the {pattern} run logged no {key}; give it more steps "
+                          "(the throughput window needs at least 2 logged steps)")
+    return value
 
+
+def bench_training(config: str, settings: TrainBenchConfig | None = None, *, overrides: Sequence[str] = ()
+                   ) -> list[TrainSpeed]:
+    """Train `config` for `settings.steps` under each pattern; read the throughput the run logged."""
     from dlm.training.trainer import train
 
-    for p in patterns:
-        if p not in PATTERNS:
-            raise ConfigError(f"--patterns={p!r}: unknown pattern; allowed: {', '.join(PATTERNS)}")
-    rows = []
+    settings = settings or TrainBenchConfig()
+    steps, rows = settings.steps, []
     with tempfile.TemporaryDirectory(prefix="dlm-bench-train-") as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         cfgs = [load_config(config, overrides=[*overrides, f"attention.pattern={p}", f"trainer.max_steps={steps}",
@@ -46,13 +54,13 @@ def bench_training(config: str, patterns: Sequence[str], *, steps: int = 30, ove
                                                f"trainer.throughput_window={max(2, steps // 2)}",
                                                f"trainer.val_every_n_steps={steps}", "trainer.limit_val_batches=1",
                                                f"trainer.log_every_n_steps={max(1, steps // 4)}",
-                                               "trainer.progress_bar=false"]) for p in patterns]
-        client = mlflow.MlflowClient(uri)
-        for p, cfg in zip(patterns, cfgs):
+                                               "trainer.progress_bar=false"]) for p in settings.patterns]
+        client = runs.client(uri)
+        for p, cfg in zip(settings.patterns, cfgs):
             result = train(cfg)
-            rows.append(TrainSpeed(p, _last(client, result.run_id, "train/device/items_per_sec") or 0.0,
+            rows.append(TrainSpeed(p, _required(client, result.run_id, "train/device/items_per_sec", p),
                                    _last(client, result.run_id, "train/device/mfu"),
-                                   _last(client, result.run_id, "train/loss") or float("nan")))
+                                   _required(client, result.run_id, "train/loss", p)))
     return rows
 
 
@@ -64,15 +72,3 @@ def format_rows(rows: Sequence[TrainSpeed]) -> str:
         mfu = f"{r.mfu:.1%}" if r.mfu is not None else "n/a (CPU)"
         lines.append(f"| {r.pattern} | {r.tokens_per_sec:,.0f} | {rel} | {mfu} |")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="experiment YAML, e.g. experiments/tiny.yaml")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every pattern")
-    parser.add_argument("--patterns", default="causal,block,block_clean")
-    parser.add_argument("--steps", type=int, default=30)
-
-
-def run_from_args(args: argparse.Namespace) -> None:
-    rows = bench_training(args.config, args.patterns.split(","), steps=args.steps, overrides=args.overrides)
-    print(format_rows(rows))

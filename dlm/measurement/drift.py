@@ -11,18 +11,17 @@ The paper's reading: bidirectional attention drifts most, and larger diffusion b
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
-from dlm.settings.experiment import ConfigError
+from dlm.settings import ConfigError, DriftConfig, LogTarget
+from dlm.tracking import runs
 
-if TYPE_CHECKING:  # torch and matplotlib load inside the functions: `dlm.cli` imports this module for its parser
+if TYPE_CHECKING:  # torch and matplotlib load inside the functions: the drift callback's import stays light
     from matplotlib.figure import Figure
     from torch import Tensor, nn
 
@@ -51,7 +50,8 @@ def layer_parameters(state: StateDict) -> dict[str, LayerParam]:
         if m is None:
             continue
         if m.group(1) in found:
-            raise ConfigError(f"parameter {name!r}: a second decoder stack besides {found[m.group(1)].name!r}; drift reads one stack")
+            raise ConfigError(f"parameter {name!r}: a second decoder stack besides {found[m.group(1)].name!r}; "
+                              "drift reads one stack")
         found[m.group(1)] = LayerParam(name, int(m.group(2)), GROUPS[m.group(3)])
     return found
 
@@ -121,10 +121,12 @@ def _check_architecture(params: dict[str, LayerParam], state: StateDict, ref_par
             raise ConfigError(f"parameter {p.name!r}: missing from the reference; the architectures differ")
         ref_shape, shape = tuple(reference[ref_params[key].name].shape), tuple(state[p.name].shape)
         if ref_shape != shape:
-            raise ConfigError(f"parameter {p.name!r}: shape {shape} vs {ref_shape} in the reference; the architectures differ")
+            raise ConfigError(f"parameter {p.name!r}: shape {shape} vs {ref_shape} in the reference; "
+                              "the architectures differ")
     for key, p in sorted(ref_params.items(), key=lambda kv: (kv[1].layer, kv[0])):
         if key not in params:
-            raise ConfigError(f"parameter {p.name!r}: in the reference, missing from the model; the architectures differ")
+            raise ConfigError(f"parameter {p.name!r}: in the reference, missing from the model; "
+                              "the architectures differ")
 
 
 def weight_drift(model_or_state_dict: nn.Module | StateDict, reference_state_dict: StateDict) -> DriftReport:
@@ -212,53 +214,31 @@ def load_weights(path: str | Path, *, key: str = "checkpoint") -> dict[str, Tens
     raise ConfigError(f"{key}={str(path)!r}: no weights in the folder; allowed: model*.safetensors, pytorch_model*.bin")
 
 
-def add_drift_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoints", nargs="+", metavar="CKPT",
-                        help="HF model folder (dlm checkpoint or plain HF); several draw one line each")
-    parser.add_argument("--reference", required=True, metavar="AR_CKPT", help="the AR model folder it was converted from")
-    parser.add_argument("--plot", metavar="OUT.png", help="write the drift figure here")
-    parser.add_argument("--mlflow-run", metavar="RUN_ID", help="log drift/* metrics and the figure to this existing run (one CKPT)")
-    parser.add_argument("--tracking-uri", help="MLflow tracking URI of --mlflow-run (default: dlm train's sqlite:///mlflow.db)")
-    parser.add_argument("--step", type=int, default=0, help="step to log the --mlflow-run metrics at")
-
-
-def run_drift(args: argparse.Namespace) -> dict[str, DriftReport]:
-    """`dlm drift`: print each checkpoint's table, draw the figure, log to an MLflow run if asked."""
-    if args.mlflow_run and len(args.checkpoints) > 1:
-        raise ConfigError(f"--mlflow-run={args.mlflow_run!r}: logs one checkpoint; got {len(args.checkpoints)}")
-    reference = load_weights(args.reference, key="--reference")
+def checkpoint_drift(checkpoints: Sequence[str], settings: DriftConfig, *, log: LogTarget | None = None
+                     ) -> dict[str, DriftReport]:
+    """`dlm drift`: each checkpoint's drift from `settings.reference`; the figure to `settings.plot`, and with
+    `log.mlflow_run` (one checkpoint) the metrics and the figure into that run."""
+    log = log or LogTarget()
+    if log.mlflow_run and len(checkpoints) > 1:
+        raise ConfigError(f"mlflow_run={log.mlflow_run!r}: logs one checkpoint; got {len(checkpoints)}")
+    if log.mlflow_run:
+        runs.check_run(log.mlflow_run, log.tracking_uri)
+    reference = load_weights(settings.reference, key="reference")
     reports: dict[str, DriftReport] = {}
-    for ckpt in args.checkpoints:
-        weights = load_weights(ckpt)
+    for ckpt in checkpoints:
         try:
-            reports[ckpt] = weight_drift(weights, reference)
+            reports[ckpt] = weight_drift(load_weights(ckpt), reference)
         except ConfigError as err:
-            raise ConfigError(f"checkpoint={ckpt!r} vs --reference={args.reference!r}: {err}") from None
-        print(f"== {ckpt} (relative drift from {args.reference})\n{reports[ckpt].table()}")
-    figure_input = reports if len(reports) > 1 else next(iter(reports.values()))
-    if args.plot:
-        print(f"plot: {drift_plot(figure_input, args.plot)}")
-    if args.mlflow_run:
-        _log_to_mlflow(reports[args.checkpoints[0]], args)
+            raise ConfigError(f"checkpoint={ckpt!r} vs reference={settings.reference!r}: {err}") from None
+    if settings.plot:
+        drift_plot(reports if len(reports) > 1 else next(iter(reports.values())), settings.plot)
+    if log.mlflow_run:
+        _log_to_mlflow(reports[checkpoints[0]], settings, log)
     return reports
 
 
-def _log_to_mlflow(report: DriftReport, args: argparse.Namespace) -> None:
-    import mlflow
-    from mlflow.entities import Metric
-    from mlflow.exceptions import MlflowException
-
-    from dlm.training.trainer import DEFAULT_TRACKING_URI
-
-    uri = args.tracking_uri or DEFAULT_TRACKING_URI
-    client = mlflow.MlflowClient(uri)
-    try:
-        client.get_run(args.mlflow_run)
-    except MlflowException:
-        raise ConfigError(f"--mlflow-run={args.mlflow_run!r}: no such run in {uri}") from None
-    now = int(1000 * time.time())
-    client.log_batch(args.mlflow_run, metrics=[Metric(k, v, now, args.step) for k, v in report.as_metrics().items()])
+def _log_to_mlflow(report: DriftReport, settings: DriftConfig, log: LogTarget) -> None:
+    runs.log_metrics(log.mlflow_run, log.tracking_uri, report.as_metrics(), step=settings.step)
     with tempfile.TemporaryDirectory() as tmp:
-        plot = Path(args.plot) if args.plot else drift_plot(report, Path(tmp) / "weight_drift.png")
-        client.log_artifact(args.mlflow_run, str(plot))
-    print(f"logged {len(report.as_metrics())} drift metrics and {plot.name} to run {args.mlflow_run} ({uri})")
+        plot = Path(settings.plot) if settings.plot else drift_plot(report, Path(tmp) / "weight_drift.png")
+        runs.log_artifacts(log.mlflow_run, log.tracking_uri, [plot])

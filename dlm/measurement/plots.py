@@ -16,7 +16,8 @@ from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.ticker import PercentFormatter  # noqa: E402
 
 Row = Mapping[str, Any]
-"""A `dlm.bench.BenchRow` as a dict: method, batch_size, threshold, tokens_per_sec(_min/_max), tpf, exact_match."""
+"""A `dlm.measurement.grid.BenchRow` as a dict: method, batch_size, threshold, tokens_per_sec(_min/_max), tpf,
+exact_match."""
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -57,9 +58,11 @@ def _accuracy_panel(ax: Axes, rows: Sequence[Row], batch_sizes: list[int], color
                    color=c, edgecolor="black", linewidth=0.5, label=f"dLM cached, batch {b}", zorder=3)
         _annotate_thresholds(ax, cached, "exact_match", c, below=batch_sizes.index(b) % 2 == 1)
         for r in _by(rows, "dlm-1tpf", b):
-            ax.scatter(r["tpf"], r["exact_match"], s=size(r), marker="s", color=c, edgecolor="black", linewidth=0.5, zorder=3)
+            ax.scatter(r["tpf"], r["exact_match"], s=size(r), marker="s", color=c, edgecolor="black", linewidth=0.5,
+                       zorder=3)
         for r in _by(rows, "ar", b):
-            ax.scatter(r["tpf"], r["exact_match"], s=size(r), marker="*", color=c, edgecolor="black", linewidth=0.5, zorder=3)
+            ax.scatter(r["tpf"], r["exact_match"], s=size(r), marker="*", color=c, edgecolor="black", linewidth=0.5,
+                       zorder=3)
     ar = [r for r in rows if r["method"] == "ar"]
     if ar:
         ax.axhline(ar[0]["exact_match"], color="0.3", linestyle="--", linewidth=1, label="AR baseline accuracy")
@@ -84,11 +87,13 @@ def _speed_panel(ax: Axes, rows: Sequence[Row], batch_sizes: list[int], colors: 
     """tokens/s vs TPF with min–max bars; AR baseline and the 3× target as horizontal lines."""
     for b in batch_sizes:
         c = colors[b]
-        for method, marker, fill in (("dlm", "o", c), ("dlm-1tpf", "s", c), ("dlm-nocache", "o", "none"), ("ar", "*", c)):
+        for method, marker, fill in (("dlm", "o", c), ("dlm-1tpf", "s", c), ("dlm-nocache", "o", "none"),
+                                     ("ar", "*", c)):
             pts = _by(rows, method, b)
             if not pts:
                 continue
-            err = [[r["tokens_per_sec"] - r["tokens_per_sec_min"] for r in pts], [r["tokens_per_sec_max"] - r["tokens_per_sec"] for r in pts]]
+            err = [[r["tokens_per_sec"] - r["tokens_per_sec_min"] for r in pts],
+                   [r["tokens_per_sec_max"] - r["tokens_per_sec"] for r in pts]]
             ax.errorbar([r["tpf"] for r in pts], [r["tokens_per_sec"] for r in pts], yerr=err, fmt=marker,
                         color=c, mfc=fill, ms=9 if marker == "*" else 6, linestyle="-" if method == "dlm" else "none",
                         alpha=0.9, capsize=2)
@@ -112,7 +117,8 @@ def _legend_handles(batch_sizes: list[int], colors: dict[int, Any]) -> list:
     marks = [Line2D([], [], color=colors[b], marker="o", linestyle="-", label=f"batch {b}") for b in batch_sizes]
     kinds = [("o", "0.3", "dLM cached (τ = threshold)"), ("s", "0.3", "dLM one token / forward"),
              ("o", "none", "dLM no cache"), ("*", "0.3", "AR baseline (dashed: its tokens/s)")]
-    marks += [Line2D([], [], color="0.3", marker=m, mfc=f, linestyle="none", markersize=8, label=t) for m, f, t in kinds]
+    marks += [Line2D([], [], color="0.3", marker=m, mfc=f, linestyle="none", markersize=8, label=t)
+              for m, f, t in kinds]
     return marks
 
 
@@ -146,5 +152,5 @@ def pareto_plot(rows: Sequence[Row], path: str | Path, *, meta: Mapping[str, Any
 def _subtitle(meta: Mapping[str, Any]) -> str:
     eos = ", EOS ignored" if meta.get("ignore_eos") else ""
     name = "/".join(Path(str(meta.get("checkpoint", ""))).parts[-2:])
-    return (f"{name}: gen length {meta.get('gen_length')}{eos}, block {meta.get('block_size')}, "
+    return (f"{name}: {meta.get('max_new_tokens')} new tokens{eos}, block {meta.get('block_size')}, "
             f"{meta.get('num_prompts')} prompts, {meta.get('device')}; AR baseline: {meta.get('ar_baseline')}")

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from dlm.settings import ConfigError, ModelConfig
 from dlm.tensor.attention import HF_IMPLEMENTATION, AttentionInputs
-from dlm.settings.experiment import ConfigError, ModelConfig
 
 BUILTIN_TOKENIZER = "builtin:tiny"
 """`model.tokenizer` value for the offline BPE trained on the synthetic task (dlm.tokenizer)."""
@@ -29,7 +29,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
         return tiny_tokenizer()
     if source is None:
-        raise ConfigError(f"model.tokenizer=None: a from-scratch model needs a tokenizer; allowed: a folder, a hub id, {BUILTIN_TOKENIZER}")
+        raise ConfigError("model.tokenizer=None: a from-scratch model needs a tokenizer; "
+                          f"allowed: a folder, a hub id, {BUILTIN_TOKENIZER}")
     return _from_pretrained(AutoTokenizer, source, cfg, key="model.tokenizer")
 
 
@@ -40,7 +41,8 @@ def load_backbone(cfg: ModelConfig, *, attn_implementation: str = "sdpa") -> Bac
     dtype = getattr(torch, cfg.dtype)
     if cfg.name_or_path is not None:
         model = _from_pretrained(
-            AutoModelForCausalLM, cfg.name_or_path, cfg, key="model.name_or_path", attn_implementation=hf_impl, dtype=dtype
+            AutoModelForCausalLM, cfg.name_or_path, cfg, key="model.name_or_path", attn_implementation=hf_impl,
+            dtype=dtype,
         )
     else:
         model = build_model(cfg, tokenizer, attn_implementation=hf_impl, dtype=dtype)
@@ -48,14 +50,16 @@ def load_backbone(cfg: ModelConfig, *, attn_implementation: str = "sdpa") -> Bac
     return Backbone(model, tokenizer, mask_id)
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, attn_implementation: str, dtype: torch.dtype) -> PreTrainedModel:
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, attn_implementation: str,
+                dtype: torch.dtype) -> PreTrainedModel:
     """A randomly initialised model of HF type `cfg.arch` sized by `cfg.config` (tiny CPU models)."""
     try:
         config = AutoConfig.for_model(cfg.arch, **dict(cfg.config))
     except ValueError:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-        raise ConfigError(f"model.arch={cfg.arch!r}: unknown HF model type; e.g. qwen3, qwen2, llama, mistral ({len(CONFIG_MAPPING)} known)") from None
+        raise ConfigError(f"model.arch={cfg.arch!r}: unknown HF model type; "
+                          f"e.g. qwen3, qwen2, llama, mistral ({len(CONFIG_MAPPING)} known)") from None
     config.vocab_size = len(tokenizer)
     for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
         value = getattr(tokenizer, name, None)
@@ -76,7 +80,8 @@ def _from_pretrained(auto_cls, source: str, cfg: ModelConfig, *, key: str, **kwa
         raise
     except OSError as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{key}={source!r}: cannot load ({first}); allowed: a local HF folder or a reachable hub id") from None
+        raise ConfigError(f"{key}={source!r}: cannot load ({first}); "
+                          "allowed: a local HF folder or a reachable hub id") from None
 
 
 def ensure_mask_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mask_token: str) -> int:

@@ -16,7 +16,7 @@ import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlm.models.backbone import Backbone, load_backbone
-from dlm.settings.experiment import ConfigError, ExperimentConfig, ModelConfig
+from dlm.settings import ConfigError, ExperimentConfig, ModelConfig
 
 META_FILE = "dlm.yaml"
 
@@ -64,7 +64,8 @@ def save_checkpoint(
 def read_meta(path: str | Path) -> CheckpointMeta:
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
-        raise ConfigError(f"checkpoint={str(path)!r}: no {META_FILE}; not a dlm checkpoint (dlm train exports one to <output_dir>/final)")
+        raise ConfigError(f"checkpoint={str(path)!r}: no {META_FILE}; "
+                          "not a dlm checkpoint (dlm train exports one to <output_dir>/final)")
     fields = yaml.safe_load(meta_path.read_text()) or {}
     try:
         return CheckpointMeta(**fields)
@@ -72,7 +73,8 @@ def read_meta(path: str | Path) -> CheckpointMeta:
         raise ConfigError(f"checkpoint={str(path)!r}: bad {META_FILE} ({err})") from None
 
 
-def load_checkpoint(path: str | Path, *, attn_implementation: str = "sdpa", dtype: str = "float32") -> tuple[Backbone, CheckpointMeta]:
+def load_checkpoint(path: str | Path, *, attn_implementation: str = "sdpa",
+                    dtype: str = "float32") -> tuple[Backbone, CheckpointMeta]:
     """A dlm checkpoint folder -> (backbone, meta); fails in one line if `dlm.yaml` is missing."""
     meta = read_meta(path)
     cfg = ModelConfig(name_or_path=str(path), mask_token=meta.mask_token, dtype=dtype)

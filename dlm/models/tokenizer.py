@@ -12,7 +12,8 @@ EOS_TOKEN = "<|endoftext|>"
 MASK_TOKEN = "<|mask|>"
 
 
-def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 384, out_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 384,
+                    out_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` with EOS (also pad) and MASK special tokens.
 
     Digits are split one per token, as in Qwen and Llama 3, so arithmetic is learnable digit by digit.

@@ -1,31 +1,34 @@
-"""Experiment configuration: dataclass schema, YAML + dotlist merging, validation at load time.
+"""The experiment config: one dataclass per section, merged with YAML files and `key=value` overrides.
 
-Every section is a dataclass; omegaconf merges ``experiments/*.yaml`` files and command-line
-``key=value`` overrides onto the schema, so a wrong key or type fails with the key's name before any
-compute starts. Cross-field rules live in :func:`validate`. Errors are one line:
-``key=value: rule; allowed: ...`` (STYLE.md §2).
+omegaconf merges `experiments/*.yaml` and command-line overrides onto the schema, so a wrong key, type or
+choice fails with the key's name before any compute starts; cross-field rules live in :func:`validate`.
 """
 
 from __future__ import annotations
 
-import difflib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from dlm.settings.errors import ConfigError, check, check_block_size, check_choices, check_positive_int
+from dlm.settings.loading import flatten, merge, to_yaml, yaml_layers
+from dlm.settings.tracking import TrackingConfig
 
-PATTERNS = ("causal", "bidirectional", "block", "block_clean")
-BACKENDS = ("auto", "sdpa", "flex", "flash", "eager")
-STRATEGIES = ("uniform", "position")
-WEIGHTINGS = ("elbo", "none")
-DTYPES = ("float32", "bfloat16", "float16", "float64")
-PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true")
+__all__ = ["ConfigError", "flatten", "to_yaml", "load_config", "save_config", "validate"]
 
-
-class ConfigError(ValueError):
-    """A bad config value; the message is one line naming the key, the value and what is allowed."""
+Pattern = Literal["causal", "bidirectional", "block", "block_clean"]
+Backend = Literal["auto", "sdpa", "flex", "flash", "eager"]
+MaskingStrategy = Literal["uniform", "position"]
+Weighting = Literal["elbo", "none"]
+Dtype = Literal["float32", "bfloat16", "float16", "float64"]
+Precision = Literal["32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"]
+PATTERNS = typing.get_args(Pattern)
+BACKENDS = typing.get_args(Backend)
+STRATEGIES = typing.get_args(MaskingStrategy)
+WEIGHTINGS = typing.get_args(Weighting)
+SYNTHETIC = "synthetic"
+"""`data.path` / `bench.prompts` value naming the generated offline task."""
 
 
 @dataclass
@@ -42,23 +45,23 @@ class ModelConfig:
     """[MASK] token; added to the vocabulary (embeddings resized) when the tokenizer lacks it."""
     trust_remote_code: bool = False
     """Run a checkpoint's own modeling code. Off by default: it is arbitrary code execution."""
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     """Weight dtype at load time; mixed precision is `trainer.precision`."""
 
 
 @dataclass
 class AttentionConfig:
-    pattern: str = "block_clean"
+    pattern: Pattern = "block_clean"
     """causal | bidirectional | block | block_clean (DESIGN.md §1; paper winner: block_clean)."""
     block_size: int = 16
     """Diffusion block length L' in tokens (paper: 16 for 1.5B, 64 for 4B/8B)."""
-    backend: str = "auto"
+    backend: Backend = "auto"
     """auto (CPU: sdpa, CUDA: flex) | sdpa | flex | flash | eager."""
 
 
 @dataclass
 class MaskingConfig:
-    strategy: str = "position"
+    strategy: MaskingStrategy = "position"
     """uniform | position (the paper's position-dependent masking)."""
     half_life: float = 0.1
     """Half-life ratio lambda = ln2 / (beta * L'); paper: 0.1; large -> uniform, ->0 masks the rightmost k."""
@@ -70,7 +73,7 @@ class MaskingConfig:
 
 @dataclass
 class ObjectiveConfig:
-    weighting: str = "elbo"
+    weighting: Weighting = "elbo"
     """elbo (1/t, or L'/k for exact-k masking) | none."""
     shift: bool = False
     """Dream-style: the logit at i-1 predicts token i. The paper finds no shift better."""
@@ -78,7 +81,7 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    path: str = "synthetic"
+    path: str = SYNTHETIC
     """HF dataset id, a local file/folder (json, jsonl, parquet, txt), or `synthetic` (generated offline)."""
     name: Optional[str] = None
     """HF dataset config name."""
@@ -133,7 +136,7 @@ class TrainerConfig:
     num_nodes: int = 1
     strategy: str = "auto"
     """Lightning strategy: auto | ddp | fsdp | deepspeed_stage_2 | ..."""
-    precision: str = "32-true"
+    precision: Precision = "32-true"
     accumulate_grad_batches: int = 1
     val_every_n_steps: int = 200
     limit_val_batches: int = 20
@@ -142,16 +145,6 @@ class TrainerConfig:
     progress_bar: bool = True
     throughput_window: int = 20
     """Steps averaged for train/items_per_sec (tokens/s) and train/device/mfu."""
-
-
-@dataclass
-class TrackingConfig:
-    tracking_uri: Optional[str] = None
-    """MLflow tracking URI; None: a local file store `./mlruns`."""
-    experiment: str = "dlm"
-    run_name: Optional[str] = None
-    tags: Dict[str, str] = field(default_factory=dict)
-    """Extra MLflow run tags; `mlflow.parentRunId` nests the run under a parent (sweeps)."""
 
 
 @dataclass
@@ -173,104 +166,30 @@ class ExperimentConfig:
 
 
 def load_config(*paths: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Merge YAML files (in order) and `key=value` overrides onto the schema, then validate.
-
-    A YAML file may name a parent with a top-level `base: other.yaml` (relative to itself); the parent
-    is merged first.
-    """
-    schema = OmegaConf.structured(ExperimentConfig)
-    layers = [layer for p in paths for layer in _yaml_layers(Path(p))]
-    for bad in (o for o in overrides if "=" not in o):
-        raise ConfigError(f"{bad!r}: override must be key=value; e.g. attention.block_size=32")
-    try:
-        merged = OmegaConf.merge(schema, *layers, OmegaConf.from_dotlist(list(overrides)))
-        cfg = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:
-        raise ConfigError(_one_line(err)) from None
-    validate(cfg)
-    return cfg
-
-
-def _yaml_layers(path: Path) -> list:
-    if not path.is_file():
-        raise ConfigError(f"config={str(path)!r}: file not found")
-    layer = OmegaConf.load(path)
-    base = layer.pop("base", None)
-    parents = _yaml_layers(path.parent / base) if base else []
-    return [*parents, layer]
-
-
-def _one_line(err: OmegaConfBaseException) -> str:
-    key = getattr(err, "full_key", None) or getattr(err, "key", None) or "config"
-    msg = str(getattr(err, "msg", None) or err).splitlines()[0]
-    if "not in" in msg or "Missing key" in msg:
-        parent = key.rsplit(".", 1)[0] if "." in key else ""
-        allowed = _fields_at(parent)
-        hint = difflib.get_close_matches(key.rsplit(".", 1)[-1], allowed, n=1)
-        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-        return f"{key}: unknown key{suggestion}; allowed: {', '.join(allowed)}"
-    value = getattr(err, "value", None)
-    return f"{key}={value!r}: {msg}"
-
-
-def _fields_at(dotted: str) -> list[str]:
-    node: Any = ExperimentConfig()
-    for part in filter(None, dotted.split(".")):
-        node = getattr(node, part, None)
-    fields = getattr(node, "__dataclass_fields__", {})
-    return list(fields)
-
-
-def _check(ok: bool, key: str, value: Any, rule: str, allowed: str | Sequence[str] = "") -> None:
-    if ok:
-        return
-    allowed = ", ".join(map(str, allowed)) if not isinstance(allowed, str) else allowed
-    raise ConfigError(f"{key}={value!r}: {rule}" + (f"; allowed: {allowed}" if allowed else ""))
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """Merge YAML files (in order, each after the parents it names with `base:`) and `key=value` overrides
+    onto the schema, then validate."""
+    layers = [layer for p in paths for layer in yaml_layers(Path(p))]
+    return validate(merge(ExperimentConfig, layers, overrides))
 
 
 def validate(cfg: ExperimentConfig) -> ExperimentConfig:
-    """Check choices and cross-field rules; raise ConfigError naming the first bad key."""
-    a, m, o, d = cfg.attention, cfg.masking, cfg.objective, cfg.data
-    _check(a.pattern in PATTERNS, "attention.pattern", a.pattern, "unknown pattern", PATTERNS)
-    _check(a.backend in BACKENDS, "attention.backend", a.backend, "unknown backend", BACKENDS)
-    _check(a.block_size > 0, "attention.block_size", a.block_size, "must be a positive integer")
-    _check(d.max_length > 0, "data.max_length", d.max_length, "must be a positive integer")
-    _check(
-        d.max_length % a.block_size == 0,
-        "attention.block_size",
-        a.block_size,
-        f"must divide data.max_length={d.max_length}",
-        _divisors(d.max_length),
-    )
-    _check(m.strategy in STRATEGIES, "masking.strategy", m.strategy, "unknown strategy", STRATEGIES)
-    _check(m.half_life > 0, "masking.half_life", m.half_life, "must be > 0 (large = uniform)")
-    _check(0 < m.eps < 1, "masking.eps", m.eps, "must be in (0, 1)")
-    _check(o.weighting in WEIGHTINGS, "objective.weighting", o.weighting, "unknown weighting", WEIGHTINGS)
-    _check(cfg.model.dtype in DTYPES, "model.dtype", cfg.model.dtype, "unknown dtype", DTYPES)
-    _check(
-        cfg.model.name_or_path is not None or cfg.model.arch is not None,
-        "model.name_or_path",
-        None,
-        "set a checkpoint, or model.arch (+ model.config) to build one from scratch",
-    )
-    _check(cfg.trainer.precision in PRECISIONS, "trainer.precision", cfg.trainer.precision, "unknown precision", PRECISIONS)
-    _check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be a positive integer")
-    _check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
-    _check(d.val_rows > 0, "data.val_rows", d.val_rows, "must be a positive integer")
-    _check(d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer, "must be a positive integer")
-    _check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
-    _check(cfg.trainer.max_steps > 0, "trainer.max_steps", cfg.trainer.max_steps, "must be a positive integer")
-    _check(len(cfg.optim.betas) == 2, "optim.betas", cfg.optim.betas, "must be two numbers, e.g. [0.9, 0.95]")
+    """Choices, ranges and cross-field rules; raise ConfigError naming the first bad key."""
+    check_choices(cfg)
+    a, m, d = cfg.attention, cfg.masking, cfg.data
+    check_positive_int("data.max_length", d.max_length)
+    check_block_size(a.block_size, d.max_length)
+    check(m.half_life > 0, "masking.half_life", m.half_life, "must be > 0 (large = uniform)")
+    check(0 < m.eps < 1, "masking.eps", m.eps, "must be in (0, 1)")
+    check(cfg.model.name_or_path is not None or cfg.model.arch is not None, "model.name_or_path", None,
+          "set a checkpoint, or model.arch (+ model.config) to build one from scratch")
+    check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be a positive integer")
+    check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
+    check(d.val_rows > 0, "data.val_rows", d.val_rows, "must be a positive integer")
+    check(d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer, "must be a positive integer")
+    check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
+    check(cfg.trainer.max_steps > 0, "trainer.max_steps", cfg.trainer.max_steps, "must be a positive integer")
+    check(len(cfg.optim.betas) == 2, "optim.betas", cfg.optim.betas, "must be two numbers, e.g. [0.9, 0.95]")
     return cfg
-
-
-def to_yaml(cfg: ExperimentConfig) -> str:
-    """The resolved config as YAML; `load_config` on it gives back an equal config."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg), resolve=True)
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
@@ -278,19 +197,3 @@ def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(to_yaml(cfg))
     return path
-
-
-def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Dotted key -> value, for MLflow params and sweep tables."""
-    container = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    out: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for k, v in node.items():
-                walk(v, f"{prefix}{k}.")
-        else:
-            out[prefix[:-1]] = node
-
-    walk(container, "")
-    return out

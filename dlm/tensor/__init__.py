@@ -1,1 +1,2 @@
-"""Pure tensor code: attention patterns, masking, the diffusion objective, exact likelihoods. No Lightning, MLflow or I/O."""
+"""Pure tensor code: attention patterns, masking, the diffusion objective, exact likelihoods.
+No Lightning, MLflow or I/O."""

@@ -22,7 +22,8 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
-from dlm.settings.experiment import BACKENDS, PATTERNS, ConfigError
+from dlm.settings import BACKENDS, PATTERNS, ConfigError, check
+from dlm.settings.errors import check_block_size, check_positive_int
 
 MaskFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 """(batch, head, q_idx, kv_idx) -> bool tensor, broadcasting over the index tensors."""
@@ -71,10 +72,9 @@ def block_clean_mask_fn(seq_len: int, block_size: int) -> MaskFn:
 
 
 def check_pattern(pattern: str, block_size: int) -> None:
-    if pattern not in PATTERNS:
-        raise ConfigError(f"attention.pattern={pattern!r}: unknown pattern; allowed: {', '.join(PATTERNS)}")
-    if not isinstance(block_size, int) or block_size <= 0:
-        raise ConfigError(f"attention.block_size={block_size!r}: must be a positive integer")
+    """The settings' rules for the two values every mask needs (for callers that build masks directly)."""
+    check(pattern in PATTERNS, "attention.pattern", pattern, "unknown pattern", PATTERNS)
+    check_block_size(block_size)
 
 
 def mask_fn(pattern: str, *, seq_len: int, block_size: int) -> MaskFn:
@@ -92,6 +92,16 @@ def mask_fn(pattern: str, *, seq_len: int, block_size: int) -> MaskFn:
 def total_length(pattern: str, seq_len: int) -> int:
     """Model input length: block_clean feeds ``x_t ⊕ x_0``."""
     return 2 * seq_len if pattern == "block_clean" else seq_len
+
+
+def sequence_length(pattern: str, input_length: int) -> int:
+    """L from the model input length: the inverse of :func:`total_length`."""
+    return input_length // 2 if pattern == "block_clean" else input_length
+
+
+def diffusion_input(pattern: str, noised: Tensor, clean: Tensor) -> Tensor:
+    """The model input for a diffusion pattern: ``x_t ⊕ x_0`` `(B, 2L)` under block_clean, else ``x_t`` `(B, L)`."""
+    return torch.cat([noised, clean], dim=1) if pattern == "block_clean" else noised
 
 
 def dense_mask(pattern: str, seq_len: int, block_size: int, *, device: torch.device | str = "cpu") -> Tensor:
@@ -217,6 +227,7 @@ def build_attention_inputs(
 
 def describe(pattern: str, seq_len: int, block_size: int) -> str:
     """The mask as text rows ('#' = may attend), for `dlm attention-demo`."""
+    check_positive_int("seq_len", seq_len)
     mask = dense_mask(pattern, seq_len, block_size)
     n = mask.shape[0]
     label = lambda i: ("c" if pattern == "block_clean" and i >= seq_len else "n") + str(i % seq_len)  # noqa: E731

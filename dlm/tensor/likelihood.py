@@ -15,8 +15,8 @@ seeing the clean earlier blocks and itself (the BD3-LM vectorised trick).
 Cost: one forward of p + n + sum_b w_b^2 <= p + n(1 + B) tokens (context p, continuation n in blocks of
 w_b <= B; MMLU: p + 1, like one AR forward); long continuations are split so no forward holds more than
 ~max_length copy tokens. Causal AR checkpoints use the ordinary causal log-likelihood (one forward, full
-softmax). `rolling_windows` cuts a document into lm-eval's disjoint windows, each scored by the same
-rule (~B forwards of <= 2 * max_length tokens per window for diffusion). Not an ELBO: no Monte Carlo
+softmax). lm-eval's rolling windows (`dlm.evaluation.lm_eval_model.rolling_windows`) are each scored by the
+same rule (~B forwards of <= 2 * max_length tokens per window for diffusion). Not an ELBO: no Monte Carlo
 samples, no variance.
 """
 
@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from dlm.settings import ConfigError
 from dlm.tensor.attention import additive_mask, block_causal
-from dlm.settings.experiment import ConfigError
 
 
 @dataclass
@@ -80,16 +80,6 @@ def score_continuations(model, pairs: list[tuple[list[int], list[int]]], *, caus
     return totals
 
 
-def rolling_windows(tokens: list[int], *, prefix_token_id: int, max_length: int,
-                    causal: bool) -> list[tuple[list[int], list[int]]]:
-    """A whole document as disjoint (context, continuation) windows, as lm-eval's HF model cuts it."""
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-    window = max_length if causal else max_length - 1  # diffusion counts the context token too
-    return [make_disjoint_window(w) for w in get_rolling_token_windows(
-        tokens, prefix_token=prefix_token_id, max_seq_len=window, context_len=1)]
-
-
 def ar_rows(context: list[int], continuation: list[int], *, max_length: int) -> list[Row]:
     """Ordinary causal scoring: `(context + continuation)[:-1]`, left-truncated to `max_length`."""
     _check_fits(continuation, max_length)
@@ -105,7 +95,7 @@ def diffusion_rows(context: list[int], continuation: list[int], *, block_size: i
                    shift: bool, max_length: int) -> list[Row]:
     """Chain-rule scoring rows (module docstring): clean part + one masked copy per continuation token.
 
-    Positions follow `dlm.decoding`: the continuation starts a fresh block after the context, whose
+    Positions follow `dlm.decoding.engine`: the continuation starts a fresh block after the context, whose
     left end is dropped so that context + continuation fit in `max_length` positions. Continuation
     blocks are grouped so each row holds about `max_length` copy tokens at most.
     """
@@ -178,12 +168,14 @@ def score_rows(model, rows: list[Row], *, exclude_token: int | None, pad_token_i
     out: list[tuple[float, bool]] = [(0.0, True)] * len(rows)
     for start in tqdm(range(0, len(order), batch_size), disable=disable_tqdm, desc="dlm loglikelihood"):
         batch = [rows[i] for i in order[start:start + batch_size]]
-        for i, result in zip(order[start:start + batch_size], _score_batch(model, batch, exclude_token, pad_token_id, device)):
+        for i, result in zip(order[start:start + batch_size],
+                             _score_batch(model, batch, exclude_token, pad_token_id, device)):
             out[i] = result
     return out
 
 
-def _score_batch(model, rows: list[Row], exclude_token: int | None, pad_token_id: int, device) -> list[tuple[float, bool]]:
+def _score_batch(model, rows: list[Row], exclude_token: int | None, pad_token_id: int,
+                 device) -> list[tuple[float, bool]]:
     length = max(len(r.ids) for r in rows)
     ids = torch.tensor([r.ids + [pad_token_id] * (length - len(r.ids)) for r in rows], device=device)
     pos = torch.tensor([r.position_ids + [0] * (length - len(r.ids)) for r in rows], device=device)
@@ -194,7 +186,8 @@ def _score_batch(model, rows: list[Row], exclude_token: int | None, pad_token_id
     if model.config._attn_implementation == "eager":
         mask = additive_mask(mask, model.dtype)
     with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=keep).logits
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                       logits_to_keep=keep).logits
         logits = logits.reshape(-1, logits.shape[-1]).float()  # (num_reads, V): row-major, ascending index
         if exclude_token is not None:
             logits[:, exclude_token] = -torch.inf

@@ -19,7 +19,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from dlm.settings.experiment import STRATEGIES, ConfigError
+from dlm.settings import STRATEGIES, ConfigError, check
+from dlm.settings.errors import check_block_size
 
 MAX_BETA = 1e30
 """Cap on beta: keeps log w finite (an infinite beta gives inf * 0 = NaN at position 0). Any beta this
@@ -37,12 +38,8 @@ class MaskSample(NamedTuple):
 
 def check_masking(seq_len: int, block_size: int, strategy: str, half_life: float) -> None:
     """The config rules this module depends on, in the config's one-line error form."""
-    if strategy not in STRATEGIES:
-        raise ConfigError(f"masking.strategy={strategy!r}: unknown strategy; allowed: {', '.join(STRATEGIES)}")
-    if not isinstance(block_size, int) or block_size <= 0:
-        raise ConfigError(f"attention.block_size={block_size!r}: must be a positive integer")
-    if seq_len <= 0 or seq_len % block_size != 0:
-        raise ConfigError(f"data.max_length={seq_len!r}: must be a multiple of attention.block_size={block_size}")
+    check(strategy in STRATEGIES, "masking.strategy", strategy, "unknown strategy", STRATEGIES)
+    check_block_size(block_size, seq_len)
     _check_half_life(half_life)
 
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from dlm.settings import WEIGHTINGS, ConfigError
 from dlm.tensor.attention import check_pattern, total_length
-from dlm.settings.experiment import WEIGHTINGS, ConfigError
 
 
 class LossOutput(NamedTuple):

@@ -1,7 +1,7 @@
 """LightningModule: an unmodified HF backbone run under the configured attention pattern and loss.
 
-Wiring only: masks come from `dlm.attention`, noise from the DataModule's collate, the loss from
-`dlm.objective`. The `causal` pattern trains with the plain AR loss (the AR baseline and the tiny
+Wiring only: masks come from `dlm.tensor.attention`, noise from the DataModule's collate, the loss from
+`dlm.tensor.objective`. The `causal` pattern trains with the plain AR loss (the AR baseline and the tiny
 AR pretraining); every other pattern with the masked-diffusion ELBO.
 """
 
@@ -16,9 +16,9 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-from dlm.tensor.attention import build_attention_inputs, resolve_backend
 from dlm.models.backbone import Backbone, load_backbone
-from dlm.settings.experiment import ExperimentConfig
+from dlm.settings import ExperimentConfig
+from dlm.tensor.attention import build_attention_inputs, diffusion_input, resolve_backend, sequence_length
 from dlm.tensor.objective import LossOutput, ar_loss, block_weights, diffusion_loss
 
 
@@ -33,7 +33,8 @@ class DiffusionLM(L.LightningModule):
 
     def __init__(self, cfg: ExperimentConfig, backbone: Backbone | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters({"config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)}, logger=False)
+        self.save_hyperparameters({"config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)},
+                                  logger=False)
         self.cfg = cfg
         backbone = backbone or load_backbone(cfg.model, attn_implementation=kernel_for(cfg))
         self.model, self.tokenizer, self.mask_token_id = backbone.model, backbone.tokenizer, backbone.mask_token_id
@@ -52,8 +53,8 @@ class DiffusionLM(L.LightningModule):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         a = self.cfg.attention
-        seq_len = input_ids.shape[1] // 2 if a.pattern == "block_clean" else input_ids.shape[1]
-        attn = build_attention_inputs(a.pattern, batch_size=input_ids.shape[0], seq_len=seq_len,
+        attn = build_attention_inputs(a.pattern, batch_size=input_ids.shape[0],
+                                      seq_len=sequence_length(a.pattern, input_ids.shape[1]),
                                       block_size=a.block_size, backend=self.kernel, device=input_ids.device,
                                       dtype=self.model.dtype)
         self.flops_per_batch = self._training_flops(input_ids)
@@ -64,7 +65,7 @@ class DiffusionLM(L.LightningModule):
         if a.pattern == "causal":
             return ar_loss(self(batch["input_ids"]), batch["input_ids"], batch["eligible"])
         noised = batch["noised_ids"]
-        inputs = torch.cat([noised, batch["input_ids"]], 1) if a.pattern == "block_clean" else noised
+        inputs = diffusion_input(a.pattern, noised, batch["input_ids"])
         weights = block_weights(batch["num_masked"], batch["num_eligible"], a.block_size, o.weighting)
         return diffusion_loss(self(inputs), batch["input_ids"], batch["mask"], weights=weights,
                               eligible=batch["eligible"], pattern=a.pattern, seq_len=noised.shape[1],

@@ -6,7 +6,6 @@ lost: an output folder that holds checkpoints is only continued with `resume=tru
 
 from __future__ import annotations
 
-import json
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +15,11 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import MLFlowLogger
 
-from dlm.training.callbacks.export import HFExportCallback
-from dlm.settings.experiment import ConfigError, ExperimentConfig, flatten, to_yaml
 from dlm.data.datamodule import DiffusionDataModule
+from dlm.settings import ConfigError, ExperimentConfig, flatten, to_yaml
+from dlm.tracking import runs
+from dlm.training.callbacks.export import HFExportCallback
 from dlm.training.module import DiffusionLM
-
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-"""Local MLflow store in the working directory (`mlflow ui --backend-store-uri sqlite:///mlflow.db`)."""
-RUN_ID_FILE = "mlflow_run.json"
 
 
 @dataclass
@@ -35,19 +31,20 @@ class TrainResult:
 
 
 def tracking_uri(cfg: ExperimentConfig) -> str:
-    return cfg.tracking.tracking_uri or DEFAULT_TRACKING_URI
+    return runs.resolve_uri(cfg.tracking.tracking_uri)
 
 
 def _resume_state(cfg: ExperimentConfig) -> tuple[str | None, str | None]:
     """(checkpoint to resume from, MLflow run id to continue), refusing to overwrite a previous run."""
     out = Path(cfg.output_dir)
     last = out / "checkpoints" / "last.ckpt"
-    run_file = out / RUN_ID_FILE
     if not cfg.resume:
         if last.exists():
-            raise ConfigError(f"output_dir={cfg.output_dir!r}: holds checkpoints of an earlier run; set resume=true to continue it, or pick another name/output_dir")
+            raise ConfigError(f"output_dir={cfg.output_dir!r}: holds checkpoints of an earlier run; "
+                              "set resume=true to continue it, or pick another name/output_dir")
         return None, None
-    run_id = json.loads(run_file.read_text())["run_id"] if run_file.is_file() else None
+    saved = runs.read_run_file(out)
+    run_id = saved["run_id"] if saved else None
     return (str(last) if last.exists() else None), run_id
 
 
@@ -67,7 +64,7 @@ def build_logger(cfg: ExperimentConfig, run_id: str | None) -> MLFlowLogger:
 def _log_run_info(logger: MLFlowLogger, cfg: ExperimentConfig, resumed: bool) -> None:
     """Params, config artifact and git commit; once per run (MLflow forbids changing a param)."""
     out = Path(cfg.output_dir)
-    (out / RUN_ID_FILE).write_text(json.dumps({"run_id": logger.run_id, "tracking_uri": tracking_uri(cfg)}))
+    runs.write_run_file(out, logger.run_id, tracking_uri(cfg))
     if resumed:
         return
     logger.log_hyperparams(flatten(cfg))

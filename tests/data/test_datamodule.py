@@ -1,3 +1,5 @@
+"""`dlm.data.datamodule`: the collate's noise, splits and batches from synthetic, local and streamed data."""
+
 from __future__ import annotations
 
 import json
@@ -5,39 +7,14 @@ import json
 import pytest
 import torch
 
-from dlm.settings.experiment import ConfigError, load_config
-from dlm.data.datamodule import DiffusionCollator, DiffusionDataModule, check_source, pack_rows, tokenize_rows
-from dlm.data.synthetic import format_example, problems
+from dlm.data.datamodule import DiffusionCollator, DiffusionDataModule
+from dlm.settings import ConfigError, load_config
 
 
 def _cfg(tmp_path, *overrides):
     return load_config("experiments/tiny.yaml", overrides=[
         f"data.cache_dir={tmp_path}/data", "data.synthetic_size=300", "data.max_length=32", "data.batch_size=4",
         "attention.block_size=4", *overrides])
-
-
-def test_tokenize_marks_only_response_and_eos_eligible(tokenizer, tmp_path):
-    cfg = _cfg(tmp_path).data
-    row = format_example({"question": "Tom has 3 cups.", "answer": "3\n#### 3"})
-    out = tokenize_rows({"prompt": [row["prompt"]], "response": [row["response"]]}, tokenizer=tokenizer, cfg=cfg, block_size=4)
-    ids, eligible = out["input_ids"][0], out["eligible"][0]
-    n_prompt = len(tokenizer(row["prompt"], add_special_tokens=False)["input_ids"])
-    assert ids[-1] == tokenizer.eos_token_id
-    assert eligible == [0] * n_prompt + [1] * (len(ids) - n_prompt)
-    assert tokenizer.decode(ids[:-1]) == row["text"]
-
-
-def test_pad_to_block_pads_each_document_with_eos(tokenizer, tmp_path):
-    cfg = _cfg(tmp_path, "data.pad_to_block=true", "data.prompt_field=null", "data.response_field=null").data
-    out = tokenize_rows({"text": ["a b c", "Question: 12"]}, tokenizer=tokenizer, cfg=cfg, block_size=4)
-    for ids in out["input_ids"]:
-        assert len(ids) % 4 == 0 and ids[-1] == tokenizer.eos_token_id
-
-
-def test_pack_cuts_fixed_chunks_in_order():
-    out = pack_rows({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]], "eligible": [[0, 1, 1], [1, 1], [0, 0, 1, 1]]}, max_length=4)
-    assert out["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]]
-    assert out["eligible"] == [[0, 1, 1, 1], [1, 0, 0, 1]]
 
 
 def test_collate_noises_only_eligible_with_mask_token(tmp_path):
@@ -86,31 +63,12 @@ def test_datamodule_loads_local_jsonl(tokenizer, tmp_path):
     assert next(iter(dm.val_dataloader()))["input_ids"].shape[1] == 32
 
 
-def test_unknown_local_path_fails_before_loading(tmp_path):
-    with pytest.raises(ConfigError, match=r"^data.path='./nope.jsonl': no such file or folder"):
-        check_source(_cfg(tmp_path, "data.path=./nope.jsonl").data)
-
-
 def test_missing_column_is_named(tokenizer, tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"body": "x"}) + "\n")
     cfg = _cfg(tmp_path, f"data.path={path}", "data.prompt_field=null", "data.response_field=null")
     with pytest.raises(ConfigError, match=r"^data.text_field='text': no such column; allowed: body"):
         DiffusionDataModule(cfg, tokenizer, mask_token_id=1).setup()
-
-
-def test_synthetic_test_split_is_disjoint_from_train(tmp_path):
-    from dlm.data.datamodule import synthetic_dir
-
-    root = synthetic_dir(_cfg(tmp_path).data)
-    train = {json.loads(line)["question"] for line in (root / "train.jsonl").read_text().splitlines()}
-    test = [json.loads(line) for line in (root / "test.jsonl").read_text().splitlines()]
-    assert test and not {r["question"] for r in test} & train
-    assert all(r["answer"].rsplit("#### ", 1)[1].isdigit() for r in test)
-
-
-def test_synthetic_generation_is_deterministic():
-    assert list(problems(5, seed=3)) == list(problems(5, seed=3))
 
 
 def _text(tokenizer, loader) -> str:
@@ -121,7 +79,8 @@ def test_streaming_holds_out_the_head_and_packs_lazily(tokenizer, tmp_path):
     from datasets import IterableDataset
 
     path = tmp_path / "rows.jsonl"  # the first 20 rows speak of apples, the rest of pears
-    path.write_text("".join(json.dumps({"body": f"Row {i} about {'apples' if i < 20 else 'pears'}."}) + "\n" for i in range(200)))
+    path.write_text("".join(json.dumps({"body": f"Row {i} about {'apples' if i < 20 else 'pears'}."}) + "\n"
+                            for i in range(200)))
     cfg = _cfg(tmp_path, f"data.path={path}", "data.text_field=body", "data.prompt_field=null",
                "data.response_field=null", "data.streaming=true", "data.val_rows=20")
     dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
@@ -159,5 +118,6 @@ def test_streaming_reshuffles_per_epoch(tokenizer, tmp_path):
 
 def test_streaming_too_long_max_length_is_named(tokenizer, tmp_path):
     cfg = _cfg(tmp_path, "data.streaming=true", "data.val_rows=1", "data.max_length=4096")
-    with pytest.raises(ConfigError, match=r"^data.max_length=4096: longer than the packed validation stream \(data.val_rows=1 rows\)"):
+    with pytest.raises(ConfigError, match=r"^data.max_length=4096: longer than the packed validation stream "
+                                          r"\(data.val_rows=1 rows\)"):
         DiffusionDataModule(cfg, tokenizer, mask_token_id=1).setup()

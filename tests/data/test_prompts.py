@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from dlm.settings.experiment import ConfigError, DataConfig
-from dlm.decoding.engine import GenerationOutput
 from dlm.data.prompts import Prompt, extract_answer, load_prompts, reference_answer, score
+from dlm.settings import ConfigError, DataConfig
 
 
 def test_score_reads_the_number_after_hashes_up_to_eos(tokenizer):
     eos = tokenizer.eos_token_id
     right = tokenizer.encode("3 + 4 = 7\n#### 7") + [eos] + tokenizer.encode("#### 9")
     wrong = tokenizer.encode("#### 1,000.")
-    outs = [GenerationOutput(tokens=[right, wrong], nfe=1, num_generated=[len(right), len(wrong)])]
-    batch = type("B", (), {"answers": ["7", "1000"]})
-    assert score(tokenizer, outs, [batch]) == 1.0
-    batch.answers = ["9", "7"]
-    assert score(tokenizer, outs, [batch]) == 0.0
+    assert score(tokenizer, [right, wrong], ["7", "1000"]) == 1.0
+    assert score(tokenizer, [right, wrong], ["9", "7"]) == 0.0
     assert reference_answer("Tom has 3 + 4 = 7 apples.\n#### 7") == "7" and extract_answer("no answer") is None
 
 
@@ -30,8 +26,8 @@ def test_synthetic_prompts_are_the_test_split_in_the_training_template(tmp_path)
 
 def test_jsonl_rows_read_gsm8k_questions_into_the_training_template(tmp_path):
     path = tmp_path / "gsm8k.jsonl"
-    path.write_text('{"question": "Ana has 2 pens.\u2028How many?", "answer": "2 pens.\\n#### 1,002"}\n\n{"prompt": "x"}\n',
-                    encoding="utf-8")  # a raw U+2028 inside a string is not a line break
+    path.write_text('{"question": "Ana has 2 pens.\u2028How many?", "answer": "2 pens.\\n#### 1,002"}\n'
+                    '\n{"prompt": "x"}\n', encoding="utf-8")  # a raw U+2028 inside a string is not a line break
     assert load_prompts(path, limit=5) == [Prompt("Question: Ana has 2 pens.\u2028How many?\nAnswer:", "1002"),
                                            Prompt("x", None)]
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlm.settings.experiment import ConfigError
-from dlm.decoding.engine import DecodeConfig, GenerationOutput, _choose, _top_p, ar_generate, generate
+from dlm.decoding.engine import generate
 from dlm.decoding.text import left_pad
+from dlm.settings import ConfigError
 from tests.conftest import make_backbone, sharp_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -106,30 +106,9 @@ def test_sub_blocks_commit_only_in_first_incomplete_sub_block(qwen):
     assert max(sizes) > 1  # several commits in one pass, yet never across the sub-block boundary
 
 
-def test_factor_rule_on_a_hand_checked_case():
-    conf = torch.tensor([[0.7, 0.99, 0.5, 0.9]])
-    cand = torch.ones_like(conf, dtype=torch.bool)
-    done = torch.tensor([False])
-    # sorted 0.99, 0.9, 0.7, 0.5: (n + 1)(1 - c_n) = 0.02, 0.3, 1.2, 2.5 -> n = 2 with factor 1
-    chosen = _choose(conf, cand, done, DecodeConfig(policy="factor", factor=1.0))
-    assert chosen.tolist() == [[False, True, False, True]]
-    # threshold: at least the most confident even when none passes; never a non-candidate
-    cand = torch.tensor([[True, False, True, True]])
-    chosen = _choose(conf, cand, done, DecodeConfig(threshold=0.95))
-    assert chosen.tolist() == [[False, False, False, True]]
-    # finished rows are filled at once (their output is ignored)
-    chosen = _choose(conf, cand, torch.tensor([True]), DecodeConfig(threshold=0.95))
-    assert chosen.tolist() == [[True, False, True, True]]
-
-
 def test_factor_policy_decodes_in_parallel(qwen):
     out = run(qwen, PROMPTS[:2], block_size=4, max_new_tokens=12, policy="factor", factor=2.0)
     assert out.tokens_per_forward > 1
-
-
-def test_top_p_keeps_smallest_nucleus():
-    probs = torch.tensor([[[0.2, 0.5, 0.3]]], dtype=torch.float64)
-    torch.testing.assert_close(_top_p(probs, 0.6), torch.tensor([[[0.0, 0.625, 0.375]]], dtype=torch.float64))
 
 
 def test_sampling_is_reproducible_with_a_generator(qwen):
@@ -175,46 +154,8 @@ def test_stop_string_truncates_before_it(qwen, tokenizer):
 def test_uneven_max_new_tokens_cuts_the_last_block(qwen):
     out = run(qwen, PROMPTS[:2], block_size=4, max_new_tokens=10)
     assert out.num_generated == [10, 10]
-    assert out.tokens == [t[:10] for t in run(qwen, PROMPTS[:2], block_size=4, max_new_tokens=10, use_cache=False).tokens]
-
-
-def test_tokens_per_forward_is_mean_tokens_over_nfe():
-    assert GenerationOutput(tokens=[[1, 2, 3], [1]], nfe=2, num_generated=[3, 1]).tokens_per_forward == 1.0
-
-
-# --- the AR baseline ------------------------------------------------------------------------------------------
-
-
-def greedy_full_forwards(model, ids, steps):
-    with torch.inference_mode():
-        for _ in range(steps):
-            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
-    return ids
-
-
-def test_ar_generate_equals_manual_greedy_loop(tokenizer):
-    bb = make_backbone("qwen3", tokenizer, dtype=torch.float64)
-    ids, _ = encode(tokenizer, PROMPTS[:1])
-    expected = greedy_full_forwards(bb.model, ids, 10)[0, ids.shape[1]:].tolist()
-    out = ar_generate(bb.model, ids, max_new_tokens=10)
-    assert out.tokens == [expected]
-    assert out.nfe == 10 and out.tokens_per_forward == 1.0
-    batch_ids, batch_mask = encode(tokenizer, PROMPTS[:3])
-    batch = ar_generate(bb.model, batch_ids, attention_mask=batch_mask, max_new_tokens=10)
-    assert batch.tokens[0] == expected  # left padding handled by transformers' own generate
-    eos = expected[4]
-    stopped = ar_generate(bb.model, ids, max_new_tokens=10, eos_token_id=eos)
-    assert stopped.tokens == [expected[: expected.index(eos) + 1]]
-
-
-def test_ar_generate_stop_string_spanning_tokens(tokenizer):
-    bb = make_backbone("qwen3", tokenizer, dtype=torch.float64)
-    ids, _ = encode(tokenizer, PROMPTS[:1])
-    expected = ar_generate(bb.model, ids, max_new_tokens=10).tokens[0]
-    stop = tokenizer.decode(expected[5:7])  # ends in token 6, starts in token 5
-    out = ar_generate(bb.model, ids, max_new_tokens=10, stop=[stop], tokenizer=tokenizer)
-    assert out.tokens == [expected[:5]]  # no part of the stop string is left
-    assert out.nfe == 7  # transformers stopped at the token completing it
+    assert out.tokens == [t[:10] for t in run(qwen, PROMPTS[:2], block_size=4, max_new_tokens=10,
+                                              use_cache=False).tokens]
 
 
 # --- errors before any forward -------------------------------------------------------------------------------
@@ -226,13 +167,15 @@ def test_ar_generate_stop_string_spanning_tokens(tokenizer):
         (dict(threshold=1.5), r"^decode\.threshold=1\.5: must be in \(0, 1\]$"),
         (dict(threshold=0.0), r"decode\.threshold=0\.0: must be in \(0, 1\]"),
         (dict(block_size=0), r"decode\.block_size=0: must be a positive integer"),
-        (dict(block_size=4, sub_block_size=3), r"decode\.sub_block_size=3: must divide decode\.block_size=4; allowed: 1, 2, 4"),
+        (dict(block_size=4, sub_block_size=3), r"decode\.sub_block_size=3: must divide decode\.block_size=4; "
+                                               r"allowed: 1, 2, 4"),
         (dict(temperature=-1.0), r"decode\.temperature=-1\.0: must be >= 0"),
         (dict(top_p=0.0), r"decode\.top_p=0\.0: must be in \(0, 1\]"),
         (dict(top_p=1.5), r"decode\.top_p=1\.5: must be in \(0, 1\]"),
         (dict(policy="greedy"), r"decode\.policy='greedy': unknown policy; allowed: threshold, factor"),
         (dict(thresold=0.5), r"decode\.thresold: unknown key; allowed: block_size, threshold"),
-        (dict(max_new_tokens=250), r"decode\.max_new_tokens=250: prompt length 9 \+ 250 = 259 exceeds model\.config\.max_position_embeddings=256"),
+        (dict(max_new_tokens=250), r"decode\.max_new_tokens=250: prompt length 9 \+ 250 = 259 exceeds "
+                                   r"model\.config\.max_position_embeddings=256"),
         (dict(stop=["x"], max_new_tokens=8), r"stop=\['x'\]: stop strings need the tokenizer"),
     ],
 )
@@ -250,5 +193,6 @@ def test_right_padding_is_rejected(qwen):
 
 def test_flex_model_is_told_to_load_with_sdpa(tokenizer):
     bb = make_backbone("qwen3", tokenizer, attn_implementation="flex_attention")
-    with pytest.raises(ValueError, match="attn_implementation='flex_attention'.*load the model with attn_implementation='sdpa'"):
+    with pytest.raises(ValueError, match="attn_implementation='flex_attention'.*"
+                                         "load the model with attn_implementation='sdpa'"):
         run(bb, PROMPTS[:1])

@@ -3,10 +3,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlm.models.checkpoint import CheckpointMeta
 from dlm.cli.main import main
 from dlm.decoding.engine import generate
 from dlm.decoding.text import complete, decode_config_for, encode_prompts, left_pad, load_for_decoding, pad_token_id
+from dlm.models.checkpoint import CheckpointMeta
 from tests.conftest import make_backbone, save_tiny
 
 PROMPTS = ["Question: Tom has 3 cups.\nAnswer:", "Question: Ana has 12 pens. Ana loses 2. How many?\nAnswer:"]
@@ -32,7 +32,7 @@ def test_complete_matches_decoder_on_left_padded_batch(checkpoint):
     direct = generate(bb.model, ids, attention_mask=attention, mask_token_id=bb.mask_token_id, config=decode,
                       eos_token_id=bb.tokenizer.eos_token_id)
     assert result.output.tokens == direct.tokens
-    assert len(result.texts) == 2 and result.tokens_per_second > 0
+    assert len(result.texts) == 2 and result.tokens_per_sec > 0
 
 
 def test_encoded_prompts_match_the_tokenizers_own_left_padding(qwen3):
@@ -41,7 +41,8 @@ def test_encoded_prompts_match_the_tokenizers_own_left_padding(qwen3):
     assert torch.equal(ids, want["input_ids"]) and torch.equal(attention, want["attention_mask"])
     no_pad = type("Tok", (), {"pad_token_id": None, "eos_token_id": 5})
     assert pad_token_id(no_pad) == 5 and pad_token_id(qwen3.tokenizer) == qwen3.tokenizer.pad_token_id
-    torch.testing.assert_close(left_pad([[1, 2], [3]], 9), (torch.tensor([[1, 2], [9, 3]]), torch.tensor([[1, 1], [0, 1]])))
+    torch.testing.assert_close(left_pad([[1, 2], [3]], 9),
+                               (torch.tensor([[1, 2], [9, 3]]), torch.tensor([[1, 1], [0, 1]])))
 
 
 def test_generate_command_prints_completion_and_stats(checkpoint, capsys):
@@ -51,13 +52,15 @@ def test_generate_command_prints_completion_and_stats(checkpoint, capsys):
 
 
 def test_generate_command_ar_baseline(checkpoint, capsys):
-    assert main(["generate", str(checkpoint), "--prompt", PROMPTS[1], "--max-new-tokens", "4", "--ar", "--device", "cpu"]) == 0
+    assert main(["generate", str(checkpoint), "--prompt", PROMPTS[1], "--max-new-tokens", "4", "--ar",
+                 "--device", "cpu"]) == 0
     assert "AR baseline" in capsys.readouterr().out
 
 
 def test_generate_command_bad_input_is_one_line(checkpoint, tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
-    assert capsys.readouterr().err.strip() == f"error: checkpoint={str(tmp_path)!r}: no dlm.yaml; not a dlm checkpoint (dlm train exports one to <output_dir>/final)"
+    assert capsys.readouterr().err.strip() == (f"error: checkpoint={str(tmp_path)!r}: no dlm.yaml; "
+                                               "not a dlm checkpoint (dlm train exports one to <output_dir>/final)")
     assert main(["generate", str(checkpoint), "--prompt", "x", "--threshold", "1.5"]) == 2
     assert capsys.readouterr().err.strip() == "error: decode.threshold=1.5: must be in (0, 1]"
     assert main(["generate", str(checkpoint), "--prompt", "x", "--max-new-tokens", "1000"]) == 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -14,16 +13,12 @@ import lm_eval
 import mlflow
 import pytest
 import torch
-from lm_eval.tasks._yaml_loader import load_yaml
 
-from dlm.data import synthetic
-from dlm.settings.experiment import ConfigError, DataConfig
-from dlm.data.datamodule import synthetic_dir
-from dlm.decoding.engine import DecodeConfig
-from dlm.evaluation.evaluate import (
-    DECODE_FLAGS, EVALS_DIR, add_eval_arguments, evaluate, gsm8k_synthetic_dataset, metrics_from_results,
-    prepare_tasks, resolve_tasks, run_from_args,
-)
+from dlm.cli.dataclass_args import given
+from dlm.cli.main import build_parser
+from dlm.evaluation.evaluate import evaluate, metrics_from_results
+from dlm.evaluation.tasks import EVALS_DIR
+from dlm.settings import ConfigError, DecodeConfig, EvalConfig, LogTarget
 from tests.conftest import save_tiny, sharp_backbone
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,8 +26,6 @@ DATA = REPO / ".." / "shared" / "data"
 STOCK = Path(lm_eval.__file__).parent / "tasks"
 needs_data = pytest.mark.skipif(not (DATA / "gsm8k/test.jsonl").is_file() or not (DATA / "mmlu/test.jsonl").is_file(),
                                 reason=f"no benchmark data at {DATA} (../shared/data from the repo root)")
-DATA_KEYS = {"task", "tag", "dataset_path", "dataset_name", "dataset_kwargs", "custom_dataset"}
-"""What a local variant may change: its name and where the data comes from."""
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -68,16 +61,27 @@ def synthetic_metadata(tmp_path: Path) -> dict:
     return {"synthetic_size": 400, "cache_dir": str(tmp_path / "data")}
 
 
+def ev(checkpoint, tasks: str, *, mlflow_run=None, tracking_uri=None, task_metadata=None, **settings):
+    """`evaluate` with its settings as keywords, as `dlm eval` builds them."""
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in settings.items()}
+    return evaluate(checkpoint, EvalConfig(tasks=tasks.split(","), **settings), log=LogTarget(mlflow_run, tracking_uri),
+                    task_metadata=task_metadata)
+
+
+def cli(*argv: str):
+    """`dlm eval ARGV` through the real parser; returns what the command returns (results), errors raise."""
+    args = build_parser().parse_args(["eval", *argv])
+    return args.func(args)
+
+
 @needs_data
 def test_gsm8k_runs_offline_from_the_command_line_and_logs_to_mlflow(dlm_ckpt, tmp_path, tracking_uri, capsys):
     uri = tracking_uri
     client = mlflow.MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("train")).info.run_id
-    parser = add_eval_arguments(argparse.ArgumentParser())
-    args = parser.parse_args([str(dlm_ckpt), "--tasks", "gsm8k", "--limit", "20", "--batch-size", "4",
-                              "--decode.max_new_tokens", "16", "--decode.threshold", "0.9", "--data-dir", str(DATA),
-                              "--output", str(tmp_path / "results.json"), "--mlflow-run", run_id, "--tracking-uri", uri])
-    results = run_from_args(args)
+    results = cli(str(dlm_ckpt), "--tasks", "gsm8k", "--limit", "20", "--batch-size", "4",
+                  "--decode.max_new_tokens", "16", "--decode.threshold", "0.9", "--data-dir", str(DATA),
+                  "--output", str(tmp_path / "results.json"), "--mlflow-run", run_id, "--tracking-uri", uri)
     written = json.loads((tmp_path / "results.json").read_text())
     scores = written["results"]["gsm8k_local"]  # the offline variant ran
     assert written["n-samples"]["gsm8k_local"]["effective"] == 20
@@ -94,7 +98,7 @@ def test_gsm8k_runs_offline_from_the_command_line_and_logs_to_mlflow(dlm_ckpt, t
 @needs_data
 def test_mmlu_subjects_report_acc_through_loglikelihood(ar_ckpt, dlm_ckpt):
     for ckpt in (dlm_ckpt, ar_ckpt):
-        results = evaluate(ckpt, "mmlu_anatomy,mmlu_astronomy", limit=2, data_dir=DATA, log_samples=True)
+        results = ev(ckpt, "mmlu_anatomy,mmlu_astronomy", limit=2, data_dir=DATA, log_samples=True)
         for subject in ("anatomy", "astronomy"):
             samples = results["samples"][f"mmlu_local_{subject}"]
             assert [len(s["resps"]) for s in samples] == [4, 4]  # one loglikelihood per choice A-D
@@ -105,7 +109,7 @@ def test_mmlu_subjects_report_acc_through_loglikelihood(ar_ckpt, dlm_ckpt):
 
 @needs_data
 def test_batch_size_one_and_four_give_identical_samples(dlm_ckpt, tmp_path):
-    runs = [evaluate(dlm_ckpt, "gsm8k_synthetic,mmlu_anatomy", limit=4, batch_size=bs, decode={"max_new_tokens": 12},
+    runs = [ev(dlm_ckpt, "gsm8k_synthetic,mmlu_anatomy", limit=4, batch_size=bs, decode={"max_new_tokens": 12},
                      data_dir=DATA, task_metadata=synthetic_metadata(tmp_path), log_samples=True, dtype="float64")
             for bs in (1, 4)]
     one, four = ({task: [s["resps"] for s in samples] for task, samples in r["samples"].items()} for r in runs)
@@ -114,61 +118,6 @@ def test_batch_size_one_and_four_give_identical_samples(dlm_ckpt, tmp_path):
     for a, b in zip(one["mmlu_local_anatomy"], four["mmlu_local_anatomy"]):
         torch.testing.assert_close(torch.tensor([r[0][0] for r in a]), torch.tensor([r[0][0] for r in b]))
     assert runs[0]["dlm_metrics"] == runs[1]["dlm_metrics"]
-
-
-def test_synthetic_task_scores_the_held_out_split_with_the_training_prompt(tmp_path):
-    meta = synthetic_metadata(tmp_path)
-    dataset = gsm8k_synthetic_dataset(**meta)
-    held_out = [json.loads(line) for line in (synthetic_dir(DataConfig(synthetic_size=400, cache_dir=meta["cache_dir"]))
-                                              / "test.jsonl").read_text().splitlines()]
-    assert dataset["test"]["question"] == [r["question"] for r in held_out]
-    assert all(dataset["train"]["question"])  # no free-text rows among few-shot candidates
-    manager, runs = prepare_tasks("gsm8k_synthetic", task_metadata=meta)
-    task = manager.load(["gsm8k_synthetic"])["tasks"]["gsm8k_synthetic"]
-    doc = task.test_docs()[0]
-    assert task.doc_to_text(doc) == synthetic.format_example(doc)["prompt"]
-    assert task.config.num_fewshot == 0 and task.config.generation_kwargs["max_gen_toks"] == 64
-
-
-def test_local_variants_keep_the_stock_prompts_filters_metrics_and_splits():
-    stock = load_yaml(STOCK / "gsm8k/gsm8k.yaml", resolve_func=False)
-    local = load_yaml(EVALS_DIR / "gsm8k_local.yaml", resolve_func=False)
-    assert {k: v for k, v in stock.items() if k not in DATA_KEYS} == {k: v for k, v in local.items() if k not in DATA_KEYS}
-    subjects = sorted((STOCK / "mmlu/default").glob("mmlu_*.yaml"))
-    assert len(subjects) == 57
-    for path in subjects:
-        stock = load_yaml(path, resolve_func=False)
-        local = load_yaml(EVALS_DIR / "mmlu_local" / path.name.replace("mmlu_", "mmlu_local_", 1), resolve_func=False)
-        assert local["dataset_kwargs"] == {"subject": stock["dataset_name"]}
-        assert local["tag"] == stock["tag"].replace("mmlu_", "mmlu_local_", 1)
-        assert {k: v for k, v in stock.items() if k not in DATA_KEYS} == {k: v for k, v in local.items() if k not in DATA_KEYS}
-    for path in (STOCK / "mmlu/default").glob("_mmlu*.yaml"):
-        twin = EVALS_DIR / "mmlu_local" / path.name.replace("mmlu", "mmlu_local", 1)
-        stock, local = (load_yaml(p, resolve_func=False) for p in (path, twin))
-        assert local["aggregate_metric_list"] == stock["aggregate_metric_list"]
-        assert local["task"] == [t.replace("mmlu", "mmlu_local", 1) for t in stock["task"]]
-
-
-def test_stock_names_map_to_local_variants_only_where_the_data_is(tmp_path, monkeypatch):
-    local = {"gsm8k_local", "mmlu_local", "mmlu_local_anatomy", "mmlu_local_stem"}
-    names = ["gsm8k", "mmlu", "mmlu_anatomy", "mmlu_stem", "mmlu_pro", "hellaswag"]
-    (tmp_path / "gsm8k").mkdir()
-    (tmp_path / "gsm8k/test.jsonl").write_text("")
-    got = resolve_tasks(names[:1], local_names=local, data_dir=tmp_path)
-    assert got == {"gsm8k": "gsm8k_local"}
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    assert list(resolve_tasks(names, local_names=local, data_dir=tmp_path).values()) == \
-        ["gsm8k_local", "mmlu", "mmlu_anatomy", "mmlu_stem", "mmlu_pro", "hellaswag"]  # no mmlu data: the hub
-    (tmp_path / "mmlu").mkdir()
-    (tmp_path / "mmlu/test.jsonl").write_text("")
-    assert list(resolve_tasks(names, local_names=local, data_dir=tmp_path).values()) == \
-        ["gsm8k_local", "mmlu_local", "mmlu_local_anatomy", "mmlu_local_stem", "mmlu_pro", "hellaswag"]
-    assert resolve_tasks(names, local_names=local, data_dir=tmp_path, local=False) == {n: n for n in names}
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(ConfigError, match=r"^tasks='gsm8k': offline \(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE\) but no "
-                                          r"gsm8k/test.jsonl in data_dir=None; allowed: --data-dir or \$DLM_DATA_DIR"):
-        resolve_tasks(["gsm8k"], local_names=local, data_dir=None)
 
 
 def test_metric_names_carry_the_filter_and_are_mlflow_safe():
@@ -187,14 +136,14 @@ def test_metric_names_carry_the_filter_and_are_mlflow_safe():
 def test_unknown_task_fails_in_one_line_before_the_model_loads(dlm_ckpt):
     message = r"^tasks='gsm8k_lcoal': unknown task \(did you mean 'gsm8k_local'\?\); allowed: gsm8k, mmlu"
     with pytest.raises(ConfigError, match=message):
-        evaluate(dlm_ckpt, "gsm8k_lcoal", data_dir=DATA if DATA.is_dir() else None)
+        ev(dlm_ckpt, "gsm8k_lcoal", data_dir=DATA if DATA.is_dir() else None)
 
 
 def test_tracking_uri_alone_records_a_new_eval_run_and_a_missing_run_fails_first(dlm_ckpt, tmp_path, tracking_uri):
     uri = tracking_uri
-    with pytest.raises(ConfigError, match=r"^mlflow_run='nope': no such run in tracking_uri="):
-        evaluate(dlm_ckpt, "gsm8k_synthetic", mlflow_run="nope", tracking_uri=uri)
-    results = evaluate(dlm_ckpt, "gsm8k_synthetic", limit=1, gen_kwargs="max_gen_toks=4", tracking_uri=uri,
+    with pytest.raises(ConfigError, match=r"^mlflow_run='nope': no such run in tracking URI"):
+        ev(dlm_ckpt, "gsm8k_synthetic", mlflow_run="nope", tracking_uri=uri)
+    results = ev(dlm_ckpt, "gsm8k_synthetic", limit=1, gen_kwargs="max_gen_toks=4", tracking_uri=uri,
                        task_metadata=synthetic_metadata(tmp_path))
     run = mlflow.MlflowClient(uri).get_run(results["mlflow_run"])
     assert run.info.status == "FINISHED" and run.data.params["tasks"] == "gsm8k_synthetic"
@@ -204,26 +153,30 @@ def test_tracking_uri_alone_records_a_new_eval_run_and_a_missing_run_fails_first
 
 def test_checkpoint_without_dlm_yaml_fails_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^checkpoint=.*: no dlm.yaml; not a dlm checkpoint"):
-        evaluate(tmp_path, "gsm8k")
+        ev(tmp_path, "gsm8k")
 
 
 def test_decode_flags_are_decode_config_fields_and_reach_the_decoder(dlm_ckpt, tmp_path):
     fields = {f.name for f in dataclasses.fields(DecodeConfig)} - {"shift"}
-    assert set(DECODE_FLAGS) == fields
-    args = add_eval_arguments(argparse.ArgumentParser()).parse_args(
-        [str(dlm_ckpt), "--tasks", "x", "--decode.threshold", "0.5", "--decode.use_cache", "false",
-         "--decode.sub_block_size", "2"])
-    parsed = (args.decode_threshold, args.decode_use_cache, args.decode_sub_block_size, args.decode_block_size)
-    assert parsed == (0.5, False, 2, None)
+    parser = build_parser()
+    eval_parser = parser._subparsers._group_actions[0].choices["eval"]
+    flags = {o.removeprefix("--decode.") for a in eval_parser._actions for o in a.option_strings
+             if o.startswith("--decode.")}
+    assert flags == fields
+    args = parser.parse_args(["eval", str(dlm_ckpt), "--tasks", "x", "--decode.threshold", "0.5",
+                              "--decode.use_cache", "false", "--decode.sub_block_size", "2"])
+    assert given(args, DecodeConfig, prefix="decode.") == {"threshold": 0.5, "use_cache": False, "sub_block_size": 2}
     with pytest.raises(SystemExit):
-        add_eval_arguments(argparse.ArgumentParser()).parse_args([str(dlm_ckpt), "--tasks", "x", "--decode.use_cache", "maybe"])
+        parser.parse_args(["eval", str(dlm_ckpt), "--tasks", "x", "--decode.use_cache", "maybe"])
+    with pytest.raises(ConfigError, match=r"^decode.sub_block_size=3: must divide decode.block_size=32"):
+        EvalConfig(decode={"sub_block_size": 3})
 
 
 def test_chat_template_shapes_the_prompts_when_asked(tokenizer, tmp_path):
     template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
                 "{% if add_generation_prompt %}<assistant>{% endif %}")
     ckpt = save_sharp(tokenizer, tmp_path / "chat", "block_clean", chat_template=template)
-    results = evaluate(ckpt, "gsm8k_synthetic", limit=1, gen_kwargs="max_gen_toks=4", apply_chat_template=True,
+    results = ev(ckpt, "gsm8k_synthetic", limit=1, gen_kwargs="max_gen_toks=4", apply_chat_template=True,
                        log_samples=True, task_metadata=synthetic_metadata(tmp_path))
     sample = results["samples"]["gsm8k_synthetic"][0]  # one entry per filter, same request
     ((prompt, gen_kwargs),) = sample["arguments"]
@@ -237,9 +190,9 @@ def test_stock_lm_eval_cli_runs_the_dlm_model_on_evals_tasks(dlm_ckpt, tmp_path)
     """The console script: `--model dlm` is found and built-in models are still there, from another cwd."""
     out = tmp_path / "lm_eval_out"
     cmd = [sys.executable, "-m", "dlm.cli.lm_eval", "--model", "dlm", "--model_args",
-           f"pretrained={dlm_ckpt},gen_length=8,threshold=0.9", "--tasks", "gsm8k_local", "--include_path", str(EVALS_DIR),
-           "--limit", "2", "--num_fewshot", "0", "--device", "cpu", "--output_path", str(out),
-           "--metadata", json.dumps({"data_dir": str(DATA)})]
+           f"pretrained={dlm_ckpt},gen_length=8,threshold=0.9", "--tasks", "gsm8k_local",
+           "--include_path", str(EVALS_DIR), "--limit", "2", "--num_fewshot", "0", "--device", "cpu",
+           "--output_path", str(out), "--metadata", json.dumps({"data_dir": str(DATA)})]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -6,10 +6,10 @@ import pytest
 from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model, model_registry
 
-from dlm.models.checkpoint import CheckpointMeta
-from dlm.settings.experiment import ConfigError
 from dlm.decoding.text import pad_token_id
-from dlm.evaluation.lm_eval_model import DLMEvalModel
+from dlm.evaluation.lm_eval_model import DLMEvalModel, rolling_windows
+from dlm.models.checkpoint import CheckpointMeta
+from dlm.settings import ConfigError
 from dlm.tensor.likelihood import score_continuations
 from tests.conftest import save_tiny, sharp_backbone
 from tests.tensor.test_likelihood import CONTEXT, CONTINUATIONS
@@ -120,7 +120,8 @@ def test_registry_resolves_dlm_and_still_the_builtin_models():
 
 
 def test_unknown_model_args_key_fails_in_one_line_before_loading(tmp_path):
-    with pytest.raises(ConfigError, match=r"^model_args.blok_size=4: unknown key \(did you mean 'block_size'\?\); allowed: "):
+    with pytest.raises(ConfigError, match=r"^model_args.blok_size=4: unknown key \(did you mean 'block_size'\?\); "
+                                          r"allowed: "):
         DLMEvalModel.create_from_arg_string(f"pretrained={tmp_path},blok_size=4")
 
 
@@ -145,3 +146,12 @@ def test_generation_kwargs_it_cannot_honour_fail_in_one_line(bb):
         adapter(bb).generate_until(gen_requests([CONTEXT], top_k=5))
     with pytest.raises(ConfigError, match=r"^max_gen_toks=256: leaves no room for the prompt in max_length=256"):
         adapter(bb).generate_until(gen_requests([CONTEXT], max_gen_toks=256))
+
+
+@pytest.mark.parametrize(("causal", "window"), [(True, 32), (False, 31)])
+def test_rolling_windows_predict_every_token_once_within_max_length(causal, window):
+    tokens = list(range(100, 200))
+    windows = rolling_windows(tokens, prefix_token_id=7, max_length=32, causal=causal)
+    assert [t for _, cont in windows for t in cont] == tokens
+    assert windows[0] == ([7], tokens[:window])  # the first window is scored after the prefix token alone
+    assert all(len(ctx) + len(cont) <= window + 1 and len(cont) <= window for ctx, cont in windows)

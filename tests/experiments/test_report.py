@@ -6,9 +6,17 @@ import mlflow
 import pandas as pd
 import pytest
 
-from dlm.experiments import sweep_plots
-from dlm.settings.experiment import ConfigError
-from dlm.experiments.report import bench_frame, drift_frame, eval_frame, latest_per_point, points_frame, report, summary_table
+from dlm.experiments.report import (
+    bench_frame,
+    drift_frame,
+    eval_frame,
+    latest_per_point,
+    points_frame,
+    report,
+    summary_table,
+)
+from dlm.settings import ConfigError
+from dlm.settings.sweep import ReportConfig
 from tests.experiments.test_sweep import POINTS, SWEEP_NAME, tiny_sweep
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -22,25 +30,29 @@ def swept(tmp_path_factory):
 def _run(point: str, index: int, start: int, status: str = "done", **cols) -> dict:
     return {"run_id": f"r{point}{start}", "status": "FINISHED", "start_time": start, "tags.dlm.point": point,
             "tags.dlm.point_index": str(index), "tags.dlm.status": status, "params.attention.pattern": "block_clean",
-            "params.attention.block_size": "4", "params.masking.strategy": "position", "params.masking.half_life": "0.1",
-            "params.objective.shift": "False", **cols}
+            "params.attention.block_size": "4", "params.masking.strategy": "position",
+            "params.masking.half_life": "0.1", "params.objective.shift": "False", **cols}
+
+
+def mlflow_runs() -> pd.DataFrame:
+    """Two points in `mlflow.search_runs` layout; point a also has an abandoned older run."""
+    return pd.DataFrame([
+        _run("a", 0, 1, status="failed", **{"metrics.val/loss": 9.0}),
+        _run("a", 0, 2, **{"metrics.val/loss": 1.5, "metrics.eval/decode_block_4/gsm8k/exact_match_strict-match": 0.25,
+                            "metrics.eval/decode_block_8/gsm8k/exact_match_strict-match": 0.125,
+                            "metrics.bench/dlm_batch1_t0.9/tpf": 2.0, "metrics.bench/dlm_batch1_t0.9/exact_match": 0.5,
+                            "metrics.bench/dlm_batch1_t0.9/tokens_per_sec": 40.0, "metrics.bench/ar_batch1/tpf": 1.0,
+                            "metrics.drift/layer_00/attention": 0.01, "metrics.drift/layer_01/mlp": 0.02}),
+        _run("b", 1, 3, **{"params.attention.block_size": "8", "metrics.val/loss": 1.25,
+                            "metrics.eval/decode_block_4/gsm8k/exact_match_strict-match": 0.5,
+                            "metrics.bench/dlm_batch1_t0.5/tpf": 3.0, "metrics.bench/dlm_batch1_t0.5/exact_match": 0.25,
+                            "metrics.bench/dlm_batch1_t0.5/tokens_per_sec": 60.0}),
+    ])
 
 
 @pytest.fixture
 def runs() -> pd.DataFrame:
-    """Two points in `mlflow.search_runs` layout; point a also has an abandoned older run."""
-    return pd.DataFrame([
-        _run("a", 0, 1, status="failed", **{"metrics.val/loss": 9.0}),
-        _run("a", 0, 2, **{"metrics.val/loss": 1.5, "metrics.eval/decode_bs_4/gsm8k/exact_match_strict-match": 0.25,
-                            "metrics.eval/decode_bs_8/gsm8k/exact_match_strict-match": 0.125,
-                            "metrics.bench/dlm_bs1_t0.9/tpf": 2.0, "metrics.bench/dlm_bs1_t0.9/exact_match": 0.5,
-                            "metrics.bench/dlm_bs1_t0.9/tokens_per_sec": 40.0, "metrics.bench/ar_bs1/tpf": 1.0,
-                            "metrics.drift/layer_00/attention": 0.01, "metrics.drift/layer_01/mlp": 0.02}),
-        _run("b", 1, 3, **{"params.attention.block_size": "8", "metrics.val/loss": 1.25,
-                            "metrics.eval/decode_bs_4/gsm8k/exact_match_strict-match": 0.5,
-                            "metrics.bench/dlm_bs1_t0.5/tpf": 3.0, "metrics.bench/dlm_bs1_t0.5/exact_match": 0.25,
-                            "metrics.bench/dlm_bs1_t0.5/tokens_per_sec": 60.0}),
-    ])
+    return mlflow_runs()
 
 
 def test_latest_per_point_keeps_the_done_run_in_sweep_order(runs):
@@ -73,30 +85,16 @@ def test_summary_table_has_a_column_per_decode_block_size_and_the_nearest_thresh
     assert table["tpf@0.9"].tolist()[0] == 2.0
 
 
-def test_block_size_plot_draws_a_line_per_trained_point_over_decode_block_sizes(runs):
-    points = points_frame(runs, ["attention.block_size"])
-    fig = sweep_plots.accuracy_vs_block_size(points, eval_frame(runs), task="gsm8k", metric="exact_match_strict-match")
-    (ax,) = fig.axes
-    assert [line.get_label() for line in ax.lines] == ["train block 4", "train block 8"]
-    assert list(ax.lines[0].get_xdata()) == [4, 8] and ax.get_xlabel() == "decode block size"
-
-
-def test_plots_skip_what_the_sweep_did_not_log(runs):
-    empty = runs[["run_id", "status", "start_time", "tags.dlm.point", "tags.dlm.point_index"]]
-    points = points_frame(empty)
-    assert sweep_plots.accuracy_vs_block_size(points, eval_frame(empty), task="gsm8k", metric="acc") is None
-    assert sweep_plots.accuracy_vs_tpf(points, bench_frame(empty)) is None
-    assert sweep_plots.drift_per_layer(drift_frame(empty)) is None
-
-
 def test_report_prints_the_table_writes_pngs_and_logs_them_to_the_parent(swept, tmp_path, capsys):
-    result = report(SWEEP_NAME, tracking_uri=swept.tracking_uri, out_dir=tmp_path)
+    result = report(SWEEP_NAME, ReportConfig(tracking_uri=swept.tracking_uri, out_dir=str(tmp_path)))
     out = capsys.readouterr().out
     assert out.startswith(f"sweep {SWEEP_NAME}: 2 points; accuracy = exact_match_strict-match\n")
-    assert list(result.table.columns) == ["point", "pattern", "status", "val_loss", "gsm8k_synthetic", "tpf@0.9", "tok/s@0.9"]
+    assert list(result.table.columns) == ["point", "pattern", "status", "val_loss", "gsm8k_synthetic", "tpf@0.9",
+                                          "tok/s@0.9"]
     assert result.table["point"].tolist() == POINTS and result.table["status"].tolist() == ["done", "done"]
     assert result.table["val_loss"].gt(0).all() and result.table["tpf@0.9"].ge(1).all()
-    assert [p.name for p in result.plots] == ["accuracy_vs_block_size.png", "accuracy_vs_tpf.png", "drift_per_layer.png"]
+    assert [p.name for p in result.plots] == ["accuracy_vs_block_size.png", "accuracy_vs_tpf.png",
+                                              "drift_per_layer.png"]
     assert all(p.read_bytes().startswith(PNG) for p in result.plots)
     assert pd.read_csv(tmp_path / "summary.csv")["point"].tolist() == POINTS
     artifacts = {a.path for a in mlflow.MlflowClient(swept.tracking_uri).list_artifacts(result.parent_run_id, "report")}
@@ -104,5 +102,6 @@ def test_report_prints_the_table_writes_pngs_and_logs_them_to_the_parent(swept, 
 
 
 def test_report_of_an_unknown_sweep_fails_in_one_line(swept):
-    with pytest.raises(ConfigError, match=r"^sweep='nope': no parent run in tracking URI sqlite:///.*; run `dlm sweep` first$"):
-        report("nope", tracking_uri=swept.tracking_uri)
+    with pytest.raises(ConfigError, match=r"^sweep='nope': no parent run in tracking URI sqlite:///.*; "
+                                          r"run `dlm sweep` first$"):
+        report("nope", ReportConfig(tracking_uri=swept.tracking_uri))

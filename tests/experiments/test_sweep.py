@@ -17,9 +17,11 @@ import pytest
 import torch
 import yaml
 
-from dlm.settings.experiment import ConfigError
-from dlm.experiments.sweep import SweepResult, finished_points, find_parent, run_sweep
-from tests.training.test_trainer import SMALL_MODEL
+from dlm.experiments.sweep import SweepResult, run_sweep
+from dlm.experiments.sweep_runs import find_parent, finished_points
+from dlm.settings import ConfigError
+from dlm.settings.sweep import SweepRunConfig
+from tests.helpers import SMALL_MODEL, save_tiny_ar
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "experiments" / "tiny.yaml")
@@ -33,30 +35,17 @@ FAST = ["data.synthetic_size=400", "data.max_length=32", "data.batch_size=4", "t
 
 
 # -- helpers shared with tests/test_report.py and tests/test_notebook.py ---------------------------------
-def save_tiny_ar(path: Path) -> Path:
-    """A random AR checkpoint with the SMALL_MODEL shape and the offline tokenizer (what tiny.yaml converts)."""
-    from dlm.models.backbone import load_backbone
-    from dlm.models.checkpoint import CheckpointMeta, save_checkpoint
-    from dlm.settings.experiment import ModelConfig
-
-    if (path / "dlm.yaml").is_file():
-        return path
-    dims = dict(o.split("=") for o in SMALL_MODEL)
-    config = {k.removeprefix("model.config."): int(v) for k, v in dims.items()} | {"max_position_embeddings": 256}
-    torch.manual_seed(0)
-    bb = load_backbone(ModelConfig(arch="qwen3", config=config, tokenizer="builtin:tiny"))
-    return save_checkpoint(bb.model, bb.tokenizer, CheckpointMeta("causal", 4, "<|mask|>", bb.mask_token_id), path)
-
-
 def write_sweep(root: Path, ar: Path, name: str = SWEEP_NAME, *, grid: dict | None = None, points: list | None = None,
                 overrides: list[str] = (), **sections) -> Path:
     """A sweep YAML over experiments/tiny.yaml at test size, its outputs and MLflow store under `root`."""
     spec = {"name": name, "experiment": TINY, "output_dir": str(root / "out" / name),
             "overrides": [f"model.name_or_path={ar}", f"data.cache_dir={root / 'data'}", *FAST, *overrides],
-            "grid": {"attention.pattern": ["block", "block_clean"]} if grid is None and points is None else (grid or {}),
+            "grid": {"attention.pattern": ["block", "block_clean"]} if grid is None and points is None
+                    else (grid or {}),
             "points": points or [],
             "eval": {"limit": 4, "batch_size": 4, "gen_kwargs": "max_gen_toks=8"},
-            "bench": {"thresholds": [0.5, 0.9], "gen_length": 8, "num_prompts": 2, "warmup": 0},
+            "bench": {"thresholds": [0.5, 0.9], "max_new_tokens": 8, "num_prompts": 2, "warmup": 0, "repeats": 1,
+                      "batch_sizes": [1], "no_cache_thresholds": []},
             "tracking": {"uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "sweeps"}}
     for key, value in sections.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
@@ -132,11 +121,6 @@ def _child(client: mlflow.MlflowClient, point: str, sweep: str = SWEEP_NAME):
     return runs[0]
 
 
-@pytest.fixture(scope="session")
-def ar_checkpoint(tmp_path_factory) -> Path:
-    return save_tiny_ar(tmp_path_factory.getbasetemp() / "tiny_ar")
-
-
 @pytest.fixture(scope="module")
 def swept(tmp_path_factory) -> TinySweep:
     return tiny_sweep(tmp_path_factory.getbasetemp() / "tiny_sweep")
@@ -144,7 +128,7 @@ def swept(tmp_path_factory) -> TinySweep:
 
 # -- validation before anything runs ----------------------------------------------------------------
 def test_dry_run_lists_and_validates_every_point_without_creating_runs(tmp_path, ar_checkpoint, capsys):
-    result = run_sweep(write_sweep(tmp_path, ar_checkpoint), dry_run=True)
+    result = run_sweep(write_sweep(tmp_path, ar_checkpoint), SweepRunConfig(dry_run=True))
     out = capsys.readouterr().out
     assert f"sweep {SWEEP_NAME}: 2 points, all configs valid" in out
     assert "pattern-block        pending  attention.pattern=block " in out
@@ -153,7 +137,8 @@ def test_dry_run_lists_and_validates_every_point_without_creating_runs(tmp_path,
 
 
 def test_an_invalid_point_fails_the_sweep_before_any_run_naming_point_and_key(tmp_path, ar_checkpoint):
-    path = write_sweep(tmp_path, ar_checkpoint, grid={"attention.pattern": ["block", "blok"], "objective.shift": [True]})
+    path = write_sweep(tmp_path, ar_checkpoint,
+                       grid={"attention.pattern": ["block", "blok"], "objective.shift": [True]})
     with pytest.raises(ConfigError, match=r"^sweep point 'pattern-blok_shift-true': attention.pattern='blok': "
                                           r"unknown pattern; allowed: causal, bidirectional, block, block_clean$"):
         run_sweep(path)
@@ -174,7 +159,8 @@ def test_sweep_makes_one_parent_and_a_child_per_point_with_train_bench_eval_metr
         assert run.data.params["attention.pattern"] == pattern and run.data.tags["mlflow.runName"] == point
         metrics = set(run.data.metrics)
         assert {"train/loss", "val/loss", "drift/layer_00/attention", "drift/mlp_mean"} <= metrics
-        assert {"bench/dlm_bs1_t0.9/tpf", "bench/dlm_bs1_t0.5/tokens_per_sec", "bench/ar_bs1/tokens_per_sec"} <= metrics
+        assert {"bench/dlm_batch1_t0.9/tpf", "bench/dlm_batch1_t0.5/tokens_per_sec",
+                "bench/ar_batch1/tokens_per_sec"} <= metrics
         assert "eval/gsm8k_synthetic/exact_match_strict-match" in metrics
         assert len(client.get_metric_history(run.info.run_id, "train/loss")) >= 4  # a loss curve, not a number
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -200,7 +186,8 @@ def test_a_rerun_skips_finished_points_and_reports_failed_ones(swept):
     assert crashed.outcomes[POINTS[0]].status == "skipped" and crashed.outcomes[POINTS[0]].run_id == first_run
     assert crashed.outcomes[POINTS[1]].status == "failed"
     assert crashed.outcomes[POINTS[1]].error == "RuntimeError: simulated crash"
-    assert swept.failed_tags["dlm.status"] == "failed" and swept.failed_tags["dlm.error"] == "RuntimeError: simulated crash"
+    assert (swept.failed_tags["dlm.status"] == "failed"
+            and swept.failed_tags["dlm.error"] == "RuntimeError: simulated crash")
     assert [o.status for o in final.outcomes.values()] == ["skipped", "done"]
     assert crashed.parent_run_id == final.parent_run_id  # found again by its tags
 
@@ -219,6 +206,6 @@ def test_slurm_launcher_runs_each_point_as_a_submitit_job_and_reports_failures(t
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(good.run_id)
     assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id and run.data.tags["dlm.status"] == "done"
-    assert {"train/loss", "bench/dlm_bs1_t0.9/tpf"} <= set(run.data.metrics)
+    assert {"train/loss", "bench/dlm_batch1_t0.9/tpf"} <= set(run.data.metrics)
     assert client.get_run(result.parent_run_id).info.status == "FAILED"
     assert list((tmp_path / "out" / "tiny_slurm" / "submitit").glob("*_0_log.out"))  # submitit's job logs

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -11,15 +10,23 @@ import mlflow
 import pytest
 import torch
 
-from dlm.measurement.bench import run_bench
-from dlm.cli.bench_args import add_bench_arguments, run_from_args
-from dlm.settings.experiment import ConfigError
+from dlm.cli.main import main
 from dlm.data.synthetic import format_example, problems
+from dlm.measurement.bench import run_bench
+from dlm.settings import BenchConfig, ConfigError, LogTarget
 from tests.conftest import save_tiny, sharp_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 GEN = 16
+
+
+def bench(checkpoint, *, mlflow_run=None, tracking_uri=None, **settings):
+    """`run_bench` with its settings as keywords (sequences and paths as the YAML / CLI would give them)."""
+    settings = {k: list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v
+                for k, v in settings.items()}
+    log = LogTarget(mlflow_run, tracking_uri) if mlflow_run or tracking_uri else None
+    return run_bench(checkpoint, BenchConfig(**settings), log=log)
 
 
 def _save(tokenizer, out: Path, pattern: str, seed: int) -> Path:
@@ -48,7 +55,7 @@ def new_run(files):
 @pytest.fixture(scope="module")
 def result(files, new_run):
     run = new_run()
-    return run_bench(files["dlm"], ar_baseline=files["ar"], thresholds=(0.3, 1.0), batch_sizes=(1, 2), gen_length=GEN,
+    return bench(files["dlm"], ar_baseline=files["ar"], thresholds=(0.3, 1.0), batch_sizes=(1, 2), max_new_tokens=GEN,
                      repeats=2, warmup=1, prompts=files["prompts"], ignore_eos=True, mlflow_run=run,
                      tracking_uri=f"sqlite:///{files['tmp']}/mlflow.db", output_dir=files["tmp"] / "out")
 
@@ -85,18 +92,19 @@ def test_table_json_plot_and_mlflow_record(result, files):
     assert lines[0].startswith("| setting | batch | threshold | tokens/s |") and len(lines) == 2 + 10 + 2
     assert f"AR baseline: {files['ar']}" in result.table and "EOS ignored" in result.table
     saved = json.loads(result.json_path.read_text())
-    assert saved["meta"]["gen_length"] == GEN and saved["meta"]["block_size"] == 4
+    assert saved["meta"]["max_new_tokens"] == GEN and saved["meta"]["block_size"] == 4
     assert [r["tpf"] for r in saved["rows"]] == [r.tpf for r in result.rows]
     assert result.plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     client = mlflow.MlflowClient(f"sqlite:///{files['tmp']}/mlflow.db")
     metrics = client.get_run(result.mlflow_run).data.metrics
-    assert metrics["bench/dlm_bs1_t0.3/tpf"] == pytest.approx(_row(result, "dlm", 1, 0.3).tpf)
-    assert metrics["bench/ar_bs2/tokens_per_sec"] == pytest.approx(_row(result, "ar", 2).tokens_per_sec)
-    assert {a.path for a in client.list_artifacts(result.mlflow_run, "bench")} == {"bench/bench.json", "bench/pareto.png"}
+    assert metrics["bench/dlm_batch1_t0.3/tpf"] == pytest.approx(_row(result, "dlm", 1, 0.3).tpf)
+    assert metrics["bench/ar_batch2/tokens_per_sec"] == pytest.approx(_row(result, "ar", 2).tokens_per_sec)
+    assert ({a.path for a in client.list_artifacts(result.mlflow_run, "bench")}
+            == {"bench/bench.json", "bench/pareto.png"})
 
 
 def test_cached_and_uncached_decoding_agree_on_tokens_per_forward(files):
-    out = run_bench(files["dlm"], thresholds=(0.3,), no_cache_thresholds=(0.3,), batch_sizes=(2,), gen_length=8,
+    out = bench(files["dlm"], thresholds=(0.3,), no_cache_thresholds=(0.3,), batch_sizes=(2,), max_new_tokens=8,
                     repeats=1, warmup=0, prompts=files["prompts"], output_dir=files["tmp"] / "agree")
     cached, no_cache = _row(out, "dlm", 2, 0.3), _row(out, "dlm-nocache", 2, 0.3)
     assert (cached.tpf, cached.nfe, cached.exact_match) == (no_cache.tpf, no_cache.nfe, no_cache.exact_match)
@@ -110,7 +118,8 @@ def test_cached_and_uncached_decoding_agree_on_tokens_per_forward(files):
     ({"no_cache_thresholds": (-1.0,)}, r"^bench.no_cache_thresholds=-1.0: must be in \(0, 1\]"),
     ({"block_size": 0}, r"^bench.block_size=0: must be a positive integer"),
     ({"batch_sizes": (1, 0)}, r"^bench.batch_sizes=0: must be a positive integer"),
-    ({"gen_length": 250}, r"^bench.gen_length=250: longest prompt \d+ tokens \+ 250 = \d+ exceeds max_position_embeddings=256"),
+    ({"max_new_tokens": 250}, r"^bench.max_new_tokens=250: longest prompt \d+ tokens \+ 250 = \d+ exceeds "
+                              r"max_position_embeddings=256"),
     ({"mlflow_run": "nope"}, r"^bench.mlflow_run='nope': no such run"),
     ({"scored": True, "prompts": "PLAIN"}, r"scoring needs an 'answer' in every row"),
 ])
@@ -120,36 +129,36 @@ def test_bad_input_fails_in_one_line_before_any_output(files, new_run, tmp_path,
         kwargs["prompts"] = tmp_path / "plain.jsonl"
     kwargs = {"prompts": files["prompts"], "tracking_uri": f"sqlite:///{files['tmp']}/mlflow.db"} | kwargs
     with pytest.raises(ConfigError, match=match) as err:
-        run_bench(files["dlm"], output_dir=tmp_path / "out", **kwargs)
+        bench(files["dlm"], output_dir=tmp_path / "out", **kwargs)
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
 
 
 def test_checkpoint_without_dlm_yaml_or_with_the_causal_pattern_is_refused(files, tmp_path):
     with pytest.raises(ConfigError, match=r"^checkpoint='.*': no dlm.yaml; not a dlm checkpoint"):
-        run_bench(tmp_path)
+        bench(tmp_path)
     with pytest.raises(ConfigError, match=r"pattern=causal is an AR model; pass it as --ar-baseline"):
-        run_bench(files["ar"])
+        bench(files["ar"])
     with pytest.raises(ConfigError, match=r"no dlm.yaml"):
-        run_bench(files["dlm"], ar_baseline=tmp_path)
+        bench(files["dlm"], ar_baseline=tmp_path)
 
 
 def test_command_line_parses_lists_and_prints_the_table(files, capsys):
-    parser = argparse.ArgumentParser()
-    add_bench_arguments(parser)
-    args = parser.parse_args([str(files["dlm"]), "--thresholds", "0.3", "--batch-sizes", "2", "--gen-length", "8",
-                              "--no-cache-thresholds", "", "--repeats", "1", "--warmup", "0", "--no-score",
-                              "--prompts", str(files["prompts"]), "--output-dir", str(files["tmp"] / "cli")])
-    result = run_from_args(args)
-    assert [r.method for r in result.rows] == ["ar", "dlm-1tpf", "dlm"] and result.rows[0].exact_match is None
+    argv = ["bench", str(files["dlm"]), "--thresholds", "0.3", "--batch-sizes", "2", "--gen-length", "8",
+            "--no-cache-thresholds", "", "--repeats", "1", "--warmup", "0", "--no-score",
+            "--prompts", str(files["prompts"]), "--output-dir", str(files["tmp"] / "cli")]
+    assert main(argv) == 0
+    saved = json.loads((files["tmp"] / "cli" / "bench.json").read_text())
+    assert [r["method"] for r in saved["rows"]] == ["ar", "dlm-1tpf", "dlm"] and saved["rows"][0]["exact_match"] is None
     assert "| dLM cached | 2 | 0.3 |" in capsys.readouterr().out
 
 
 def test_mlflow_run_auto_logs_into_the_run_that_trained_the_checkpoint(files, new_run, tmp_path):
     uri = f"sqlite:///{files['tmp']}/mlflow.db"
     client, run = mlflow.MlflowClient(uri), new_run()
-    (files["tmp"] / "mlflow_run.json").write_text(json.dumps({"run_id": run, "tracking_uri": uri}))  # as dlm train writes it
-    out = run_bench(files["dlm"], mlflow_run="auto", thresholds=(0.5,), batch_sizes=(1,), no_cache_thresholds=(),
-                    gen_length=4, repeats=1, warmup=0, prompts=files["prompts"], output_dir=tmp_path)
-    assert out.mlflow_run == run and "bench/dlm_bs1_t0.5/tokens_per_sec" in client.get_run(run).data.metrics
-    with pytest.raises(ConfigError, match=r"^bench.mlflow_run='auto': no .*mlflow_run.json; pass a run id"):
-        run_bench(shutil.copytree(files["dlm"], tmp_path / "copy/final"), mlflow_run="auto")
+    # as dlm train writes it
+    (files["tmp"] / "mlflow_run.json").write_text(json.dumps({"run_id": run, "tracking_uri": uri}))
+    out = bench(files["dlm"], mlflow_run="auto", thresholds=(0.5,), batch_sizes=(1,), no_cache_thresholds=(),
+                    max_new_tokens=4, repeats=1, warmup=0, prompts=files["prompts"], output_dir=tmp_path)
+    assert out.mlflow_run == run and "bench/dlm_batch1_t0.5/tokens_per_sec" in client.get_run(run).data.metrics
+    with pytest.raises(ConfigError, match=r"^bench.mlflow_run='auto': no mlflow_run.json beside .*; pass a run id"):
+        bench(shutil.copytree(files["dlm"], tmp_path / "copy/final"), mlflow_run="auto")

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
+from dlm.cli.main import build_parser
+from dlm.measurement.drift import DriftReport, discover_groups, drift_figure, drift_plot, layer_parameters, weight_drift
 from dlm.models.checkpoint import CheckpointMeta, save_checkpoint
-from dlm.settings.experiment import ConfigError
-from dlm.measurement.drift import DriftReport, add_drift_arguments, discover_groups, drift_figure, drift_plot, layer_parameters, run_drift, weight_drift
+from dlm.settings import ConfigError
 from tests.conftest import make_backbone
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -75,7 +74,8 @@ def test_groups_are_the_seven_projection_matrices_of_each_layer(arch, tokenizer)
         expected[(i, "mlp")] = [f"model.layers.{i}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
     assert discover_groups(state) == expected
     norms = {p.name for p in layer_parameters(state).values()} - {n for names in expected.values() for n in names}
-    assert norms == ({f"model.layers.{i}.self_attn.{n}_norm.weight" for i in (0, 1) for n in "qk"} if arch == "qwen3" else set())
+    assert norms == ({f"model.layers.{i}.self_attn.{n}_norm.weight" for i in (0, 1) for n in "qk"} if arch == "qwen3"
+                     else set())
 
 
 def test_wrapped_names_match_the_bare_model_and_resized_embeddings_are_skipped(qwen3):
@@ -85,17 +85,21 @@ def test_wrapped_names_match_the_bare_model_and_resized_embeddings_are_skipped(q
     assert set(weight_drift(wrapped, ref).as_metrics().values()) == {0.0}
     report = weight_drift(qwen3.model, ref)
     assert report.skipped == ("model.embed_tokens.weight (384, 64) vs (383, 64)",)
-    assert report.table().splitlines()[-1] == "skipped (shape differs from the reference): model.embed_tokens.weight (384, 64) vs (383, 64)"
+    assert report.table().splitlines()[-1] == ("skipped (shape differs from the reference): "
+                                               "model.embed_tokens.weight (384, 64) vs (383, 64)")
 
 
 def test_mismatched_architectures_name_the_first_differing_parameter(qwen3, tokenizer):
     llama = make_backbone("llama", tokenizer).model.state_dict()
-    with pytest.raises(ConfigError, match=r"^parameter 'model.layers.0.self_attn.k_norm.weight': missing from the reference"):
+    with pytest.raises(ConfigError, match=r"^parameter 'model.layers.0.self_attn.k_norm.weight': "
+                                          r"missing from the reference"):
         weight_drift(qwen3.model, llama)
-    with pytest.raises(ConfigError, match=r"^parameter 'model.layers.0.self_attn.k_norm.weight': in the reference, missing from the model"):
+    with pytest.raises(ConfigError, match=r"^parameter 'model.layers.0.self_attn.k_norm.weight': "
+                                          r"in the reference, missing from the model"):
         weight_drift(llama, qwen3.model.state_dict())
     fewer_layers = {k: v for k, v in qwen3.model.state_dict().items() if ".layers.1." not in k}
-    with pytest.raises(ConfigError, match=r"^parameter 'model.layers.1.mlp.down_proj.weight': missing from the reference"):
+    with pytest.raises(ConfigError, match=r"^parameter 'model.layers.1.mlp.down_proj.weight': "
+                                          r"missing from the reference"):
         weight_drift(qwen3.model, fewer_layers)
     narrower = _clone(qwen3.model.state_dict()) | {"model.layers.0.mlp.up_proj.weight": torch.ones(96, 64)}
     with pytest.raises(ConfigError, match=r"up_proj.weight': shape \(128, 64\) vs \(96, 64\) in the reference"):
@@ -131,9 +135,8 @@ def checkpoints(tmp_path_factory, tokenizer):
 
 
 def _drift_cli(*argv: str) -> dict[str, DriftReport]:
-    parser = argparse.ArgumentParser(prog="dlm drift")
-    add_drift_arguments(parser)
-    return run_drift(parser.parse_args(list(argv)))
+    args = build_parser().parse_args(["drift", *argv])
+    return args.func(args)
 
 
 def test_cli_prints_the_table_and_writes_the_plot(checkpoints, tmp_path, capsys):
@@ -147,14 +150,14 @@ def test_cli_prints_the_table_and_writes_the_plot(checkpoints, tmp_path, capsys)
 
 def test_cli_errors_are_one_line(checkpoints, tmp_path):
     ckpts, _ = checkpoints
-    with pytest.raises(ConfigError, match=r"^--reference='.*/missing': no such folder$"):
+    with pytest.raises(ConfigError, match=r"^reference='.*/missing': no such folder$"):
         _drift_cli(str(ckpts / "converted"), "--reference", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match=r"^checkpoint='.*': no weights in the folder; allowed: model\*.safetensors"):
         _drift_cli(str(tmp_path), "--reference", str(ckpts / "ar"))
-    with pytest.raises(ConfigError, match=r"^checkpoint='.*/converted' vs --reference='.*/llama': parameter "
+    with pytest.raises(ConfigError, match=r"^checkpoint='.*/converted' vs reference='.*/llama': parameter "
                                           r"'model.layers.0.self_attn.k_norm.weight': missing from the reference"):
         _drift_cli(str(ckpts / "converted"), "--reference", str(ckpts / "llama"))
-    with pytest.raises(ConfigError, match=r"^--mlflow-run='r': logs one checkpoint; got 2$"):
+    with pytest.raises(ConfigError, match=r"^mlflow_run='r': logs one checkpoint; got 2$"):
         _drift_cli(str(ckpts / "ar"), str(ckpts / "converted"), "--reference", str(ckpts / "ar"), "--mlflow-run", "r")
 
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dlm.tensor.attention import build_attention_inputs
 from dlm.models.backbone import ensure_mask_token, forward_logits, load_backbone
-from dlm.settings.experiment import PATTERNS, ConfigError, ModelConfig
+from dlm.settings import PATTERNS, ConfigError, ModelConfig
+from dlm.tensor.attention import build_attention_inputs
 from tests.conftest import TINY
 
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from dlm.settings.experiment import ConfigError, ExperimentConfig, flatten, load_config, save_config, to_yaml
+from dlm.settings import ConfigError, ExperimentConfig, flatten, load_config, save_config, to_yaml
 
 TINY = "experiments/tiny.yaml"
 
@@ -26,10 +26,14 @@ def test_saved_config_reloads_exactly(tmp_path):
 @pytest.mark.parametrize(
     "override,match",
     [
-        ("attention.patern=block", r"^attention.patern: unknown key \(did you mean 'pattern'\?\); allowed: pattern, block_size, backend$"),
-        ("attention.block_size=abc", r"^attention.block_size='abc': Value 'abc' of type 'str' could not be converted to Integer"),
-        ("attention.pattern=blok", r"^attention.pattern='blok': unknown pattern; allowed: causal, bidirectional, block, block_clean$"),
-        ("attention.block_size=5", r"^attention.block_size=5: must divide data.max_length=96; allowed: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96$"),
+        ("attention.patern=block", r"^attention.patern: unknown key \(did you mean 'pattern'\?\); "
+                                   r"allowed: pattern, block_size, backend$"),
+        ("attention.block_size=abc", r"^attention.block_size='abc': Value 'abc' of type 'str' "
+                                     r"could not be converted to Integer"),
+        ("attention.pattern=blok", r"^attention.pattern='blok': unknown pattern; "
+                                   r"allowed: causal, bidirectional, block, block_clean$"),
+        ("attention.block_size=5", r"^attention.block_size=5: must divide data.max_length=96; "
+                                   r"allowed: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 96$"),
         ("attention.backend=xla", r"^attention.backend='xla': unknown backend"),
         ("masking.half_life=-1", r"^masking.half_life=-1.0: must be > 0"),
         ("masking.strategy=random", r"^masking.strategy='random': unknown strategy; allowed: uniform, position$"),
@@ -64,7 +68,8 @@ def test_flatten_gives_dotted_params():
     assert flat["model.config.hidden_size"] == 128
 
 
-@pytest.mark.parametrize("preset", sorted(p.name for p in __import__("pathlib").Path("experiments").glob("*.yaml") if p.name != "base.yaml"))
+@pytest.mark.parametrize("preset", sorted(p.name for p in __import__("pathlib").Path("experiments").glob("*.yaml")
+                                          if p.name != "base.yaml"))
 def test_every_shipped_preset_loads_and_validates(preset):
     cfg = load_config(f"experiments/{preset}")
     assert cfg.data.max_length % cfg.attention.block_size == 0

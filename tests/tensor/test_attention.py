@@ -7,6 +7,7 @@ from torch.nn.functional import scaled_dot_product_attention
 from torch.testing import assert_close
 from transformers import DynamicCache
 
+from dlm.settings import PATTERNS, ConfigError
 from dlm.tensor.attention import (
     additive_mask,
     build_attention_inputs,
@@ -16,7 +17,6 @@ from dlm.tensor.attention import (
     flex_block_mask,
     position_ids,
 )
-from dlm.settings.experiment import PATTERNS, ConfigError
 
 T, F = True, False
 CASES = [(p, bs) for p in PATTERNS for bs in (3, 4)]  # odd and even block sizes, L = 12
@@ -96,7 +96,8 @@ def test_block_clean_noisy_token_changes_only_its_own_noisy_block(backbone):
     ids = torch.randint(5, 300, (1, 2 * L))
     changed = ids.clone()
     changed[0, 5] += 1  # noisy block 1
-    diff = (_logits(backbone.model, ids, "block_clean", bs) - _logits(backbone.model, changed, "block_clean", bs)).abs().amax(-1)[0]
+    diff = (_logits(backbone.model, ids, "block_clean", bs)
+            - _logits(backbone.model, changed, "block_clean", bs)).abs().amax(-1)[0]
     noisy = diff[:L]
     assert noisy[4:8].min() > 0
     assert noisy[:4].max() == 0 and noisy[8:].max() == 0
@@ -108,7 +109,8 @@ def test_block_clean_clean_token_changes_only_later_noisy_blocks(backbone):
     ids = torch.randint(5, 300, (1, 2 * L))
     changed = ids.clone()
     changed[0, L + 5] += 1  # clean block 1
-    noisy = (_logits(backbone.model, ids, "block_clean", bs) - _logits(backbone.model, changed, "block_clean", bs)).abs().amax(-1)[0, :L]
+    noisy = (_logits(backbone.model, ids, "block_clean", bs)
+             - _logits(backbone.model, changed, "block_clean", bs)).abs().amax(-1)[0, :L]
     assert noisy[:8].max() == 0
     assert noisy[8:].min() > 0
 
@@ -166,7 +168,8 @@ def test_describe_prints_each_row():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(pattern="blok"), r"attention.pattern='blok': unknown pattern; allowed: causal, bidirectional, block, block_clean"),
+        (dict(pattern="blok"), r"attention.pattern='blok': unknown pattern; "
+                               r"allowed: causal, bidirectional, block, block_clean"),
         (dict(block_size=0), r"attention.block_size=0: must be a positive integer"),
         (dict(backend="xformers"), r"attention.backend='xformers': unknown backend; allowed: auto"),
         (dict(backend="flex"), r"attention.backend='flex': needs CUDA"),
@@ -196,6 +199,8 @@ def test_full_model_flex_matches_sdpa_on_cuda(tokenizer, pattern):
     got = _logits(flex, ids, pattern, 16, backend="flex")
     expected = _logits(sdpa, ids, pattern, 16, backend="sdpa")
     assert_close(got, expected, atol=2e-4, rtol=2e-4)
-    loss = flex(input_ids=ids, **build_attention_inputs(pattern, batch_size=2, seq_len=ids.shape[1] // (2 if pattern == "block_clean" else 1),
-                                                        block_size=16, backend="flex", device="cuda").as_kwargs()).logits.float().logsumexp(-1).mean()
+    loss = flex(input_ids=ids, **build_attention_inputs(pattern, batch_size=2,
+                                                        seq_len=ids.shape[1] // (2 if pattern == "block_clean" else 1),
+                                                        block_size=16, backend="flex",
+                                                        device="cuda").as_kwargs()).logits.float().logsumexp(-1).mean()
     loss.backward()  # flex has a backward on CUDA

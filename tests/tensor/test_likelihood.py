@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dlm.tensor.attention import block_causal
 from dlm.decoding.text import pad_token_id
-from dlm.tensor.likelihood import diffusion_rows, rolling_windows, score_continuations
+from dlm.tensor.attention import block_causal
+from dlm.tensor.likelihood import diffusion_rows, score_continuations
 from tests.conftest import sharp_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -57,7 +57,8 @@ def step_by_step(bb, ctx, cont, *, block_size=4, shift=False):
 def test_single_token_continuation_is_the_log_softmax_at_the_masked_position(bb, tokenizer):
     ctx = tokenizer.encode(CONTEXT)
     p = len(ctx)
-    direct = log_probs(bb.model, ctx + [bb.mask_token_id], [q // 4 for q in range(p)] + [-(-p // 4)], bb.mask_token_id)[p]
+    direct = log_probs(bb.model, ctx + [bb.mask_token_id], [q // 4 for q in range(p)] + [-(-p // 4)],
+                       bb.mask_token_id)[p]
     for token in (tokenizer.encode(" 7")[-1], int(direct.argmax())):
         (lp, greedy), = scores(bb, [(ctx, [token])])
         assert lp == pytest.approx(float(direct[token]), abs=1e-5)
@@ -92,12 +93,3 @@ def test_ar_scoring_is_the_plain_causal_forward(bb, tokenizer):
     want = logits.log_softmax(-1)[len(ctx) - 1:-1].gather(-1, torch.tensor(cont)[:, None]).sum()
     (lp, _), = scores(bb, [(ctx, cont)], causal=True)
     assert lp == pytest.approx(float(want), abs=1e-4)
-
-
-@pytest.mark.parametrize(("causal", "window"), [(True, 32), (False, 31)])
-def test_rolling_windows_predict_every_token_once_within_max_length(causal, window):
-    tokens = list(range(100, 200))
-    windows = rolling_windows(tokens, prefix_token_id=7, max_length=32, causal=causal)
-    assert [t for _, cont in windows for t in cont] == tokens
-    assert windows[0] == ([7], tokens[:window])  # the first window is scored after the prefix token alone
-    assert all(len(ctx) + len(cont) <= window + 1 and len(cont) <= window for ctx, cont in windows)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from dlm.settings.experiment import ConfigError
+from dlm.settings import ConfigError
 from dlm.tensor.masking import MaskSample, complementary, position_log_weights, sample_mask, sample_t
 
 T, F = True, False
@@ -193,7 +193,7 @@ def test_same_seed_same_mask():
         (dict(strategy="random"), "masking.strategy='random': unknown strategy; allowed: uniform, position"),
         (dict(half_life=-1.0), "masking.half_life=-1.0: must be > 0 (large = uniform)"),
         (dict(half_life=0.0), "masking.half_life=0.0: must be > 0 (large = uniform)"),
-        (dict(seq_len=10), "data.max_length=10: must be a multiple of attention.block_size=4"),
+        (dict(seq_len=10), "attention.block_size=4: must divide data.max_length=10; allowed: 1, 2, 5, 10"),
         (dict(block_size=0), "attention.block_size=0: must be a positive integer"),
     ],
 )

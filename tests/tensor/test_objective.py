@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from dlm.settings import PATTERNS, ConfigError
 from dlm.tensor.attention import total_length
-from dlm.settings.experiment import PATTERNS, ConfigError
 from dlm.tensor.objective import ar_loss, block_weights, diffusion_loss, predictions_for_targets, shift_valid
 
 T, F_ = True, False

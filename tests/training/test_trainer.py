@@ -14,34 +14,13 @@ import torch
 from safetensors.torch import load_file
 
 from dlm.models.checkpoint import load_checkpoint, read_meta
-from dlm.settings.experiment import ConfigError, load_config
+from dlm.settings import ConfigError, load_config
 from dlm.training.trainer import train
+from tests.helpers import SMALL_MODEL, CrashAt, small_overrides  # noqa: F401 (re-exported for other test modules)
 
 REPO = Path(__file__).resolve().parents[2]
-SMALL_MODEL = ["model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
-               "model.config.num_attention_heads=2", "model.config.num_key_value_heads=1", "model.config.head_dim=16"]
-
-
-def small_overrides(tmp_path: Path, **kw: str) -> list[str]:
-    base = {"output_dir": f"{tmp_path}/out", "tracking.tracking_uri": f"sqlite:///{tmp_path}/mlflow.db",
-            "data.cache_dir": f"{tmp_path}/data", "data.synthetic_size": "400", "data.max_length": "32",
-            "data.batch_size": "4", "trainer.max_steps": "6", "trainer.val_every_n_steps": "3",
-            "trainer.limit_val_batches": "2", "trainer.checkpoint_every_n_steps": "3", "trainer.log_every_n_steps": "1",
-            "trainer.progress_bar": "false", "trainer.throughput_window": "2", "trainer.accelerator": "cpu", "trainer.devices": "1"}
-    return [f"{k}={v}" for k, v in (base | kw).items()] + SMALL_MODEL
-
-
 def _run(tmp_path, config="experiments/tiny_ar.yaml", callbacks=(), **kw):
     return train(load_config(config, overrides=small_overrides(tmp_path, **kw)), callbacks=list(callbacks))
-
-
-class CrashAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, *args) -> None:
-        if trainer.global_step == self.step:
-            raise RuntimeError("simulated crash")
 
 
 class StatusProbe(L.Callback):
@@ -85,7 +64,8 @@ def test_exported_checkpoint_matches_lightning_weights(ar_run):
     for name, tensor in exported.items():
         torch.testing.assert_close(tensor, lightning_state[f"model.{name}"])
     backbone, meta = load_checkpoint(result.final_dir)
-    torch.testing.assert_close(backbone.model.model.embed_tokens.weight, lightning_state["model.model.embed_tokens.weight"])
+    torch.testing.assert_close(backbone.model.model.embed_tokens.weight,
+                               lightning_state["model.model.embed_tokens.weight"])
 
 
 def test_conversion_from_ar_checkpoint_runs_block_clean(ar_run, tmp_path):

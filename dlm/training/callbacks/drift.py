@@ -13,8 +13,8 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-from dlm.settings.experiment import ConfigError
 from dlm.measurement.drift import DriftReport, drift_plot, load_weights, snapshot, weight_drift
+from dlm.settings import ConfigError
 
 log = logging.getLogger(__name__)
 PLOT_NAME = "weight_drift.png"
@@ -22,7 +22,7 @@ PLOT_NAME = "weight_drift.png"
 
 class WeightDriftCallback(L.Callback):
     """Every `every_n_steps` optimizer steps (0: only at the end) and at train end, on rank 0, log
-    `drift/layer_<i>/{attention,mlp}` and `drift/{attention,mlp}_mean` (`dlm.drift.weight_drift`) at the
+    `drift/layer_<i>/{attention,mlp}` and `drift/{attention,mlp}_mean` (`dlm.measurement.drift.weight_drift`) at the
     global step; at train end draw `<default_root_dir>/weight_drift.png` and log it as an MLflow artifact.
 
     Reference: the folder `reference` (a local HF model) when given. Otherwise a CPU copy of the decoder
@@ -47,7 +47,8 @@ class WeightDriftCallback(L.Callback):
             rank_zero_warn(f"WeightDriftCallback: off under {type(trainer.strategy).__name__} (weights are sharded)")
             return
         try:
-            self._reference = load_weights(self.reference, key="reference") if self.reference else snapshot(_model(pl_module))
+            self._reference = (load_weights(self.reference, key="reference") if self.reference
+                               else snapshot(_model(pl_module)))
         except Exception as err:  # a bad reference must not end a training run
             self._fail("reading the reference weights", err)
 
@@ -86,7 +87,8 @@ class WeightDriftCallback(L.Callback):
 
     def _fail(self, doing: str, err: Exception) -> None:
         """Warn once and switch off: a failure here (a mismatched reference) would repeat every time."""
-        rank_zero_warn(f"WeightDriftCallback: {doing} failed, drift is off and training goes on: {type(err).__name__}: {err}")
+        rank_zero_warn(f"WeightDriftCallback: {doing} failed, drift is off and training goes on: "
+                       f"{type(err).__name__}: {err}")
         log.debug("drift failure", exc_info=True)
         self._reference, self._report = None, None  # no plot of a stale report either
 

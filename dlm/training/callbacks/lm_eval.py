@@ -5,18 +5,20 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import lightning as L
 import numpy as np
 import torch
 
+from dlm.evaluation.evaluate import metrics_from_results, run_lm_eval
+from dlm.evaluation.lm_eval_model import DLMEvalModel
+from dlm.evaluation.tasks import prepare_tasks
+from dlm.models.backbone import Backbone
+from dlm.models.checkpoint import CheckpointMeta
+from dlm.settings import EvalConfig
+from dlm.settings.errors import check_positive_int
 from dlm.training.callbacks.throughput import decoding_mode
-from dlm.settings.experiment import ConfigError
-
-if TYPE_CHECKING:
-    from dlm.decoding.engine import DecodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -32,30 +34,25 @@ class LmEvalCallback(L.Callback):
     forward would hang, so the callback skips there (with a warning); use `dlm eval` on the export.
 
     `gsm8k_synthetic` reads the synthetic data of the run's own config (`data.synthetic_size`, ...)
-    unless `task_metadata` says otherwise. Example: ``LmEvalCallback("gsm8k_synthetic", 200, limit=50)``.
+    unless `task_metadata` says otherwise. `settings` are `dlm eval`'s (tasks, limit, decode, ...).
+    Example: ``LmEvalCallback(EvalConfig(tasks=["gsm8k_synthetic"], limit=50), every_n_steps=200)``.
     """
 
-    def __init__(self, tasks: str | Sequence[str], every_n_steps: int, limit: int | float | None = None, *,
-                 num_fewshot: int | None = None, batch_size: int = 8, decode: DecodeConfig | dict | None = None,
-                 data_dir: str | Path | None = None, task_metadata: dict[str, Any] | None = None,
-                 gen_kwargs: str | dict | None = None, at_train_end: bool = True) -> None:
-        if not isinstance(every_n_steps, int) or every_n_steps <= 0:
-            raise ConfigError(f"every_n_steps={every_n_steps!r}: must be a positive integer")
-        self.tasks, self.every_n_steps, self.limit = tasks, every_n_steps, limit
-        self.num_fewshot, self.batch_size, self.decode = num_fewshot, batch_size, decode
-        self.data_dir, self.task_metadata, self.gen_kwargs = data_dir, task_metadata, gen_kwargs
-        self.at_train_end = at_train_end
+    def __init__(self, settings: EvalConfig, every_n_steps: int, *, task_metadata: dict[str, Any] | None = None,
+                 at_train_end: bool = True) -> None:
+        check_positive_int("every_n_steps", every_n_steps)
+        self.settings, self.every_n_steps = settings, every_n_steps
+        self.task_metadata, self.at_train_end = task_metadata, at_train_end
         self._manager = None
         self._runs: dict[str, str] = {}
         self._last_step = -1
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Resolve the tasks once (fails here, before training, on bad names or missing data)."""
-        from dlm.evaluation.evaluate import prepare_tasks
-
         if trainer.is_global_zero and self._manager is None:
             metadata = {**_data_metadata(pl_module), **(self.task_metadata or {})}
-            self._manager, self._runs = prepare_tasks(self.tasks, data_dir=self.data_dir, task_metadata=metadata)
+            self._manager, self._runs = prepare_tasks(self.settings.tasks, data_dir=self.settings.data_dir,
+                                                      task_metadata=metadata)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step  # optimizer steps: stays put across gradient-accumulation micro-batches
@@ -84,18 +81,12 @@ class LmEvalCallback(L.Callback):
 
     def evaluate(self, pl_module: L.LightningModule) -> dict[str, float]:
         """lm-eval on `pl_module.model` as it is now; returns `eval/<task>/<metric>` values."""
-        from dlm.models.backbone import Backbone
-        from dlm.models.checkpoint import CheckpointMeta
-        from dlm.evaluation.evaluate import metrics_from_results, run_lm_eval
-        from dlm.evaluation.lm_eval_model import DLMEvalModel
-
         model = pl_module.model
         meta = CheckpointMeta.from_config(pl_module.cfg, pl_module.mask_token_id)
         lm = DLMEvalModel(backbone=Backbone(model, pl_module.tokenizer, pl_module.mask_token_id), meta=meta,
-                          decode=self.decode, batch_size=self.batch_size)
+                          decode=self.settings.decode_overrides(), batch_size=self.settings.batch_size)
         with decoding_mode(model), _kept_rng_state():  # the decoder and scorer pass 4-D masks
-            results = run_lm_eval(lm, list(self._runs.values()), task_manager=self._manager, num_fewshot=self.num_fewshot,
-                                  limit=self.limit, gen_kwargs=self.gen_kwargs)
+            results = run_lm_eval(lm, list(self._runs.values()), task_manager=self._manager, settings=self.settings)
         return metrics_from_results(results, {run: name for name, run in self._runs.items()})
 
 

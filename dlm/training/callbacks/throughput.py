@@ -15,10 +15,12 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import PreTrainedModel
 
-from dlm.measurement.bench import Setting, Target, check_positions, encode_batches, measure
-from dlm.settings.experiment import ConfigError
+from dlm.data.prompts import load_prompts
 from dlm.decoding.engine import MASK_IMPLEMENTATIONS
-from dlm.data.prompts import SYNTHETIC, load_prompts
+from dlm.measurement.bench import check_positions
+from dlm.measurement.grid import Setting, Target, encode_batches, measure
+from dlm.settings import SYNTHETIC, DecodeConfig, check
+from dlm.settings.errors import check_positive_int
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +54,15 @@ class ThroughputCallback(L.Callback):
     """
 
     def __init__(self, every_n_steps: int, *, prompts: str | Path | Sequence[str] = SYNTHETIC, num_prompts: int = 8,
-                 gen_length: int = 64, threshold: float = 0.9, batch_size: int = 4, block_size: int | None = None,
+                 max_new_tokens: int = 64, threshold: float = DecodeConfig.threshold, batch_size: int = 4,
+                 block_size: int | None = None,
                  ignore_eos: bool = False) -> None:
-        for key, value in (("every_n_steps", every_n_steps), ("num_prompts", num_prompts), ("gen_length", gen_length),
-                           ("batch_size", batch_size), ("block_size", block_size)):
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ConfigError(f"throughput.{key}={value!r}: must be a positive integer")
-        if not 0 < threshold <= 1:
-            raise ConfigError(f"throughput.threshold={threshold!r}: must be in (0, 1]")
+        for key, value in (("every_n_steps", every_n_steps), ("num_prompts", num_prompts),
+                           ("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("block_size", block_size)):
+            check_positive_int(f"throughput.{key}", value, optional=key == "block_size")
+        check(0 < threshold <= 1, "throughput.threshold", threshold, "must be in (0, 1]")
         self.every_n_steps, self.prompts, self.num_prompts = every_n_steps, prompts, num_prompts
-        self.gen_length, self.threshold, self.batch_size = gen_length, threshold, batch_size
+        self.max_new_tokens, self.threshold, self.batch_size = max_new_tokens, threshold, batch_size
         self.block_size, self.ignore_eos = block_size, ignore_eos
         self._last_step = -1
 
@@ -99,10 +100,11 @@ class ThroughputCallback(L.Callback):
         with decoding_mode(pl_module.model) as model:
             target = Target(model, pl_module.tokenizer, pl_module.mask_token_id,
                             self.block_size or cfg.attention.block_size, cfg.objective.shift)
-            check_positions("the training model", target, prompts, self.gen_length)
+            check_positions("the training model", target, prompts, self.max_new_tokens)
             batches = encode_batches(target.tokenizer, prompts, self.batch_size, target.device)
             setting = Setting(method, self.batch_size, None if method == "ar" else self.threshold)
-            m = measure(target, setting, batches, gen_length=self.gen_length, ignore_eos=self.ignore_eos, scored=scored)
+            m = measure(target, setting, batches, max_new_tokens=self.max_new_tokens, ignore_eos=self.ignore_eos,
+                        scored=scored)
         metrics = {"bench/tokens_per_sec": m.tokens_per_sec[0], "bench/tpf": m.tpf, "bench/nfe": m.nfe_total / m.calls}
         if m.exact_match is not None:
             metrics["bench/exact_match"] = m.exact_match

@@ -3,16 +3,16 @@ the MLflow record, measured from the AR weights (not the resumed ones), and brok
 
 from __future__ import annotations
 
-import argparse
 import warnings
 
 import mlflow
 import pytest
 
-from dlm.training.callbacks.drift import WeightDriftCallback
+from dlm.cli.main import build_parser
+from dlm.measurement.drift import load_weights, weight_drift
 from dlm.models.checkpoint import CheckpointMeta, save_checkpoint
-from dlm.settings.experiment import ConfigError, load_config
-from dlm.measurement.drift import add_drift_arguments, load_weights, run_drift, weight_drift
+from dlm.settings import ConfigError, load_config
+from dlm.training.callbacks.drift import WeightDriftCallback
 from dlm.training.trainer import train
 from tests.conftest import make_backbone
 from tests.training.test_trainer import CrashAt, small_overrides
@@ -24,7 +24,8 @@ def run(tmp_path_factory, tokenizer):
     (every step), one whose reference folder is missing and one whose reference is a Llama."""
     tmp = tmp_path_factory.mktemp("drift_run")
     ar = make_backbone("qwen3", tokenizer)
-    save_checkpoint(ar.model, ar.tokenizer, CheckpointMeta("causal", 4, ar.tokenizer.mask_token, ar.mask_token_id), tmp / "ar")
+    save_checkpoint(ar.model, ar.tokenizer, CheckpointMeta("causal", 4, ar.tokenizer.mask_token, ar.mask_token_id),
+                    tmp / "ar")
     make_backbone("llama", tokenizer).model.save_pretrained(tmp / "llama")
     overrides = small_overrides(tmp, **{"model.name_or_path": str(tmp / "ar"), "trainer.max_steps": "4",
                                         "trainer.checkpoint_every_n_steps": "2", "trainer.val_every_n_steps": "2",
@@ -61,15 +62,16 @@ def test_drift_is_measured_from_the_ar_weights_even_after_a_resume(run):
 
 def test_cli_on_the_exported_checkpoint_agrees_with_the_callback(run):
     tmp, client, result, _ = run
-    parser = argparse.ArgumentParser()
-    add_drift_arguments(parser)
-    run_drift(parser.parse_args([str(result.final_dir), "--reference", str(tmp / "ar"), "--mlflow-run", result.run_id,
-                                 "--tracking-uri", f"sqlite:///{tmp}/mlflow.db", "--step", "99"]))
+    parser = build_parser()
+    run_drift = lambda args: args.func(args)  # noqa: E731
+    run_drift(parser.parse_args(["drift", str(result.final_dir), "--reference", str(tmp / "ar"),
+                                 "--mlflow-run", result.run_id, "--tracking-uri", f"sqlite:///{tmp}/mlflow.db",
+                                 "--step", "99"]))
     history = {m.step: m.value for m in client.get_metric_history(result.run_id, "drift/attention_mean")}
     assert history[99] == pytest.approx(history[4], rel=1e-6)
-    with pytest.raises(ConfigError, match=r"^--mlflow-run='nope': no such run in sqlite:///"):
-        run_drift(parser.parse_args([str(result.final_dir), "--reference", str(tmp / "ar"), "--mlflow-run", "nope",
-                                     "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]))
+    with pytest.raises(ConfigError, match=r"^mlflow_run='nope': no such run in tracking URI sqlite:///"):
+        run_drift(parser.parse_args(["drift", str(result.final_dir), "--reference", str(tmp / "ar"),
+                                     "--mlflow-run", "nope", "--tracking-uri", f"sqlite:///{tmp}/mlflow.db"]))
 
 
 def test_broken_references_warn_once_and_training_finishes(run):
@@ -77,7 +79,8 @@ def test_broken_references_warn_once_and_training_finishes(run):
     drift = [m for m in messages if m.startswith("WeightDriftCallback")]
     assert len(drift) == 2, drift
     assert "reading the reference weights failed" in drift[0] and "/missing': no such folder" in drift[0]
-    assert "computing drift at step 4 failed" in drift[1] and "self_attn.k_norm.weight': missing from the reference" in drift[1]
+    assert ("computing drift at step 4 failed" in drift[1]
+            and "self_attn.k_norm.weight': missing from the reference" in drift[1])
     assert result.final_dir.is_dir()
 
 

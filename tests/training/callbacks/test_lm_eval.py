@@ -10,8 +10,8 @@ import mlflow
 import pytest
 import torch
 
+from dlm.settings import ConfigError, EvalConfig, load_config
 from dlm.training.callbacks.lm_eval import LmEvalCallback
-from dlm.settings.experiment import ConfigError, load_config
 from dlm.training.module import DiffusionLM
 from dlm.training.trainer import train
 from tests.conftest import one_torch_thread
@@ -30,8 +30,8 @@ def tiny_dlm(tmp_path):
 def run(tmp_path_factory):
     """Evaluation every 3 steps, and a second callback whose every evaluation fails (a bad gen kwarg)."""
     tmp = tmp_path_factory.mktemp("lm_eval")
-    good = LmEvalCallback("gsm8k_synthetic", 3, limit=2, batch_size=2, gen_kwargs="max_gen_toks=8")
-    failing = LmEvalCallback("gsm8k_synthetic", 4, limit=1, gen_kwargs={"top_k": 5})
+    good = LmEvalCallback(EvalConfig(limit=2, batch_size=2, gen_kwargs="max_gen_toks=8"), 3)
+    failing = LmEvalCallback(EvalConfig(limit=1, gen_kwargs="top_k=5"), 4)
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
@@ -67,7 +67,7 @@ def test_evaluation_restores_train_mode_kernel_and_random_streams(tmp_path):
     cfg = tiny_dlm(tmp_path)
     module = DiffusionLM(cfg).train()
     module.model.set_attn_implementation("flex_attention")  # as trained on CUDA; eval needs a dense-mask kernel
-    callback = LmEvalCallback("gsm8k_synthetic", 1, limit=1, gen_kwargs="max_gen_toks=4")
+    callback = LmEvalCallback(EvalConfig(limit=1, gen_kwargs="max_gen_toks=4"), 1)
     callback.setup(L.Trainer(logger=False, accelerator="cpu", devices=1, default_root_dir=tmp_path), module, "fit")
     torch.manual_seed(7)
     random.seed(7)
@@ -81,9 +81,10 @@ def test_evaluation_restores_train_mode_kernel_and_random_streams(tmp_path):
 
 def test_bad_settings_fail_at_setup_before_the_first_step(tmp_path):
     with pytest.raises(ConfigError, match=r"^every_n_steps=0: must be a positive integer"):
-        LmEvalCallback("gsm8k_synthetic", 0)
+        LmEvalCallback(EvalConfig(), 0)
     trainer = L.Trainer(logger=False, accelerator="cpu", devices=1, default_root_dir=tmp_path)
     with pytest.raises(ConfigError, match=r"^data_dir='.*missing': no such folder"):
-        LmEvalCallback("gsm8k", 1, data_dir=tmp_path / "missing").setup(trainer, L.LightningModule(), "fit")
-    with pytest.raises(ConfigError, match=r"^tasks='': no task given"):
-        LmEvalCallback("", 1).setup(trainer, L.LightningModule(), "fit")
+        LmEvalCallback(EvalConfig(tasks=["gsm8k"], data_dir=str(tmp_path / "missing")),
+                       1).setup(trainer, L.LightningModule(), "fit")
+    with pytest.raises(ConfigError, match=r"^tasks=\[''\]: no task given"):
+        LmEvalCallback(EvalConfig(tasks=[""]), 1).setup(trainer, L.LightningModule(), "fit")

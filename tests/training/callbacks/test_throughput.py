@@ -7,9 +7,8 @@ import warnings
 import mlflow
 import pytest
 
-from dlm.training.callbacks.throughput import ThroughputCallback
-from dlm.training.callbacks.throughput import decoding_mode
-from dlm.settings.experiment import ConfigError, load_config
+from dlm.settings import ConfigError, load_config
+from dlm.training.callbacks.throughput import ThroughputCallback, decoding_mode
 from dlm.training.trainer import train
 from tests.conftest import make_backbone, one_torch_thread
 from tests.training.test_trainer import small_overrides
@@ -20,8 +19,8 @@ def run(tmp_path_factory):
     """A 6-step block_clean run from scratch with a working bench every 4 steps and one that always fails."""
     tmp = tmp_path_factory.mktemp("throughput")
     overrides = small_overrides(tmp, **{"model.name_or_path": "null", "model.tokenizer": "builtin:tiny"})
-    good = ThroughputCallback(4, num_prompts=2, gen_length=8, batch_size=2, threshold=0.5)
-    failing = ThroughputCallback(3, num_prompts=1, gen_length=10**6, batch_size=1)
+    good = ThroughputCallback(4, num_prompts=2, max_new_tokens=8, batch_size=2, threshold=0.5)
+    failing = ThroughputCallback(3, num_prompts=1, max_new_tokens=10**6, batch_size=1)
     with one_torch_thread(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = train(load_config("experiments/tiny.yaml", overrides=overrides), callbacks=[good, failing])

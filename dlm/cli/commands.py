@@ -1,0 +1,234 @@
+"""Each `dlm` subcommand: its flags (generated from the settings dataclasses where it has settings) and a
+runner that turns the parsed flags into those dataclasses, calls the library and prints the result.
+
+Library modules are imported inside the runners, so building the parser imports no torch (`dlm --help`
+answers at once and a bad flag fails before anything loads).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from dlm.cli.dataclass_args import add_dataclass_arguments, dataclass_from_args, given
+from dlm.settings import (
+    PATTERNS,
+    BenchConfig,
+    ConfigError,
+    DecodeConfig,
+    DriftConfig,
+    EvalConfig,
+    LogTarget,
+    TrainBenchConfig,
+)
+from dlm.settings.sweep import ReportConfig, SweepRunConfig
+
+CHECKPOINT_HELP = "dlm checkpoint folder (HF model + tokenizer + dlm.yaml), e.g. outputs/tiny/final"
+
+
+def add_configs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("configs", nargs="+", metavar="CONFIG.yaml [key=value ...]",
+                   help="experiment YAML files, then dotlist overrides such as attention.block_size=32")
+
+
+def _split(items: list[str]) -> tuple[list[str], list[str]]:
+    """argparse cannot tell `a.yaml` from `k=v` in one nargs list; split them here."""
+    return [c for c in items if "=" not in c], [c for c in items if "=" in c]
+
+
+# -- attention-demo, config, train ------------------------------------------------------------------
+def add_demo(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seq-len", type=int, default=8)
+    p.add_argument("--block-size", type=int, default=4)
+    p.add_argument("--patterns", nargs="*", choices=PATTERNS)
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    from dlm.tensor.attention import describe
+
+    for pattern in args.patterns or PATTERNS:
+        print(describe(pattern, args.seq_len, args.block_size), end="\n\n")
+
+
+def run_config(args: argparse.Namespace) -> None:
+    from dlm.settings import load_config, to_yaml
+
+    paths, overrides = _split(args.configs)
+    print(to_yaml(load_config(*paths, overrides=overrides)), end="")
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from dlm.settings import load_config
+    from dlm.training.trainer import train
+
+    paths, overrides = _split(args.configs)
+    result = train(load_config(*paths, overrides=overrides))
+    print(f"final checkpoint: {result.final_dir}")
+    print(f"mlflow run: {result.run_id} ({result.tracking_uri}); "
+          f"browse with: mlflow ui --backend-store-uri {result.tracking_uri}")
+    for key in sorted(k for k in result.metrics if k.startswith(("val/", "train/loss"))):
+        print(f"{key}: {result.metrics[key]:.4f}")
+
+
+# -- generate ---------------------------------------------------------------------------------------
+def add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    p.add_argument("--prompts-file", help="one prompt per line (write \\n for a newline inside a prompt)")
+    p.add_argument("--stop", action="append", help="stop string; repeatable")
+    p.add_argument("--ar", action="store_true", help="decode autoregressively with transformers' generate")
+    p.add_argument("--device", default="auto")
+    add_dataclass_arguments(p, DecodeConfig, skip=("shift",), aliases={"use_cache": ["--no-cache"]})
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    prompts = _prompts(args)
+    from dlm.decoding.text import complete, decode_config_for, load_for_decoding
+    from dlm.models.checkpoint import read_meta
+
+    decode = decode_config_for(read_meta(args.checkpoint), **given(args, DecodeConfig))
+    backbone, meta = load_for_decoding(args.checkpoint, device=args.device)
+    result = complete(backbone, meta, prompts, decode, ar=args.ar, stop=args.stop)
+    for prompt, text in zip(prompts, result.texts):
+        print(f"--- prompt\n{prompt}\n--- completion\n{text}")
+    out = result.output
+    mode = ("AR baseline" if args.ar or meta.pattern == "causal"
+            else f"parallel, block {decode.block_size}, threshold {decode.threshold}")
+    print(f"--- stats ({mode}): generated {sum(out.num_generated)} tokens, NFE {out.nfe}, "
+          f"TPF {out.tokens_per_forward:.2f}, {result.tokens_per_sec:.1f} tokens/s")
+
+
+def _prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        if not Path(args.prompts_file).is_file():
+            raise ConfigError(f"--prompts-file={args.prompts_file!r}: no such file")
+        lines = Path(args.prompts_file).read_text().splitlines()
+        prompts += [line.replace("\\n", "\n") for line in lines if line.strip()]
+    if not prompts:
+        raise ConfigError("--prompt: give at least one prompt (--prompt TEXT or --prompts-file FILE)")
+    return prompts
+
+
+# -- bench, bench-train -----------------------------------------------------------------------------
+def add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    add_dataclass_arguments(p, BenchConfig, aliases={"max_new_tokens": ["--gen-length"]})
+    p.add_argument("--no-score", dest="scored", action="store_false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    add_dataclass_arguments(p, LogTarget)
+
+
+def run_bench(args: argparse.Namespace) -> Any:
+    settings, log = dataclass_from_args(args, BenchConfig), dataclass_from_args(args, LogTarget)
+    from dlm.measurement.bench import run_bench as bench
+
+    result = bench(args.checkpoint, settings, log=log)
+    print(result.table)
+    print(f"json: {result.json_path}\nplot: {result.plot_path}"
+          + (f"\nmlflow run: {result.mlflow_run}" if result.mlflow_run else ""))
+    return result
+
+
+def add_bench_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML, e.g. experiments/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides applied to every pattern")
+    add_dataclass_arguments(p, TrainBenchConfig)
+
+
+def run_bench_train(args: argparse.Namespace) -> None:
+    settings = dataclass_from_args(args, TrainBenchConfig)
+    from dlm.experiments.train_bench import bench_training, format_rows
+
+    print(format_rows(bench_training(args.config, settings, overrides=args.overrides)))
+
+
+# -- eval -------------------------------------------------------------------------------------------
+def add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    add_dataclass_arguments(p, EvalConfig, skip=("decode",))
+    add_dataclass_arguments(p, DecodeConfig, prefix="decode.", skip=("shift",))
+    add_dataclass_arguments(p, LogTarget)
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+    settings = dataclass_from_args(args, EvalConfig, decode=given(args, DecodeConfig, prefix="decode."))
+    log = dataclass_from_args(args, LogTarget)
+    from lm_eval.utils import make_table
+
+    from dlm.evaluation.evaluate import evaluate
+
+    results = evaluate(args.checkpoint, settings, log=log)
+    print(make_table(results))
+    if "groups" in results:
+        print(make_table(results, "groups"))
+    for key, value in sorted(results["dlm_metrics"].items()):
+        print(f"{key}: {value:.4f}")
+    if settings.output:
+        print(f"results: {settings.output}")
+    if "mlflow_run" in results:
+        print(f"mlflow run: {results['mlflow_run']}")
+    return results
+
+
+# -- sweep, report, drift ---------------------------------------------------------------------------
+def add_sweep(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", help="sweep YAML, e.g. sweeps/attention_pattern_tiny.yaml")
+    p.add_argument("sweep_overrides", nargs="*", metavar="key=value",
+                   help="overrides of the sweep file itself, e.g. eval.limit=20 output_dir=/tmp/s")
+    add_dataclass_arguments(p, SweepRunConfig)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    run = dataclass_from_args(args, SweepRunConfig)
+    from dlm.experiments.report import report
+    from dlm.experiments.sweep import run_sweep as sweep_run
+    from dlm.settings.sweep import load_sweep
+
+    sweep = load_sweep(args.sweep, args.sweep_overrides)
+    result = sweep_run(sweep, run)
+    if run.dry_run:
+        return 0
+    for o in result.outcomes.values():
+        print(f"  {o.point_id}: {o.status}" + (f" (run {o.run_id})" if o.run_id else "")
+              + (f": {o.error}" if o.error else ""))
+    if run.report:
+        report(sweep.name, ReportConfig(tracking_uri=result.tracking_uri))
+    if result.failed:
+        print(f"error: {len(result.failed)} of {len(result.points)} points failed "
+              f"({', '.join(o.point_id for o in result.failed)}); re-run the same command to retry them")
+        return 1
+    return 0
+
+
+def add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep_name", help="the sweep's `name` (e.g. attention_pattern_tiny)")
+    add_dataclass_arguments(p, ReportConfig)
+
+
+def run_report(args: argparse.Namespace) -> Any:
+    from dlm.experiments.report import report
+
+    return report(args.sweep_name, dataclass_from_args(args, ReportConfig))
+
+
+def add_drift(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT",
+                   help="HF model folder (dlm checkpoint or plain HF); several draw one line each")
+    add_dataclass_arguments(p, DriftConfig)
+    add_dataclass_arguments(p, LogTarget)
+
+
+def run_drift(args: argparse.Namespace) -> Any:
+    settings, log = dataclass_from_args(args, DriftConfig), dataclass_from_args(args, LogTarget)
+    from dlm.measurement.drift import checkpoint_drift
+
+    reports = checkpoint_drift(args.checkpoints, settings, log=log)
+    for ckpt, report in reports.items():
+        print(f"== {ckpt} (relative drift from {settings.reference})\n{report.table()}")
+    if settings.plot:
+        print(f"plot: {settings.plot}")
+    if log.mlflow_run:
+        metrics = next(iter(reports.values())).as_metrics()
+        print(f"logged {len(metrics)} drift metrics and the figure to run {log.mlflow_run}")
+    return reports

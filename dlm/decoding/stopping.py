@@ -1,0 +1,71 @@
+"""When a row is done (EOS, stop strings), how its tokens are cut, and the input checks every decoder shares."""
+
+from __future__ import annotations
+
+import bisect
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from dlm.decoding.output import GenerationOutput
+from dlm.settings.errors import ConfigError
+
+
+class Stopper:
+    """Which rows have finished: EOS inside a completed block, or a stop string in the decoded text."""
+
+    def __init__(self, eos_token_id: int | Sequence[int] | None, stop: Sequence[str] | None, tokenizer, device):
+        ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.eos = torch.tensor(ids, dtype=torch.long, device=device)
+        self.stop, self.tokenizer = list(stop or []), tokenizer
+
+    def update(self, finished: Tensor, generated: Tensor) -> Tensor:
+        """`generated` `(B, N)`: everything decoded so far; returns the new `finished` `(B,)`."""
+        finished = finished | torch.isin(generated, self.eos).any(dim=1)
+        if self.stop:  # text check, once per block, only where stop strings were asked for
+            texts = self.tokenizer.batch_decode(generated.tolist())
+            finished = finished | torch.tensor([any(s in t for s in self.stop) for t in texts], device=finished.device)
+        return finished
+
+    def truncate(self, tokens: list[int]) -> list[int]:
+        """Cut after the first EOS (kept), then before the token where the first stop string starts."""
+        eos = set(self.eos.tolist())
+        tokens = tokens[: next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))]
+        return self._cut_stop(tokens) if self.stop else tokens
+
+    def _cut_stop(self, tokens: list[int]) -> list[int]:
+        decode = self.tokenizer.decode
+        has_stop = lambda n: any(s in decode(tokens[:n]) for s in self.stop)  # noqa: E731
+        first = bisect.bisect_left(range(len(tokens) + 1), True, key=has_stop)  # fewest tokens showing a stop
+        if first > len(tokens):
+            return tokens
+        text = decode(tokens[:first])
+        head = text[: min(text.find(s) for s in self.stop if s in text)]
+        n = first - 1  # a stop string may span tokens: drop back until no part of it is left
+        while n > 0 and not head.startswith(decode(tokens[:n])):
+            n -= 1
+        return tokens[:n]
+
+    def output(self, generated: Tensor, nfe: int) -> GenerationOutput:
+        tokens = [self.truncate(row) for row in generated.tolist()]
+        return GenerationOutput(tokens=tokens, nfe=nfe, num_generated=[len(t) for t in tokens])
+
+
+def check_inputs(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
+                  stop: Sequence[str] | None, tokenizer) -> None:
+    """One-line errors for inputs the decoder cannot serve, before any forward."""
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ConfigError(f"input_ids{tuple(input_ids.shape)}: must be (batch, prompt_length) "
+                          "with an attention_mask of the same shape")
+    if not bool((attention_mask.diff(dim=1) >= 0).all() and attention_mask[:, -1].all()):
+        raise ConfigError("attention_mask: prompts must be left-padded (pads first) "
+                          "with at least one real token per row")
+    longest = int(attention_mask.sum(dim=1).max())
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ConfigError(f"decode.max_new_tokens={max_new_tokens}: prompt length {longest} + {max_new_tokens} = "
+                          f"{longest + max_new_tokens} exceeds model.config.max_position_embeddings={limit}")
+    if stop and tokenizer is None:
+        raise ConfigError(f"stop={list(stop)!r}: stop strings need the tokenizer (tokenizer=...)")

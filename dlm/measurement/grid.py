@@ -1,0 +1,186 @@
+"""The benchmark grid: which decoder runs at which batch size and threshold, timed how.
+
+Every setting (decoder variant x batch size x threshold) decodes the same prompt set `repeats` times,
+round-robin after a warm-up; tokens/s is generated tokens / wall time over the whole set.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dlm.data.prompts import Prompt, score
+from dlm.decoding.ar import ar_generate
+from dlm.decoding.engine import generate
+from dlm.decoding.output import GenerationOutput
+from dlm.decoding.text import encode_texts
+from dlm.settings import DecodeConfig
+
+METHODS = {"ar": "AR baseline", "dlm-1tpf": "dLM 1 token/forward", "dlm": "dLM cached", "dlm-nocache": "dLM no cache"}
+
+
+@dataclass(frozen=True)
+class Setting:
+    method: str  # a key of METHODS
+    batch_size: int
+    threshold: float | None = None  # dLM cached / no-cache only
+
+    @property
+    def label(self) -> str:
+        """Key part for MLflow metrics, e.g. `dlm_batch4_t0.9`."""
+        return f"{self.method}_batch{self.batch_size}" + ("" if self.threshold is None else f"_t{self.threshold:g}")
+
+
+@dataclass
+class Target:
+    """A model to decode with: the tokenizer encodes its prompts, the meta fields drive the decoder."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    mask_token_id: int
+    block_size: int
+    shift: bool = False
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+class Batch(NamedTuple):
+    input_ids: Tensor  # (B, P) long, left-padded
+    attention_mask: Tensor  # (B, P) 0 = pad
+    answers: list[str | None]
+
+
+def encode_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], batch_size: int,
+                   device: torch.device) -> list[Batch]:
+    """Left-padded batches; prompt ids without special tokens, as the training data tokenizes them."""
+    batches = []
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i : i + batch_size]
+        batches.append(Batch(*encode_texts(tokenizer, [p.text for p in chunk], device), [p.answer for p in chunk]))
+    return batches
+
+
+def decode_batch(target: Target, setting: Setting, batch: Batch, *, max_new_tokens: int,
+                 eos: int | None) -> GenerationOutput:
+    if setting.method == "ar":
+        return ar_generate(target.model, batch.input_ids, attention_mask=batch.attention_mask,
+                           max_new_tokens=max_new_tokens, eos_token_id=eos)
+    cfg = DecodeConfig(block_size=target.block_size, threshold=setting.threshold or 1.0, max_new_tokens=max_new_tokens,
+                       one_token_per_forward=setting.method == "dlm-1tpf", use_cache=setting.method != "dlm-nocache",
+                       shift=target.shift)
+    return generate(target.model, batch.input_ids, attention_mask=batch.attention_mask,
+                    mask_token_id=target.mask_token_id, config=cfg, eos_token_id=eos)
+
+
+@dataclass
+class Measurement:
+    seconds: list[float]  # wall time of each repeat over the whole prompt set
+    generated: int  # tokens generated over the prompt set (EOS included)
+    row_forwards: int  # sum over batches of nfe x rows: the forwards each prompt took part in
+    calls: int  # generate calls per repeat (batches)
+    nfe_total: int
+    num_prompts: int
+    exact_match: float | None
+
+    @property
+    def tokens_per_sec(self) -> list[float]:
+        return [self.generated / s for s in self.seconds]
+
+    @property
+    def tpf(self) -> float:
+        """Generated tokens per forward a prompt took part in (1.0 for AR at batch 1)."""
+        return self.generated / max(self.row_forwards, 1)
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # kernels are async: time the work, not the launches
+    return time.perf_counter()
+
+
+def measure(target: Target, setting: Setting, batches: Sequence[Batch], *, max_new_tokens: int, repeats: int = 1,
+            ignore_eos: bool = False, scored: bool = False) -> Measurement:
+    """Decode every batch `repeats` times, timing each pass over the whole set."""
+    eos = None if ignore_eos else target.tokenizer.eos_token_id
+    seconds, outs = [], []
+    for _ in range(repeats):
+        start = _clock(target.device)
+        outs = [decode_batch(target, setting, b, max_new_tokens=max_new_tokens, eos=eos) for b in batches]
+        seconds.append(_clock(target.device) - start)
+    return Measurement(
+        seconds=seconds, generated=sum(sum(o.num_generated) for o in outs),
+        row_forwards=sum(o.nfe * len(o.num_generated) for o in outs), calls=len(outs),
+        nfe_total=sum(o.nfe for o in outs), num_prompts=sum(len(b.answers) for b in batches),
+        exact_match=score(target.tokenizer, [t for o in outs for t in o.tokens],
+                          [a for b in batches for a in b.answers])
+        if scored else None,
+    )
+
+
+def measure_grid(grid: dict[Setting, Target], prompts: Sequence[Prompt], *, max_new_tokens: int, repeats: int,
+                 warmup: int, ignore_eos: bool, scored: bool) -> dict[Setting, Measurement]:
+    """All settings warmed up first, then timed round-robin, one repeat of each at a time: a burst of load
+    from elsewhere on the machine then hits every setting alike instead of skewing one comparison."""
+    batches = {s: encode_batches(t.tokenizer, prompts, s.batch_size, t.device) for s, t in grid.items()}
+    for s, t in grid.items():
+        for _ in range(warmup):
+            decode_batch(t, s, batches[s][0], max_new_tokens=max_new_tokens,
+                         eos=None if ignore_eos else t.tokenizer.eos_token_id)
+    out: dict[Setting, Measurement] = {}
+    for _ in range(repeats):
+        for s, t in grid.items():
+            m = measure(t, s, batches[s], max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
+                        scored=scored and s not in out)
+            out[s] = replace(out[s], seconds=out[s].seconds + m.seconds) if s in out else m
+    return out
+
+
+@dataclass
+class BenchRow:
+    method: str
+    batch_size: int
+    threshold: float | None
+    tokens_per_sec: float  # median over repeats
+    tokens_per_sec_min: float
+    tokens_per_sec_max: float
+    tpf: float
+    nfe: float  # decoding forwards per generate call (one batch), mean
+    tokens_per_prompt: float  # generated tokens per prompt, mean (EOS stops make it < max_new_tokens)
+    exact_match: float | None
+    speedup_vs_ar: float | None = None  # tokens/s over the AR baseline's at the same batch size
+    speedup_cache: float | None = None  # cached over no-cache tokens/s, same threshold and batch size
+
+
+def build_rows(measurements: dict[Setting, Measurement]) -> list[BenchRow]:
+    rows = {s: _row(s, m) for s, m in measurements.items()}
+    for s, row in rows.items():
+        ar = rows.get(Setting("ar", s.batch_size))
+        row.speedup_vs_ar = row.tokens_per_sec / ar.tokens_per_sec if ar else None
+        no_cache = rows.get(Setting("dlm-nocache", s.batch_size, s.threshold)) if s.method == "dlm" else None
+        row.speedup_cache = row.tokens_per_sec / no_cache.tokens_per_sec if no_cache else None
+    return list(rows.values())
+
+
+def _row(s: Setting, m: Measurement) -> BenchRow:
+    tps = m.tokens_per_sec
+    return BenchRow(s.method, s.batch_size, s.threshold, statistics.median(tps), min(tps), max(tps), m.tpf,
+                    m.nfe_total / m.calls, m.generated / m.num_prompts, m.exact_match)
+
+
+def settings_grid(batch_sizes: Sequence[int], thresholds: Sequence[float],
+                  no_cache_thresholds: Sequence[float]) -> list[Setting]:
+    """Per batch size: AR baseline, one-token-per-forward reference, cached per threshold, no-cache."""
+    grid = []
+    for b in batch_sizes:
+        grid += [Setting("ar", b), Setting("dlm-1tpf", b)]
+        grid += [Setting("dlm", b, t) for t in thresholds]
+        grid += [Setting("dlm-nocache", b, t) for t in no_cache_thresholds]
+    return grid

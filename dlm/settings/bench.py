@@ -1,0 +1,76 @@
+"""Settings of `dlm bench` (decoding speed and accuracy) and `dlm bench-train` (training throughput).
+
+One definition of every default: the command line, the library and each sweep's `bench:` section all
+start from these fields.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from dlm.settings.errors import check, check_block_size, check_choices, check_positive_int
+from dlm.settings.experiment import SYNTHETIC, Pattern
+
+
+@dataclass
+class BenchConfig:
+    thresholds: List[float] = field(default_factory=lambda: [0.5, 0.7, 0.9, 1.0])
+    """Confidence thresholds of the cached parallel decoder, each in (0, 1]."""
+    batch_sizes: List[int] = field(default_factory=lambda: [1, 4])
+    """Prompts decoded together; every setting runs at each."""
+    max_new_tokens: int = 256
+    """Tokens generated per prompt (fewer where EOS stops it first)."""
+    block_size: Optional[int] = None
+    """Decode block size; none: the checkpoint's training block size."""
+    no_cache_thresholds: List[float] = field(default_factory=lambda: [0.9])
+    """Thresholds of the (slow) no-cache reference; empty: none."""
+    repeats: int = 3
+    """Timed round-robin passes over the prompt set; tokens/s is their median."""
+    warmup: int = 1
+    """Untimed batches per setting before timing."""
+    prompts: str = SYNTHETIC
+    """`synthetic` (the task's test split) or a JSONL file of {prompt, answer} rows."""
+    num_prompts: int = 16
+    """Prompts taken from the set."""
+    scored: Optional[bool] = None
+    """Exact match per setting; none: whenever every prompt has an answer."""
+    ignore_eos: bool = False
+    """Always generate max_new_tokens (throughput only)."""
+    ar_baseline: Optional[str] = None
+    """AR checkpoint for the baseline rows; none: the checkpoint itself under the causal mask."""
+    device: str = "auto"
+    """auto (CUDA when present) | cpu | cuda | cuda:N."""
+    threads: Optional[int] = None
+    """torch CPU threads (the tiny model is timed at 1)."""
+    output_dir: Optional[str] = None
+    """Where bench.json and pareto.png go; none: <checkpoint>/../bench."""
+
+    def __post_init__(self) -> None:
+        for key in ("thresholds", "no_cache_thresholds"):
+            for t in getattr(self, key):
+                check(0 < t <= 1, f"bench.{key}", t, "must be in (0, 1] (1.0 = one token per pass unless certain)")
+        check(bool(self.thresholds), "bench.thresholds", self.thresholds, "need at least one threshold")
+        check(bool(self.batch_sizes), "bench.batch_sizes", self.batch_sizes, "need at least one batch size")
+        for b in self.batch_sizes:
+            check_positive_int("bench.batch_sizes", b)
+        for key in ("max_new_tokens", "repeats", "num_prompts"):
+            check_positive_int(f"bench.{key}", getattr(self, key))
+        if self.block_size is not None:
+            check_block_size(self.block_size, key="bench.block_size")
+        check_positive_int("bench.threads", self.threads, optional=True)
+        check(self.warmup >= 0, "bench.warmup", self.warmup, "must be >= 0")
+
+
+@dataclass
+class TrainBenchConfig:
+    patterns: List[Pattern] = field(default_factory=lambda: ["causal", "block", "block_clean"])
+    """Attention patterns to train, one short run each."""
+    steps: int = 30
+    """Optimizer steps per pattern."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, "bench_train.")
+        check(bool(self.patterns), "bench_train.patterns", self.patterns, "need at least one pattern")
+        check_positive_int("bench_train.steps", self.steps)
+

@@ -1,0 +1,48 @@
+"""Settings of the parallel decoder (`decode.<field>` in `dlm eval`, `--<field>` in `dlm generate`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+from dlm.settings.errors import check, check_block_size, check_choices, check_positive_int, divisors
+
+
+@dataclass
+class DecodeConfig:
+    """Knobs of the parallel decoder; validated on construction (`decode.<field>` in errors)."""
+
+    block_size: int = 32
+    """Tokens decoded per block; eval block 16-32 in the paper (may differ from the training block)."""
+    threshold: float = 0.9
+    """Commit every masked position whose confidence >= threshold (Fast-dLLM; paper: 0.9). In (0, 1]."""
+    max_new_tokens: int = 256
+    """Length limit; the last block is cut short when it is not a multiple of `block_size`."""
+    sub_block_size: Optional[int] = None
+    """Fast-dLLM v2 (8): only the first incomplete sub-block may commit. Must divide `block_size`."""
+    temperature: float = 0.0
+    """0: greedy argmax, confidence = max prob. >0: sample, confidence = prob of the sampled token."""
+    top_p: float = 1.0
+    """Nucleus mass kept when sampling. In (0, 1]."""
+    policy: Literal["threshold", "factor"] = "threshold"
+    """threshold | factor (Fast-dLLM: commit the largest n with (n + 1) * (1 - c_n) < factor)."""
+    factor: float = 1.0
+    """The factor policy's budget; larger commits more per pass."""
+    one_token_per_forward: bool = False
+    """The non-parallel reference: commit exactly the single most confident position per pass."""
+    use_cache: bool = True
+    """False: every pass forwards the whole sequence (slow, exact same tokens; a correctness reference)."""
+    shift: bool = False
+    """Dream-style checkpoints: the logit at i-1 predicts token i (must match training's `objective.shift`)."""
+
+    def __post_init__(self) -> None:
+        check_choices(self, "decode.")
+        check_block_size(self.block_size, key="decode.block_size")
+        check(0 < self.threshold <= 1, "decode.threshold", self.threshold, "must be in (0, 1]")
+        check_positive_int("decode.max_new_tokens", self.max_new_tokens)
+        if self.sub_block_size is not None:
+            check(self.sub_block_size in divisors(self.block_size), "decode.sub_block_size", self.sub_block_size,
+                  f"must divide decode.block_size={self.block_size}", divisors(self.block_size))
+        check(self.temperature >= 0, "decode.temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        check(0 < self.top_p <= 1, "decode.top_p", self.top_p, "must be in (0, 1]")
+        check(self.factor > 0, "decode.factor", self.factor, "must be > 0")

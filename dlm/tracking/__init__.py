@@ -1,0 +1,1 @@
+"""MLflow: the default store, the run file beside an export, run lookup, and logging helpers."""

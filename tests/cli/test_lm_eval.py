@@ -1,0 +1,53 @@
+"""`dlm-lm-eval`: lm-eval's own CLI with the `dlm` model registered beside the built-ins, and a bad `dlm`
+model argument failing in one `error:` line. The full console-script run: tests/evaluation/test_evaluate.py."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+
+from dlm.cli.lm_eval import main, register
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def lm_eval_logging():
+    """lm-eval's CLI attaches a handler to the `lm_eval` logger once per process, bound to the stream that is
+    sys.stderr then (capsys's here); put the logger back as it was so later modules do not write to it."""
+    import lm_eval.utils
+
+    logger = logging.getLogger("lm_eval")
+    before = (list(logger.handlers), logger.propagate, logger.level, lm_eval.utils._LOGGING_CONFIGURED)
+    yield
+    logger.handlers[:], logger.propagate = before[0], before[1]
+    logger.setLevel(before[2])
+    lm_eval.utils._LOGGING_CONFIGURED = before[3]
+
+
+def test_register_makes_dlm_resolvable_and_keeps_the_built_in_models():
+    register()
+    from lm_eval.api.registry import get_model, model_registry
+
+    from dlm.evaluation.lm_eval_model import DLMEvalModel
+
+    assert get_model("dlm") is DLMEvalModel
+    assert "hf" in model_registry and "dlm" in model_registry.keys()
+
+
+@pytest.mark.slow  # ~30 s: lm-eval's CLI indexes its ~15k built-in tasks before it builds the model
+def test_a_bad_dlm_model_arg_is_one_error_line_and_exit_2(monkeypatch, capsys, lm_eval_logging):
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(sys, "argv", ["dlm-lm-eval", "--model", "dlm", "--model_args",
+                                      "pretrained=/nonexistent/ckpt,treshold=0.9", "--tasks", "gsm8k_synthetic",
+                                      "--include_path", "evals"])
+    assert main() == 2
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "error:" in line] == [
+        "error: model_args.treshold=0.9: unknown key (did you mean 'threshold'?); allowed: pretrained, batch_size, "
+        "max_batch_size, device, dtype, max_length, block_size, threshold, max_new_tokens, sub_block_size, "
+        "temperature, top_p, policy, factor, one_token_per_forward, use_cache, gen_length"]
+    assert "Traceback" not in err

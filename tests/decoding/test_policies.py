@@ -1,0 +1,160 @@
+"""The proposal (greedy or nucleus sampling) and the commit rules (threshold, factor, one token per forward,
+sub-blocks) of a denoising pass, on hand-built tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from dlm.decoding.policies import candidates, choose, propose, top_p_filter
+from dlm.settings import DecodeConfig
+
+MASK = 5
+"""The [MASK] id in the hand-built logits below (vocabulary of 8)."""
+
+
+def logits_favouring_the_mask(seed: int = 0, shape=(2, 3, 8)) -> torch.Tensor:
+    """Random logits in which [MASK] has by far the highest score everywhere."""
+    logits = torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    logits[..., MASK] = 50.0
+    return logits
+
+
+# --- propose ------------------------------------------------------------------------------------------------
+
+
+def test_greedy_never_proposes_the_mask_and_confidence_is_the_max_prob_over_the_rest():
+    logits = logits_favouring_the_mask()
+    tokens, conf = propose(logits, DecodeConfig(temperature=0.0), MASK, None)
+    others = [i for i in range(logits.shape[-1]) if i != MASK]
+    probs = logits[..., others].softmax(dim=-1)  # the distribution with [MASK] taken out
+    assert tokens.shape == conf.shape == (2, 3)
+    assert not (tokens == MASK).any()
+    assert tokens.tolist() == torch.tensor(others)[probs.argmax(dim=-1)].tolist()
+    torch.testing.assert_close(conf, probs.max(dim=-1).values)
+
+
+def test_propose_leaves_the_callers_logits_untouched():
+    logits = logits_favouring_the_mask()
+    before = logits.clone()
+    propose(logits, DecodeConfig(), MASK, None)
+    propose(logits, DecodeConfig(temperature=1.0), MASK, torch.Generator().manual_seed(0))
+    assert torch.equal(logits, before)
+
+
+def test_half_precision_logits_give_float32_confidences():
+    tokens, conf = propose(logits_favouring_the_mask().bfloat16(), DecodeConfig(), MASK, None)
+    assert conf.dtype == torch.float32 and not (tokens == MASK).any()
+
+
+def test_sampling_never_draws_the_mask_and_confidence_is_the_drawn_tokens_prob():
+    logits = logits_favouring_the_mask(shape=(4, 64, 8))
+    cfg = DecodeConfig(temperature=2.0)
+    tokens, conf = propose(logits, cfg, MASK, torch.Generator().manual_seed(0))
+    assert not (tokens == MASK).any()
+    assert len(tokens.unique()) > 2  # a flat distribution at temperature 2: really sampled, not argmax
+    masked = logits.clone()
+    masked[..., MASK] = -torch.inf
+    probs = (masked / cfg.temperature).softmax(dim=-1)
+    torch.testing.assert_close(conf, probs.gather(-1, tokens[..., None]).squeeze(-1))
+
+
+def test_sampling_draws_only_inside_the_nucleus_and_renormalises_its_confidence():
+    logits = torch.log(torch.tensor([[[0.05, 0.5, 0.3, 0.15]]], dtype=torch.float64)).expand(1, 200, 4).clone()
+    tokens, conf = propose(logits, DecodeConfig(temperature=1.0, top_p=0.6), mask_token_id=0,
+                           generator=torch.Generator().manual_seed(0))
+    assert set(tokens.flatten().tolist()) == {1, 2}  # 0.5 + 0.3 reach 0.6 (0.05 is the mask, never drawn)
+    expected = {1: 0.5 / 0.8, 2: 0.3 / 0.8}
+    torch.testing.assert_close(conf, torch.tensor([[expected[t] for t in tokens[0].tolist()]], dtype=torch.float64))
+
+
+def test_sampling_is_reproducible_with_the_same_generator_seed():
+    logits = logits_favouring_the_mask(shape=(2, 32, 8))
+    draw = lambda seed: propose(logits, DecodeConfig(temperature=1.0), MASK, torch.Generator().manual_seed(seed))[0]  # noqa: E731
+    assert torch.equal(draw(3), draw(3))
+    assert not torch.equal(draw(3), draw(4))
+
+
+# --- top_p_filter -------------------------------------------------------------------------------------------
+
+
+def test_top_p_keeps_smallest_nucleus():
+    probs = torch.tensor([[[0.2, 0.5, 0.3]]], dtype=torch.float64)
+    torch.testing.assert_close(top_p_filter(probs, 0.6), torch.tensor([[[0.0, 0.625, 0.375]]], dtype=torch.float64))
+
+
+def test_top_p_of_one_keeps_every_token():
+    probs = torch.tensor([[[0.2, 0.5, 0.3]]], dtype=torch.float64)
+    assert top_p_filter(probs, 1.0) is probs
+
+
+def test_top_p_below_the_top_prob_keeps_only_the_most_likely_token():
+    probs = torch.tensor([[[0.2, 0.5, 0.3], [0.1, 0.1, 0.8]]], dtype=torch.float64)
+    kept = top_p_filter(probs, 0.1)
+    assert kept.tolist() == [[[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]]
+
+
+# --- candidates ---------------------------------------------------------------------------------------------
+
+
+def test_without_sub_blocks_every_masked_position_is_a_candidate():
+    masked = torch.tensor([[False, True, False, True, True, False, True, True]])
+    assert torch.equal(candidates(masked, None), masked)
+
+
+def test_sub_blocks_allow_only_the_first_incomplete_sub_block_per_row():
+    masked = torch.tensor([
+        [True] * 8,  # nothing committed yet: the first sub-block
+        [False, False, True, True, True, True, True, True],  # first sub-block half done: only its rest
+        [False, False, False, False, True, False, True, True],  # first sub-block complete: the second
+        [False, True, False, True, True, False, True, True],  # gaps: masked positions of sub-block 0 only
+    ])
+    expected = torch.tensor([
+        [True, True, True, True, False, False, False, False],
+        [False, False, True, True, False, False, False, False],
+        [False, False, False, False, True, False, True, True],
+        [False, True, False, True, False, False, False, False],
+    ])
+    assert torch.equal(candidates(masked, 4), expected)
+
+
+def test_sub_block_of_one_allows_only_the_leftmost_masked_position():
+    masked = torch.tensor([[False, True, True, False], [False, False, False, True]])
+    assert candidates(masked, 1).tolist() == [[False, True, False, False], [False, False, False, True]]
+
+
+def test_a_row_with_nothing_masked_has_no_candidates():
+    masked = torch.tensor([[False] * 4, [True] * 4])
+    assert candidates(masked, 2).tolist() == [[False] * 4, [True, True, False, False]]
+
+
+# --- choose -------------------------------------------------------------------------------------------------
+
+
+def test_factor_rule_on_a_hand_checked_case():
+    conf = torch.tensor([[0.7, 0.99, 0.5, 0.9]])
+    cand = torch.ones_like(conf, dtype=torch.bool)
+    done = torch.tensor([False])
+    # sorted 0.99, 0.9, 0.7, 0.5: (n + 1)(1 - c_n) = 0.02, 0.3, 1.2, 2.5 -> n = 2 with factor 1
+    chosen = choose(conf, cand, done, DecodeConfig(policy="factor", factor=1.0))
+    assert chosen.tolist() == [[False, True, False, True]]
+    # threshold: at least the most confident even when none passes; never a non-candidate
+    cand = torch.tensor([[True, False, True, True]])
+    chosen = choose(conf, cand, done, DecodeConfig(threshold=0.95))
+    assert chosen.tolist() == [[False, False, False, True]]
+    # finished rows are filled at once (their output is ignored)
+    chosen = choose(conf, cand, torch.tensor([True]), DecodeConfig(threshold=0.95))
+    assert chosen.tolist() == [[True, False, True, True]]
+
+
+def test_threshold_commits_every_candidate_at_or_above_it_per_row():
+    conf = torch.tensor([[0.7, 0.99, 0.5, 0.9], [0.2, 0.1, 0.3, 0.4]])
+    cand = torch.tensor([[True, True, True, True], [True, True, False, True]])
+    chosen = choose(conf, cand, torch.tensor([False, False]), DecodeConfig(threshold=0.7))
+    assert chosen.tolist() == [[True, True, False, True], [False, False, False, True]]
+
+
+def test_one_token_per_forward_commits_only_the_most_confident_candidate():
+    conf = torch.tensor([[0.7, 0.99, 0.5, 0.9]])
+    cand = torch.tensor([[True, False, True, True]])
+    chosen = choose(conf, cand, torch.tensor([False]), DecodeConfig(threshold=0.1, one_token_per_forward=True))
+    assert chosen.tolist() == [[False, False, False, True]]
