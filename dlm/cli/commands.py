@@ -154,6 +154,9 @@ def add_eval(p: argparse.ArgumentParser) -> None:
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     settings = dataclass_from_args(args, EvalConfig, decode=given(args, DecodeConfig, prefix="decode."))
     log = dataclass_from_args(args, LogTarget)
+    from dlm.evaluation.tasks import resolve_requested
+
+    resolve_requested(settings.tasks, data_dir=settings.data_dir, hub=settings.hub_tasks)  # before lm-eval loads
     from lm_eval.utils import make_table
 
     from dlm.evaluation.evaluate import evaluate
@@ -164,8 +167,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
         print(make_table(results, "groups"))
     for key, value in sorted(results["dlm_metrics"].items()):
         print(f"{key}: {value:.4f}")
-    if settings.output:
-        print(f"results: {settings.output}")
+    print(f"results: {results['results_path']}")
     if "mlflow_run" in results:
         print(f"mlflow run: {results['mlflow_run']}")
     return results

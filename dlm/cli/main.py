@@ -6,6 +6,7 @@ Bad input (a ConfigError) prints one `error: ...` line and exits 2, before any c
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Callable, NamedTuple, Sequence
 
@@ -53,10 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "train":  # weight-loading bars only clutter one-shot commands
+        _quiet_progress_bars()
+    return run_reporting_errors(lambda: args.func(args))
+
+
+def _quiet_progress_bars() -> None:
+    """Through the environment while transformers is not imported yet: importing it here would cost a second
+    before the first one-line input error could be printed."""
+    if "transformers" in sys.modules:
         from transformers.utils.logging import disable_progress_bar
 
         disable_progress_bar()
-    return run_reporting_errors(lambda: args.func(args))
+    else:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def run_reporting_errors(func: Callable[[], object]) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -89,6 +89,8 @@ def evaluate(checkpoint: str | Path, settings: EvalConfig | None = None, *, log:
     """Evaluate a dlm checkpoint with lm-eval; returns lm-eval's results dict plus `results["dlm_metrics"]`.
 
     `settings.decode` overrides the checkpoint's decoder defaults (training block size, threshold 0.9, ...).
+    The results JSON (with every request and response under `settings.log_samples`) is always written:
+    to `settings.output`, else `<checkpoint>/../eval/results_<time>.json` (`results["results_path"]`).
     MLflow: into run `log.mlflow_run`, or into a new run of `experiment` when only `log.tracking_uri` is
     given; nothing without either. Bad input fails before the model is loaded, in one line (ConfigError).
     """
@@ -97,21 +99,24 @@ def evaluate(checkpoint: str | Path, settings: EvalConfig | None = None, *, log:
     settings, log = settings or EvalConfig(), log or LogTarget()
     meta = read_meta(checkpoint)
     manager, names = prepare_tasks(settings.tasks, data_dir=settings.data_dir, include_path=include_path,
-                                   local_tasks=False if settings.hub_tasks else None, task_metadata=task_metadata)
+                                   hub=settings.hub_tasks, task_metadata=task_metadata)
     if log.mlflow_run is not None:
         runs.check_run(log.mlflow_run, log.tracking_uri)
     lm = DLMEvalModel(str(checkpoint), decode=settings.decode_overrides(), batch_size=settings.batch_size,
-                      device=settings.device, dtype=settings.dtype)
+                      device=settings.device, dtype=settings.dtype, loglikelihood=settings.loglikelihood,
+                      mc_num=settings.mc_num, seed=settings.seed)
     results = run_lm_eval(lm, list(names.values()), task_manager=manager, settings=settings)
     results["dlm_metrics"] = metrics_from_results(results, {run: name for name, run in names.items()})
-    if settings.output is not None:
-        write_results(results, settings.output)
+    results["results_path"] = str(write_results(results, settings.output or default_output(checkpoint)))
     if log.mlflow_run is not None or log.tracking_uri is not None:
         params = {"checkpoint": str(Path(checkpoint).resolve()), "pattern": meta.pattern, "tasks": ",".join(names),
                   "limit": settings.limit_value, "num_fewshot": settings.num_fewshot,
                   **{f"decode.{k}": v for k, v in results["config"]["decode"].items()}}
-        with tempfile.TemporaryDirectory() as tmp:
-            artifact = Path(settings.output or write_results(results, Path(tmp) / "lm_eval_results.json"))
-            results["mlflow_run"] = log_to_mlflow(results, artifact, log=log, params=params, experiment=experiment,
-                                                  step=step)
+        results["mlflow_run"] = log_to_mlflow(results, Path(results["results_path"]), log=log, params=params,
+                                              experiment=experiment, step=step)
     return results
+
+
+def default_output(checkpoint: str | Path) -> Path:
+    """`<checkpoint>/../eval/results_<time>.json`, beside the `bench/` folder of the same run; never overwritten."""
+    return Path(checkpoint).resolve().parent / "eval" / f"results_{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -39,6 +39,7 @@ from dlm.models.backbone import Backbone
 from dlm.models.checkpoint import CheckpointMeta, load_checkpoint, read_meta
 from dlm.models.device import resolve_device
 from dlm.settings import ConfigError, DecodeConfig, check
+from dlm.settings.eval import LIKELIHOODS
 from dlm.tensor.likelihood import score_continuations
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ MODEL_NAME = "dlm"
 DECODE_KEYS = tuple(f.name for f in dataclasses.fields(DecodeConfig) if f.name != "shift")
 """Decoder knobs accepted in model_args; `shift` always comes from the checkpoint's dlm.yaml."""
 ALIASES = {"gen_length": "max_new_tokens"}
-MODEL_KEYS = ("pretrained", "batch_size", "max_batch_size", "device", "dtype", "max_length")
+MODEL_KEYS = ("pretrained", "batch_size", "max_batch_size", "device", "dtype", "max_length", "loglikelihood", "mc_num",
+              "seed")
 GEN_KEYS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p")
 """Request generation kwargs the adapter understands (lm-eval task `generation_kwargs`)."""
 
@@ -63,9 +65,14 @@ class DLMEvalModel(TemplateLM):
     def __init__(self, pretrained: str | Path | None = None, *, backbone: Backbone | None = None,
                  meta: CheckpointMeta | None = None, decode: DecodeConfig | dict | None = None,
                  batch_size: int | str = 1, max_batch_size: int | None = None, device: str | None = None,
-                 dtype: str = "float32", max_length: int | None = None, **knobs: Any) -> None:
+                 dtype: str = "float32", max_length: int | None = None, loglikelihood: str = "chain",
+                 mc_num: int | str = 128, seed: int | str = 0, **knobs: Any) -> None:
         super().__init__()  # max_batch_size: passed by lm-eval, unused (no auto batch size)
         _check_keys(knobs)  # every check before the weights load: a typo fails in a second
+        check(loglikelihood in LIKELIHOODS, "model_args.loglikelihood", loglikelihood, "unknown method",
+              LIKELIHOODS)  # the chain rule or the Monte-Carlo ELBO (dlm.tensor.likelihood)
+        self.likelihood_method, self.mc_num = loglikelihood, _positive_int("model_args.mc_num", mc_num)
+        self.seed = _coerce("seed", seed, 0)
         self.batch_size = _positive_int("batch_size", batch_size)
         self._max_length = _positive_int("max_length", max_length) if max_length is not None else None
         if backbone is None:
@@ -80,6 +87,7 @@ class DLMEvalModel(TemplateLM):
         self.decode = _decode_config(meta, decode, knobs)
         self.backbone, self.meta, self.checkpoint = backbone, meta, str(pretrained or "in-memory")
         self.model, self.tokenizer = backbone.model, backbone.tokenizer
+        self._warned_tasks: set[str] = set()
         self.stats = {"generated_tokens": 0, "row_forwards": 0}
         """Decoding totals for tokens-per-forward: generated tokens, and sum over batches of rows * nfe."""
 
@@ -113,7 +121,9 @@ class DLMEvalModel(TemplateLM):
     def get_model_info(self) -> dict[str, Any]:
         """Merged into lm-eval's results["config"]."""
         info = {"checkpoint": self.checkpoint, "pattern": self.meta.pattern, "train_block_size": self.meta.block_size,
-                "decode": dataclasses.asdict(self.decode)}
+                "loglikelihood": self.likelihood_method, "decode": dataclasses.asdict(self.decode)}
+        if self.likelihood_method == "elbo":
+            info["mc_num"], info["seed"] = self.mc_num, self.seed
         if self.tokens_per_forward is not None:
             info["tokens_per_forward"] = self.tokens_per_forward
         return info
@@ -140,7 +150,8 @@ class DLMEvalModel(TemplateLM):
         return score_continuations(self.model, pairs, causal=self.is_ar, block_size=self.decode.block_size,
                                    mask_token_id=self.backbone.mask_token_id, shift=self.decode.shift,
                                    max_length=self.max_length, pad_token_id=self._pad_id, batch_size=self.batch_size,
-                                   disable_tqdm=disable_tqdm)
+                                   disable_tqdm=disable_tqdm, method=self.likelihood_method, mc_num=self.mc_num,
+                                   seed=self.seed)
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         results = self._score([(ctx, cont) for _, ctx, cont in requests], disable_tqdm)
@@ -169,7 +180,10 @@ class DLMEvalModel(TemplateLM):
         bar = tqdm(total=len(requests), disable=disable_tqdm, desc="dlm generate")
         for idxs in groups.values():
             options = self._gen_options(requests[idxs[0]].args[1])
-            prompts = {i: self._prompt_ids(requests[i].args[0], options["max_new_tokens"]) for i in idxs}
+            encoded = {i: self.tok_encode(requests[i].args[0]) for i in idxs}
+            prompts = {i: self._prompt_ids(ids, options["max_new_tokens"]) for i, ids in encoded.items()}
+            self._warn_truncated([requests[i] for i in idxs], [len(encoded[i]) for i in idxs],
+                                 self.max_length - options["max_new_tokens"])
             idxs = sorted(idxs, key=lambda i: -len(prompts[i]))
             for start in range(0, len(idxs), self.batch_size):
                 chunk = idxs[start:start + self.batch_size]
@@ -200,10 +214,23 @@ class DLMEvalModel(TemplateLM):
         return {"until": until, "max_new_tokens": max_new, "temperature": temperature,
                 "top_p": float(kwargs.get("top_p", self.decode.top_p)) if sample else self.decode.top_p}
 
-    def _prompt_ids(self, context: str, max_new_tokens: int) -> list[int]:
+    def _prompt_ids(self, ids: list[int], max_new_tokens: int) -> list[int]:
         """Left-truncated so prompt + generation fit in `max_length` (as lm-eval's HFLM does)."""
-        ids = self.tok_encode(context)[-(self.max_length - max_new_tokens):]
-        return ids or [self.prefix_token_id]
+        return ids[-(self.max_length - max_new_tokens):] or [self.prefix_token_id]
+
+    def _warn_truncated(self, requests: list[Instance], lengths: list[int], limit: int) -> None:
+        """One warning per task whose prompts lose their start: a cut few-shot prompt scores a different task."""
+        by_task: dict[str, list[int]] = {}
+        for req, length in zip(requests, lengths):
+            if length > limit:
+                by_task.setdefault(str(req.task_name), []).append(length)
+        for task, cut in by_task.items():
+            if task not in self._warned_tasks:
+                self._warned_tasks.add(task)
+                log.warning("task %s: %d of %d prompts truncated from up to %d tokens to their last %d "
+                            "(max_length %d - max_gen_toks %d); raise max_length or use fewer shots",
+                            task, len(cut), sum(str(r.task_name) == task for r in requests), max(cut), limit,
+                            self.max_length, self.max_length - limit)
 
     def _generate(self, prompts: list[list[int]], options: dict[str, Any]) -> list[str]:
         ids, mask = left_pad(prompts, self._pad_id, self.device)

@@ -12,7 +12,9 @@ folder holds the data (same files as the hub datasets) and are logged under the 
 from __future__ import annotations
 
 import difflib
+import functools
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -27,7 +29,6 @@ EVALS_DIR = REPO / "evals"
 DATA_ENV = "DLM_DATA_DIR"
 LOCAL_FAMILIES = {"gsm8k": ("gsm8k_local", "gsm8k/test.jsonl"), "mmlu": ("mmlu_local", "mmlu/test.jsonl")}
 """Stock task family -> (local variant prefix, the data file it needs under the data folder)."""
-OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 def find_data_dir(data_dir: str | Path | None = None) -> Path | None:
@@ -50,34 +51,27 @@ def split_tasks(tasks: str | Sequence[str]) -> list[str]:
     return names
 
 
-def _offline() -> bool:
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on") for k in OFFLINE_ENV)
-
-
 def resolve_tasks(names: Sequence[str], *, local_names: set[str], data_dir: Path | None,
-                  local: bool | None = None) -> dict[str, str]:
+                  hub: bool = False) -> dict[str, str]:
     """Requested name -> name to run: `gsm8k`, `mmlu`, `mmlu_<subject|category>` -> their local variant.
 
-    `local=None` maps where the data folder holds the family's file; True requires it; False never maps.
-    Offline without the data, a stock name fails here in one line instead of deep inside `datasets`.
+    Offline first: a family with a local variant needs its file in the data folder, and without it the name
+    fails here in one line saying where the data must be (no hub retries). `hub=True` runs the stock tasks.
     """
     resolved = {}
     for name in names:
         family = next((f for f in LOCAL_FAMILIES if name == f or name.startswith(f + "_")), None)
         target = LOCAL_FAMILIES[family][0] + name[len(family):] if family else None
-        if target not in local_names or local is False:
+        if target not in local_names or hub:
             resolved[name] = name
             continue
         needed = LOCAL_FAMILIES[family][1]
-        if data_dir is not None and (data_dir / needed).is_file():
-            resolved[name] = target
-        elif local or _offline():
-            why = "local_tasks=True" if local else f"offline ({'/'.join(OFFLINE_ENV)})"
+        if data_dir is None or not (data_dir / needed).is_file():
             shown = str(data_dir) if data_dir else None
-            raise ConfigError(f"tasks={name!r}: {why} but no {needed} in data_dir={shown!r}; allowed: "
-                              f"--data-dir or ${DATA_ENV} pointing at a folder like ../shared/data")
-        else:
-            resolved[name] = name
+            raise ConfigError(f"tasks={name!r}: its offline variant reads {needed} from the data folder, and "
+                              f"data_dir={shown!r} has none; allowed: --data-dir DIR or ${DATA_ENV} (a folder like "
+                              "../shared/data), or --hub-tasks to download the stock task")
+        resolved[name] = target
     return resolved
 
 
@@ -105,16 +99,30 @@ def _known(name: str, manager: TaskManager) -> bool:
     return name in manager.all_tasks or (name.endswith(".yaml") and Path(name).is_file())
 
 
-def prepare_tasks(tasks: str | Sequence[str], *, data_dir: str | Path | None = None, local_tasks: bool | None = None,
+_NAME_LINE = re.compile(r"^(?:task|group|tag):\s*([A-Za-z0-9_.-]+)\s*$", re.M)
+
+
+@functools.lru_cache(maxsize=4)
+def local_task_names(include_path: str | Path = EVALS_DIR) -> frozenset[str]:
+    """Task, group and tag names the YAMLs under `include_path` define, read without lm-eval: importing its
+    TaskManager takes seconds, and a missing data folder must fail before that."""
+    files = Path(include_path).rglob("*yaml")
+    return frozenset(name for path in files for name in _NAME_LINE.findall(path.read_text()))
+
+
+def resolve_requested(tasks: str | Sequence[str], *, data_dir: str | Path | None = None, hub: bool = False,
+                      include_path: str | Path | None = None) -> dict[str, str]:
+    """`resolve_tasks` for what a user typed: requested name -> name to run. Light: the CLI calls it before
+    lm-eval, transformers or torch load, so a missing data folder fails within a second."""
+    return resolve_tasks(split_tasks(tasks), local_names=set(local_task_names(include_path or EVALS_DIR)),
+                         data_dir=find_data_dir(data_dir), hub=hub)
+
+
+def prepare_tasks(tasks: str | Sequence[str], *, data_dir: str | Path | None = None, hub: bool = False,
                   include_path: str | Path | None = None, task_metadata: dict[str, Any] | None = None,
                   ) -> tuple[TaskManager, dict[str, str]]:
     """(TaskManager, requested name -> name to run): local mapping, data folder in the task metadata."""
-    from lm_eval.tasks import TaskManager
-
-    names = split_tasks(tasks)
     root = find_data_dir(data_dir)
-    paths = [str(include_path or EVALS_DIR)]
-    local_names = set(TaskManager(include_path=paths, include_defaults=False).all_tasks)
-    runs = resolve_tasks(names, local_names=local_names, data_dir=root, local=local_tasks)
+    runs = resolve_requested(tasks, data_dir=data_dir, hub=hub, include_path=include_path)
     metadata = {**({"data_dir": str(root)} if root else {}), **(task_metadata or {})}
     return build_task_manager(list(runs.values()), include_path=include_path, metadata=metadata), runs

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 from dlm.settings.decode import DecodeConfig
 from dlm.settings.errors import check, check_choices, check_positive_int
 from dlm.settings.experiment import Dtype
+
+Likelihood = Literal["chain", "elbo"]
+LIKELIHOODS = typing.get_args(Likelihood)
 
 
 @dataclass
@@ -22,6 +26,12 @@ class EvalConfig:
     """Requests per decoder / scorer batch."""
     decode: Dict[str, Any] = field(default_factory=dict)
     """DecodeConfig fields over the checkpoint's defaults (training block size, shift), e.g. {threshold: 0.9}."""
+    loglikelihood: Likelihood = "chain"
+    """Multiple-choice scoring: chain (exact, one forward per request) or elbo (Monte Carlo, mc_num forwards)."""
+    mc_num: int = 128
+    """Monte-Carlo samples per request for loglikelihood=elbo (LLaDA / Dream report 128)."""
+    seed: int = 0
+    """Seed of the ELBO's masks (each request's masks also depend on its own tokens: batch-invariant)."""
     gen_kwargs: Optional[str] = None
     """lm-eval generation overrides, e.g. max_gen_toks=128."""
     apply_chat_template: bool = False
@@ -33,7 +43,7 @@ class EvalConfig:
     hub_tasks: bool = False
     """Run stock gsm8k/mmlu from the hub even when local data exists."""
     output: Optional[str] = None
-    """Write lm-eval's results JSON here."""
+    """Where lm-eval's results JSON goes (default: <checkpoint>/../eval/results_<time>.json)."""
     device: Optional[str] = None
     """Device of the model; none: CUDA when present."""
     dtype: Dtype = "float32"
@@ -45,6 +55,7 @@ class EvalConfig:
         check(self.limit is None or self.limit > 0, "eval.limit", self.limit, "must be > 0 (a fraction if < 1)")
         check(self.num_fewshot is None or self.num_fewshot >= 0, "eval.num_fewshot", self.num_fewshot, "must be >= 0")
         check_positive_int("eval.batch_size", self.batch_size)
+        check_positive_int("eval.mc_num", self.mc_num)
         self.decode_overrides()  # unknown or bad decode keys fail here, before any model loads
 
     @property

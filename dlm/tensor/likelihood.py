@@ -18,11 +18,22 @@ w_b <= B; MMLU: p + 1, like one AR forward); long continuations are split so no 
 softmax). lm-eval's rolling windows (`dlm.evaluation.lm_eval_model.rolling_windows`) are each scored by the
 same rule (~B forwards of <= 2 * max_length tokens per window for diffusion). Not an ELBO: no Monte Carlo
 samples, no variance.
+
+`method="elbo"` instead gives the Monte-Carlo ELBO the peers report (LLaDA, Dream, dllm), in the same block
+layout: per sample and continuation block of w tokens, k ~ U{1..w} of them are masked (a uniform subset), the
+copy sees the clean earlier blocks and its own unmasked tokens, and each masked token's log-prob is weighted
+w / k (the realised-rate weight of training); the estimate is the mean over `mc_num` samples, one forward of
+p + 2n tokens each. It bounds the log-likelihood only where the model's conditionals are those of one joint
+distribution, so it can sit above or below the chain rule; a single-token continuation gets the same exact
+value. The masks are drawn from a generator seeded by `seed` and the request's own tokens, so a request scores
+the same in any batch.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -44,6 +55,8 @@ class Row:
     reads: list[int] = field(default_factory=list)
     """Index whose logits predict targets[j]."""
     targets: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    """Per target; empty: all 1 (the chain rule). The ELBO's w / (k * mc_num)."""
 
     def add(self, ids: list[int], position_ids: list[int], block_ids: list[int], segment: int) -> int:
         """Append tokens; returns the index of the first."""
@@ -55,18 +68,26 @@ class Row:
         return start
 
 
+Method = Literal["chain", "elbo"]
+
+
 def score_continuations(model, pairs: list[tuple[list[int], list[int]]], *, causal: bool, block_size: int,
                         mask_token_id: int, shift: bool, max_length: int, pad_token_id: int, batch_size: int,
-                        disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+                        disable_tqdm: bool = True, method: Method = "chain", mc_num: int = 128,
+                        seed: int = 0) -> list[tuple[float, bool]]:
     """(log p(continuation | context), every step is the argmax) per (context ids, continuation ids) pair.
 
     `causal=True` scores with the plain causal forward (`block_size`, `mask_token_id`, `shift` unused);
-    otherwise by the chain rule above, in the decoder's layout for `block_size` and `shift`.
+    otherwise by the chain rule above (or `method="elbo"`: the Monte-Carlo ELBO with `mc_num` samples), in
+    the decoder's layout for `block_size` and `shift`.
     """
     rows, owner = [], []
     for k, (ctx, cont) in enumerate(pairs):
         if causal:
             new = ar_rows(ctx, cont, max_length=max_length)
+        elif method == "elbo":
+            new = elbo_rows(ctx, cont, block_size=block_size, mask_token_id=mask_token_id, shift=shift,
+                            max_length=max_length, mc_num=mc_num, rng=random.Random(f"{seed}:{ctx}:{cont}"))
         else:
             new = diffusion_rows(ctx, cont, block_size=block_size, mask_token_id=mask_token_id, shift=shift,
                                  max_length=max_length)
@@ -135,6 +156,33 @@ def _copy_row(context: list[int], cont: list[int], group: list[tuple[int, int]],
     return row
 
 
+def elbo_rows(context: list[int], continuation: list[int], *, block_size: int, mask_token_id: int, shift: bool,
+              max_length: int, mc_num: int, rng: random.Random) -> list[Row]:
+    """One row per Monte-Carlo sample: the clean context and continuation, then one partially masked copy of
+    every continuation block (module docstring)."""
+    _check_fits(continuation, max_length - 1)
+    context = context[-(max_length - len(continuation)):]
+    p, n = len(context), len(continuation)
+    first = -(-p // block_size)
+    blocks = [(s, min(s + block_size, n)) for s in range(0, n, block_size)]
+    rows = []
+    for _ in range(mc_num):
+        row, clean = Row(), context + continuation
+        row.add(clean, list(range(len(clean))),
+                [q // block_size for q in range(p)] + [first + j // block_size for j in range(n)], 0)
+        for copy, (s, e) in enumerate(blocks, start=1):
+            width = e - s
+            masked = sorted(rng.sample(range(width), rng.randint(1, width)))
+            ids = [mask_token_id if j in masked else continuation[s + j] for j in range(width)]
+            start = row.add(ids, list(range(p + s, p + e)), [first + s // block_size] * width, segment=copy)
+            for j in masked:  # shift: the logit before a token predicts it; before the block, the clean half's
+                row.reads.append(p + s - 1 if shift and j == 0 else start + j - (1 if shift else 0))
+                row.targets.append(continuation[s + j])
+                row.weights.append(width / len(masked) / mc_num)
+        rows.append(row)
+    return rows
+
+
 def _check_fits(continuation: list[int], limit: int) -> None:
     if len(continuation) > limit:
         raise ConfigError(f"continuation of {len(continuation)} tokens: longer than the {limit} the model can score "
@@ -197,7 +245,8 @@ def _score_batch(model, rows: list[Row], exclude_token: int | None, pad_token_id
         rank = {idx: k for k, idx in enumerate(sorted(r.reads))}
         at = torch.tensor([offset + rank[i] for i in r.reads], device=device)
         targets = torch.tensor(r.targets, device=device)
-        lp = logprobs[at].gather(-1, targets[:, None]).sum()
+        per_target = logprobs[at].gather(-1, targets[:, None]).squeeze(-1)
+        lp = (per_target * torch.tensor(r.weights, device=device)).sum() if r.weights else per_target.sum()
         greedy = bool((logprobs[at].argmax(dim=-1) == targets).all())
         results.append((float(lp), greedy))
         offset += len(r.reads)

@@ -48,6 +48,24 @@ def test_a_bad_dlm_model_arg_is_one_error_line_and_exit_2(monkeypatch, capsys, l
     err = capsys.readouterr().err
     assert [line for line in err.splitlines() if "error:" in line] == [
         "error: model_args.treshold=0.9: unknown key (did you mean 'threshold'?); allowed: pretrained, batch_size, "
-        "max_batch_size, device, dtype, max_length, block_size, threshold, max_new_tokens, sub_block_size, "
-        "temperature, top_p, policy, factor, one_token_per_forward, use_cache, gen_length"]
+        "max_batch_size, device, dtype, max_length, loglikelihood, mc_num, seed, block_size, threshold, "
+        "max_new_tokens, sub_block_size, temperature, top_p, policy, factor, one_token_per_forward, use_cache, "
+        "gen_length"]
     assert "Traceback" not in err
+
+
+def test_a_diffusion_checkpoint_given_to_the_stock_hf_model_gets_a_warning(tmp_path):
+    from dlm.cli.lm_eval import diffusion_checkpoint_for_hf
+
+    for pattern in ("block_clean", "causal"):
+        (tmp_path / pattern).mkdir()
+        (tmp_path / pattern / "dlm.yaml").write_text(
+            f"pattern: {pattern}\nblock_size: 4\nmask_token: '<|mask|>'\nmask_token_id: 1\n")
+    warning = diffusion_checkpoint_for_hf(["--model", "hf", "--model_args", f"pretrained={tmp_path / 'block_clean'}",
+                                           "--tasks", "mmlu_local"])
+    assert warning.startswith(f"--model hf with pretrained={tmp_path / 'block_clean'}: a dlm block_clean checkpoint")
+    assert "Use --model dlm" in warning
+    assert diffusion_checkpoint_for_hf(["--model", "hf", "--model_args", f"pretrained={tmp_path / 'causal'}"]) is None
+    assert diffusion_checkpoint_for_hf(["--model", "dlm", "--model_args", f"pretrained={tmp_path / 'block_clean'}"]) \
+        is None
+    assert diffusion_checkpoint_for_hf(["--model", "hf", "--model_args", "pretrained=Qwen/Qwen2.5-0.5B"]) is None

@@ -199,3 +199,31 @@ def test_stock_lm_eval_cli_runs_the_dlm_model_on_evals_tasks(dlm_ckpt, tmp_path)
     assert "gsm8k_local" in proc.stdout and "strict-match" in proc.stdout
     (written,) = out.rglob("results_*.json")
     assert "exact_match,strict-match" in json.loads(written.read_text())["results"]["gsm8k_local"]
+
+
+@needs_data
+def test_the_stock_hf_model_and_dlm_agree_on_a_causal_checkpoint(ar_ckpt):
+    """lm-eval's own `hf` class (the AR baseline, lm-eval[hf]) beside ours on one AR checkpoint: the same
+    per-choice log-likelihoods and the same MMLU accuracy."""
+    from lm_eval import simple_evaluate
+
+    from dlm.evaluation.tasks import prepare_tasks
+
+    ours = ev(ar_ckpt, "mmlu_anatomy,mmlu_astronomy", limit=6, data_dir=DATA, log_samples=True, dtype="float64")
+    manager, names = prepare_tasks("mmlu_anatomy,mmlu_astronomy", data_dir=DATA)
+    stock = simple_evaluate(model="hf", model_args=f"pretrained={ar_ckpt},dtype=float64,device=cpu",
+                            tasks=list(names.values()), task_manager=manager, limit=6, log_samples=True, batch_size=1)
+    for task in names.values():
+        mine = [[r[0][0] for r in s["resps"]] for s in ours["samples"][task]]
+        theirs = [[r[0][0] for r in s["resps"]] for s in stock["samples"][task]]
+        torch.testing.assert_close(torch.tensor(mine), torch.tensor(theirs), atol=1e-4, rtol=0)
+        assert ours["results"][task]["acc,none"] == stock["results"][task]["acc,none"]
+
+
+def test_the_results_json_is_always_written_beside_the_checkpoint_with_samples_on_request(dlm_ckpt, tmp_path):
+    results = ev(dlm_ckpt, "gsm8k_synthetic", limit=1, gen_kwargs="max_gen_toks=4", log_samples=True,
+                 task_metadata=synthetic_metadata(tmp_path))
+    path = Path(results["results_path"])
+    assert path.parent == Path(dlm_ckpt).resolve().parent / "eval" and path.name.startswith("results_")
+    saved = json.loads(path.read_text())
+    assert saved["samples"]["gsm8k_synthetic"] and "exact_match,strict-match" in saved["results"]["gsm8k_synthetic"]

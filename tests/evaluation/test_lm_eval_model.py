@@ -155,3 +155,33 @@ def test_rolling_windows_predict_every_token_once_within_max_length(causal, wind
     assert [t for _, cont in windows for t in cont] == tokens
     assert windows[0] == ([7], tokens[:window])  # the first window is scored after the prefix token alone
     assert all(len(ctx) + len(cont) <= window + 1 and len(cont) <= window for ctx, cont in windows)
+
+
+def test_truncated_prompts_are_reported_once_per_task(bb, caplog):
+    lm = adapter(bb, max_length=64)
+    long, short = "Question: " + "one two three " * 30, "Question: 3 + 4?"
+    requests = [Instance("generate_until", {}, (c, {"max_gen_toks": 4}), idx=i, metadata=(task, i, 1))
+                for i, (c, task) in enumerate([(long, "a"), (long, "a"), (short, "a"), (short, "b")])]
+    full = len(lm.tok_encode(long))
+    with caplog.at_level("WARNING", logger="dlm.evaluation.lm_eval_model"):
+        lm.generate_until(requests, disable_tqdm=True)
+        lm.generate_until(requests[:1], disable_tqdm=True)  # the same task again: no second warning
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"task a: 2 of 3 prompts truncated from up to {full} tokens to their last 60 "
+                        "(max_length 64 - max_gen_toks 4); raise max_length or use fewer shots"]
+
+
+def test_loglikelihood_elbo_comes_from_model_args_and_bad_values_fail_in_one_line(bb, tokenizer):
+    ctx = tokenizer.encode(CONTEXT)
+    pairs = [(ctx, tokenizer.encode(c)) for c in CONTINUATIONS]
+    lm = adapter(bb, loglikelihood="elbo", mc_num="3", seed="5")  # lm-eval hands model_args over as strings
+    got = [lp for lp, _ in lm._score(pairs, disable_tqdm=True)]
+    want = score_continuations(bb.model, pairs, causal=False, block_size=4, mask_token_id=bb.mask_token_id,
+                               shift=False, max_length=lm.max_length, pad_token_id=pad_token_id(tokenizer),
+                               batch_size=1, method="elbo", mc_num=3, seed=5)
+    assert got == pytest.approx([lp for lp, _ in want], abs=1e-9)
+    assert lm.get_model_info()["loglikelihood"] == "elbo" and lm.get_model_info()["mc_num"] == 3
+    with pytest.raises(ConfigError, match=r"^model_args.loglikelihood='mc': unknown method; allowed: chain, elbo$"):
+        adapter(bb, loglikelihood="mc")
+    with pytest.raises(ConfigError, match=r"^model_args.mc_num='0': must be a positive integer"):
+        adapter(bb, loglikelihood="elbo", mc_num="0")

@@ -3,6 +3,9 @@ where the data is, and the synthetic task is found with its run's metadata."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import lm_eval
@@ -49,23 +52,38 @@ def test_local_variants_keep_the_stock_prompts_filters_metrics_and_splits():
         assert local["task"] == [t.replace("mmlu", "mmlu_local", 1) for t in stock["task"]]
 
 
-def test_stock_names_map_to_local_variants_only_where_the_data_is(tmp_path, monkeypatch):
+def test_stock_names_map_to_local_variants_and_missing_data_fails_in_one_line(tmp_path):
     local = {"gsm8k_local", "mmlu_local", "mmlu_local_anatomy", "mmlu_local_stem"}
     names = ["gsm8k", "mmlu", "mmlu_anatomy", "mmlu_stem", "mmlu_pro", "hellaswag"]
     (tmp_path / "gsm8k").mkdir()
     (tmp_path / "gsm8k/test.jsonl").write_text("")
-    got = resolve_tasks(names[:1], local_names=local, data_dir=tmp_path)
-    assert got == {"gsm8k": "gsm8k_local"}
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    assert list(resolve_tasks(names, local_names=local, data_dir=tmp_path).values()) == \
-        ["gsm8k_local", "mmlu", "mmlu_anatomy", "mmlu_stem", "mmlu_pro", "hellaswag"]  # no mmlu data: the hub
+    assert resolve_tasks(names[:1], local_names=local, data_dir=tmp_path) == {"gsm8k": "gsm8k_local"}
+    with pytest.raises(ConfigError, match=r"^tasks='mmlu': its offline variant reads mmlu/test.jsonl from the data "
+                                          r"folder, and data_dir='.*' has none; allowed: --data-dir DIR or "
+                                          r"\$DLM_DATA_DIR \(a folder like ../shared/data\), or --hub-tasks"):
+        resolve_tasks(names, local_names=local, data_dir=tmp_path)  # no mmlu data: no silent hub download
     (tmp_path / "mmlu").mkdir()
     (tmp_path / "mmlu/test.jsonl").write_text("")
     assert list(resolve_tasks(names, local_names=local, data_dir=tmp_path).values()) == \
         ["gsm8k_local", "mmlu_local", "mmlu_local_anatomy", "mmlu_local_stem", "mmlu_pro", "hellaswag"]
-    assert resolve_tasks(names, local_names=local, data_dir=tmp_path, local=False) == {n: n for n in names}
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    with pytest.raises(ConfigError, match=r"^tasks='gsm8k': offline \(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE\) but no "
-                                          r"gsm8k/test.jsonl in data_dir=None; allowed: --data-dir or \$DLM_DATA_DIR"):
+    assert resolve_tasks(names, local_names=local, data_dir=tmp_path, hub=True) == {n: n for n in names}
+    with pytest.raises(ConfigError, match=r"^tasks='gsm8k': .* data_dir=None has none"):
         resolve_tasks(["gsm8k"], local_names=local, data_dir=None)
+
+
+def test_dlm_eval_without_the_data_folder_fails_in_one_line_within_a_second(tmp_path):
+    """The whole command, with $DLM_DATA_DIR (looked up first) at a folder without the data: no hub retries."""
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "dlm.yaml").write_text("pattern: block_clean\nblock_size: 4\nmask_token: '<|mask|>'\nmask_token_id: 1\n")
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "DLM_DATA_DIR": str(tmp_path / "empty")}
+    code = ("import sys, time; from dlm.cli.main import main; t = time.perf_counter(); "
+            f"code = main(['eval', {str(ckpt)!r}, '--tasks', 'gsm8k']); "
+            "print(f'status {code} in {time.perf_counter() - t:.2f} s')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    status, seconds = proc.stdout.split()[1], float(proc.stdout.split()[3])
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert status == "2" and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "tasks='gsm8k': its offline variant reads gsm8k/test.jsonl" in errors[0] and seconds < 1.0

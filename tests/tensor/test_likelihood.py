@@ -93,3 +93,46 @@ def test_ar_scoring_is_the_plain_causal_forward(bb, tokenizer):
     want = logits.log_softmax(-1)[len(ctx) - 1:-1].gather(-1, torch.tensor(cont)[:, None]).sum()
     (lp, _), = scores(bb, [(ctx, cont)], causal=True)
     assert lp == pytest.approx(float(want), abs=1e-4)
+
+
+# -- the Monte-Carlo ELBO --------------------------------------------------------------------------
+def elbo(bb, pairs, *, mc_num, seed=0, batch_size=1):
+    return score_continuations(bb.model, pairs, causal=False, block_size=4, mask_token_id=bb.mask_token_id,
+                               shift=False, max_length=256, pad_token_id=pad_token_id(bb.tokenizer),
+                               batch_size=batch_size, method="elbo", mc_num=mc_num, seed=seed)
+
+
+def test_elbo_of_a_single_token_is_its_exact_log_prob(bb, tokenizer):
+    ctx, token = tokenizer.encode(CONTEXT), [tokenizer.encode(" 7")[-1]]  # w = 1: k = 1, weight 1, no variance
+    (chain, _), = scores(bb, [(ctx, token)])
+    (bound, _), = elbo(bb, [(ctx, token)], mc_num=3)
+    assert bound == pytest.approx(chain, abs=1e-6)
+
+
+def test_elbo_estimate_converges_to_the_expectation_over_masks(bb, tokenizer):
+    """Two tokens in one block: k = 1 (one of them masked, weight 2) or k = 2 (both, weight 1), each with
+    probability 1/2; the exact expectation from independent forwards, the tolerance from its exact variance."""
+    ctx, cont = tokenizer.encode(CONTEXT), tokenizer.encode(" Tom has")[:2]
+    p, mask = len(ctx), bb.mask_token_id
+    blocks = [q // 4 for q in range(p)] + [-(-p // 4)] * 2
+
+    def masked_lp(masked: set[int]) -> float:
+        ids = ctx + [mask if j in masked else cont[j] for j in range(2)]
+        lps = log_probs(bb.model, ids, blocks, mask)
+        return sum(float(lps[p + j][cont[j]]) for j in masked)
+
+    outcomes = [(0.25, 2 * masked_lp({0})), (0.25, 2 * masked_lp({1})), (0.5, masked_lp({0, 1}))]
+    mean = sum(w * v for w, v in outcomes)
+    std = sum(w * (v - mean) ** 2 for w, v in outcomes) ** 0.5
+    (estimate, _), = elbo(bb, [(ctx, cont)], mc_num=256, batch_size=64)
+    assert abs(estimate - mean) < 4 * std / 256 ** 0.5
+
+
+def test_elbo_is_batch_invariant_and_set_by_its_seed(bb, tokenizer):
+    ctx = tokenizer.encode(CONTEXT)
+    pairs = [(ctx, tokenizer.encode(c)) for c in CONTINUATIONS]
+    alone = [elbo(bb, [pair], mc_num=4)[0][0] for pair in pairs]
+    batched = [lp for lp, _ in elbo(bb, pairs, mc_num=4, batch_size=3)]
+    assert batched == pytest.approx(alone, abs=1e-9)
+    other = elbo(bb, pairs[-1:], mc_num=4, seed=1)[0][0]
+    assert other != pytest.approx(alone[-1], abs=1e-6)  # another seed draws other masks

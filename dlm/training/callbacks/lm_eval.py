@@ -5,13 +5,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from pathlib import Path
 from typing import Any, Iterator
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
 
-from dlm.evaluation.evaluate import metrics_from_results, run_lm_eval
+from dlm.evaluation.evaluate import metrics_from_results, run_lm_eval, write_results
 from dlm.evaluation.lm_eval_model import DLMEvalModel
 from dlm.evaluation.tasks import prepare_tasks
 from dlm.models.backbone import Backbone
@@ -72,22 +74,29 @@ class LmEvalCallback(L.Callback):
                         type(trainer.strategy).__name__)
             return
         try:
-            metrics = self.evaluate(pl_module)
+            results = self.evaluate(pl_module)
         except Exception:  # noqa: BLE001 -- an eval failure must not end a training run
             log.exception("LmEvalCallback: evaluation at step %d failed; training continues", step)
             return
+        path = write_results(results, Path(trainer.default_root_dir) / "eval" / f"results_step{step:06d}.json")
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+            logger.log_metrics(results["dlm_metrics"], step=step)
+            if isinstance(logger, MLFlowLogger):  # the results JSON (and samples, under log_samples) beside the metrics
+                logger.experiment.log_artifact(logger.run_id, str(path), "lm_eval")
 
-    def evaluate(self, pl_module: L.LightningModule) -> dict[str, float]:
-        """lm-eval on `pl_module.model` as it is now; returns `eval/<task>/<metric>` values."""
+    def evaluate(self, pl_module: L.LightningModule) -> dict[str, Any]:
+        """lm-eval on `pl_module.model` as it is now; lm-eval's results, with `eval/<task>/<metric>` values
+        under `results["dlm_metrics"]`."""
         model = pl_module.model
         meta = CheckpointMeta.from_config(pl_module.cfg, pl_module.mask_token_id)
+        e = self.settings
         lm = DLMEvalModel(backbone=Backbone(model, pl_module.tokenizer, pl_module.mask_token_id), meta=meta,
-                          decode=self.settings.decode_overrides(), batch_size=self.settings.batch_size)
+                          decode=e.decode_overrides(), batch_size=e.batch_size, loglikelihood=e.loglikelihood,
+                          mc_num=e.mc_num, seed=e.seed)
         with decoding_mode(model), _kept_rng_state():  # the decoder and scorer pass 4-D masks
             results = run_lm_eval(lm, list(self._runs.values()), task_manager=self._manager, settings=self.settings)
-        return metrics_from_results(results, {run: name for name, run in self._runs.items()})
+        results["dlm_metrics"] = metrics_from_results(results, {run: name for name, run in self._runs.items()})
+        return results
 
 
 def _data_metadata(pl_module: L.LightningModule) -> dict[str, Any]:

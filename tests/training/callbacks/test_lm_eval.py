@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+from pathlib import Path
 
 import lightning as L
 import mlflow
@@ -30,7 +32,7 @@ def tiny_dlm(tmp_path):
 def run(tmp_path_factory):
     """Evaluation every 3 steps, and a second callback whose every evaluation fails (a bad gen kwarg)."""
     tmp = tmp_path_factory.mktemp("lm_eval")
-    good = LmEvalCallback(EvalConfig(limit=2, batch_size=2, gen_kwargs="max_gen_toks=8"), 3)
+    good = LmEvalCallback(EvalConfig(limit=2, batch_size=2, gen_kwargs="max_gen_toks=8", log_samples=True), 3)
     failing = LmEvalCallback(EvalConfig(limit=1, gen_kwargs="top_k=5"), 4)
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
@@ -54,6 +56,16 @@ def test_eval_metrics_are_logged_into_the_training_run_at_every_nth_step(run):
     assert all(0 <= m.value <= 1 for m in client.get_metric_history(result.run_id, METRIC))
 
 
+def test_each_evaluation_logs_its_results_json_with_samples_as_an_artifact(run):
+    client, result, _ = run
+    logged = sorted(a.path for a in client.list_artifacts(result.run_id, "lm_eval"))
+    assert logged == ["lm_eval/results_step000003.json", "lm_eval/results_step000006.json"]
+    local = client.download_artifacts(result.run_id, logged[0])
+    saved = json.loads(Path(local).read_text())
+    assert {s["doc_id"] for s in saved["samples"]["gsm8k_synthetic"]} == {0, 1}  # limit=2 (a row per filter)
+    assert saved["results"]["gsm8k_synthetic"]
+
+
 def test_a_failing_evaluation_is_logged_and_training_goes_on(run):
     client, result, records = run
     failures = [r for r in records if r.levelno == logging.ERROR]
@@ -72,7 +84,7 @@ def test_evaluation_restores_train_mode_kernel_and_random_streams(tmp_path):
     torch.manual_seed(7)
     random.seed(7)
     torch_state, py_state = torch.get_rng_state(), random.getstate()
-    metrics = callback.evaluate(module)
+    metrics = callback.evaluate(module)["dlm_metrics"]
     assert set(metrics) >= {METRIC, "eval/gsm8k_synthetic/exact_match_flexible-extract"}
     assert module.training and module.model.training
     assert module.model.config._attn_implementation == "flex_attention"
