@@ -52,6 +52,8 @@ def choose(conf: Tensor, cand: Tensor, finished: Tensor, cfg: DecodeConfig) -> T
         n = torch.ones_like(n_cand)
     elif cfg.policy == "threshold":
         n = (sorted_conf >= cfg.threshold).sum(dim=-1)
+    elif cfg.policy == "fixed":
+        n = torch.full_like(n_cand, cfg.tokens_per_pass)
     else:  # factor: c_n falls while 1 - factor / (n + 1) rises, so the rule holds on a prefix
         rank = torch.arange(1, conf.shape[1] + 1, device=conf.device)
         n = ((rank + 1) * (1 - sorted_conf) < cfg.factor).long().cumprod(dim=-1).sum(dim=-1)

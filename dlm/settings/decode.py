@@ -24,10 +24,13 @@ class DecodeConfig:
     """0: greedy argmax, confidence = max prob. >0: sample, confidence = prob of the sampled token."""
     top_p: float = 1.0
     """Nucleus mass kept when sampling. In (0, 1]."""
-    policy: Literal["threshold", "factor"] = "threshold"
-    """threshold | factor (Fast-dLLM: commit the largest n with (n + 1) * (1 - c_n) < factor)."""
+    policy: Literal["threshold", "factor", "fixed"] = "threshold"
+    """threshold | factor (Fast-dLLM: commit the largest n with (n + 1) * (1 - c_n) < factor) | fixed (commit
+    exactly `tokens_per_pass` most confident tokens per pass: LLaDA / Dream "steps", a known TPF)."""
     factor: float = 1.0
     """The factor policy's budget; larger commits more per pass."""
+    tokens_per_pass: int = 2
+    """The fixed policy's tokens per pass (the last pass of a block commits what is left)."""
     one_token_per_forward: bool = False
     """The non-parallel reference: commit exactly the single most confident position per pass."""
     use_cache: bool = True
@@ -46,3 +49,4 @@ class DecodeConfig:
         check(self.temperature >= 0, "decode.temperature", self.temperature, "must be >= 0 (0 = greedy)")
         check(0 < self.top_p <= 1, "decode.top_p", self.top_p, "must be in (0, 1]")
         check(self.factor > 0, "decode.factor", self.factor, "must be > 0")
+        check_positive_int("decode.tokens_per_pass", self.tokens_per_pass)

@@ -159,7 +159,7 @@ BAD_FLAGS = {
                                       "error: --prompts-file='/nonexistent/prompts.txt': no such file"),
     "generate-unknown-policy": (["generate", MISSING_CKPT, "--prompt", "a", "--policy", "greedy"],
                                 "dlm generate: error: argument --policy: invalid choice: 'greedy' (choose from "
-                                "'threshold', 'factor')"),
+                                "'threshold', 'factor', 'fixed')"),
 }
 
 

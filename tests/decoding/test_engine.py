@@ -172,7 +172,7 @@ def test_uneven_max_new_tokens_cuts_the_last_block(qwen):
         (dict(temperature=-1.0), r"decode\.temperature=-1\.0: must be >= 0"),
         (dict(top_p=0.0), r"decode\.top_p=0\.0: must be in \(0, 1\]"),
         (dict(top_p=1.5), r"decode\.top_p=1\.5: must be in \(0, 1\]"),
-        (dict(policy="greedy"), r"decode\.policy='greedy': unknown policy; allowed: threshold, factor"),
+        (dict(policy="greedy"), r"decode\.policy='greedy': unknown policy; allowed: threshold, factor, fixed$"),
         (dict(thresold=0.5), r"decode\.thresold: unknown key; allowed: block_size, threshold"),
         (dict(max_new_tokens=250), r"decode\.max_new_tokens=250: prompt length 9 \+ 250 = 259 exceeds "
                                    r"model\.config\.max_position_embeddings=256"),

@@ -158,3 +158,22 @@ def test_one_token_per_forward_commits_only_the_most_confident_candidate():
     cand = torch.tensor([[True, False, True, True]])
     chosen = choose(conf, cand, torch.tensor([False]), DecodeConfig(threshold=0.1, one_token_per_forward=True))
     assert chosen.tolist() == [[False, False, False, True]]
+
+
+def test_fixed_policy_commits_exactly_n_most_confident_candidates():
+    conf = torch.tensor([[0.7, 0.99, 0.5, 0.9], [0.1, 0.2, 0.3, 0.4]])
+    cand = torch.tensor([[True, True, True, True], [True, True, False, False]])
+    chosen = choose(conf, cand, torch.tensor([False, False]), DecodeConfig(policy="fixed", tokens_per_pass=3))
+    assert chosen.tolist() == [[True, True, False, True], [True, True, False, False]]  # row 2: all it has
+
+
+def test_fixed_policy_decodes_at_a_known_tokens_per_forward(tokenizer):
+    from dlm.decoding.engine import generate
+    from tests.conftest import make_backbone
+
+    bb = make_backbone("qwen3", tokenizer)
+    ids = torch.tensor([tokenizer.encode("Question: 3 + 4?")])
+    for n, nfe in ((1, 16), (2, 8), (4, 4), (3, 8)):  # 16 tokens in blocks of 4: 3 per pass needs 2 passes a block
+        out = generate(bb.model, ids, mask_token_id=bb.mask_token_id, block_size=4, max_new_tokens=16, policy="fixed",
+                       tokens_per_pass=n)
+        assert out.nfe == nfe and out.num_generated == [16]

@@ -41,7 +41,7 @@ def test_sub_block_size_dividing_block_size_is_accepted(block_size, sub_block_si
     ({"top_p": 1.01}, r"decode\.top_p=1\.01: must be in \(0, 1\]"),
     ({"factor": 0}, r"decode\.factor=0: must be > 0"),
     ({"factor": -1.0}, r"decode\.factor=-1\.0: must be > 0"),
-    ({"policy": "x"}, r"decode\.policy='x': unknown policy; allowed: threshold, factor"),
+    ({"policy": "x"}, r"decode\.policy='x': unknown policy; allowed: threshold, factor, fixed$"),
 ])
 def test_bad_values_fail_in_one_line(change, match):
     with pytest.raises(ConfigError, match=rf"^{match}$"):

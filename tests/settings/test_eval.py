@@ -12,7 +12,7 @@ from dlm.settings.loading import merge
 from dlm.settings.sweep import SweepBench, SweepConfig, SweepEval
 
 DECODE_KEYS = ("block_size, threshold, max_new_tokens, sub_block_size, temperature, top_p, policy, factor, "
-               "one_token_per_forward, use_cache")
+               "tokens_per_pass, one_token_per_forward, use_cache")
 
 
 def test_eval_defaults():
@@ -61,7 +61,7 @@ def test_decode_overrides_reject_unknown_keys_in_one_line(key):
     ({"block_size": 0}, r"decode\.block_size=0: must be a positive integer"),
     ({"block_size": 32, "sub_block_size": 5}, r"decode\.sub_block_size=5: must divide decode\.block_size=32; "
                                               r"allowed: 1, 2, 4, 8, 16, 32"),
-    ({"policy": "greedy"}, r"decode\.policy='greedy': unknown policy; allowed: threshold, factor"),
+    ({"policy": "greedy"}, r"decode\.policy='greedy': unknown policy; allowed: threshold, factor, fixed$"),
 ])
 def test_decode_overrides_reject_bad_values_in_one_line(decode, match):
     with pytest.raises(ConfigError, match=rf"^{match}$"):
