@@ -153,6 +153,13 @@ class DLMEvalModel(TemplateLM):
                                    disable_tqdm=disable_tqdm, method=self.likelihood_method, mc_num=self.mc_num,
                                    seed=self.seed)
 
+    def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """lm-eval's tokenizing, after a warning per task whose context + continuation will not fit."""
+        lengths = [len(self.tok_encode(ctx)) + len(self.tok_encode(cont)) for ctx, cont in (r.args for r in requests)]
+        limit = self.max_length + 1 if self.is_ar else self.max_length  # causal scoring drops the last token's input
+        self._warn_truncated(requests, lengths, limit, f"max_length {self.max_length}")
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         results = self._score([(ctx, cont) for _, ctx, cont in requests], disable_tqdm)
         for (strings, _, _), result in zip(requests, results):
@@ -183,7 +190,8 @@ class DLMEvalModel(TemplateLM):
             encoded = {i: self.tok_encode(requests[i].args[0]) for i in idxs}
             prompts = {i: self._prompt_ids(ids, options["max_new_tokens"]) for i, ids in encoded.items()}
             self._warn_truncated([requests[i] for i in idxs], [len(encoded[i]) for i in idxs],
-                                 self.max_length - options["max_new_tokens"])
+                                 self.max_length - options["max_new_tokens"],
+                                 f"max_length {self.max_length} - max_gen_toks {options['max_new_tokens']}")
             idxs = sorted(idxs, key=lambda i: -len(prompts[i]))
             for start in range(0, len(idxs), self.batch_size):
                 chunk = idxs[start:start + self.batch_size]
@@ -218,7 +226,7 @@ class DLMEvalModel(TemplateLM):
         """Left-truncated so prompt + generation fit in `max_length` (as lm-eval's HFLM does)."""
         return ids[-(self.max_length - max_new_tokens):] or [self.prefix_token_id]
 
-    def _warn_truncated(self, requests: list[Instance], lengths: list[int], limit: int) -> None:
+    def _warn_truncated(self, requests: list[Instance], lengths: list[int], limit: int, why: str) -> None:
         """One warning per task whose prompts lose their start: a cut few-shot prompt scores a different task."""
         by_task: dict[str, list[int]] = {}
         for req, length in zip(requests, lengths):
@@ -227,10 +235,9 @@ class DLMEvalModel(TemplateLM):
         for task, cut in by_task.items():
             if task not in self._warned_tasks:
                 self._warned_tasks.add(task)
-                log.warning("task %s: %d of %d prompts truncated from up to %d tokens to their last %d "
-                            "(max_length %d - max_gen_toks %d); raise max_length or use fewer shots",
-                            task, len(cut), sum(str(r.task_name) == task for r in requests), max(cut), limit,
-                            self.max_length, self.max_length - limit)
+                log.warning("task %s: %d of %d prompts truncated from up to %d tokens to their last %d (%s); "
+                            "raise max_length or use fewer shots", task, len(cut),
+                            sum(str(r.task_name) == task for r in requests), max(cut), limit, why)
 
     def _generate(self, prompts: list[list[int]], options: dict[str, Any]) -> list[str]:
         ids, mask = left_pad(prompts, self._pad_id, self.device)

@@ -15,7 +15,8 @@ from dlm.settings.errors import ConfigError, check, check_block_size, check_choi
 from dlm.settings.loading import flatten, merge, to_yaml, yaml_layers
 from dlm.settings.tracking import TrackingConfig
 
-__all__ = ["ConfigError", "flatten", "to_yaml", "load_config", "save_config", "validate"]
+__all__ = ["ConfigError", "ExperimentConfig", "flatten", "load_config", "save_config", "to_yaml", "validate"]
+"""ConfigError, flatten and to_yaml are re-exported: the experiment config's API in one import."""
 
 Pattern = Literal["causal", "bidirectional", "block", "block_clean"]
 Backend = Literal["auto", "sdpa", "flex", "flash", "eager"]

@@ -185,3 +185,17 @@ def test_loglikelihood_elbo_comes_from_model_args_and_bad_values_fail_in_one_lin
         adapter(bb, loglikelihood="mc")
     with pytest.raises(ConfigError, match=r"^model_args.mc_num='0': must be a positive integer"):
         adapter(bb, loglikelihood="elbo", mc_num="0")
+
+
+def test_loglikelihood_requests_that_do_not_fit_are_reported_once_per_task(bb, tokenizer, caplog):
+    lm = adapter(bb, max_length=48)
+    long = "Question: " + "one two three " * 20
+    requests = [Instance("loglikelihood", {}, (ctx, " A"), idx=i, metadata=("mmlu_x", i, 1))
+                for i, ctx in enumerate([long, "Question: 3 + 4?"])]
+    full = len(lm.tok_encode(long)) + len(lm.tok_encode(" A"))
+    with caplog.at_level("WARNING", logger="dlm.evaluation.lm_eval_model"):
+        scored = lm.loglikelihood(requests, disable_tqdm=True)
+    assert len(scored) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        f"task mmlu_x: 1 of 2 prompts truncated from up to {full} tokens to their last 48 (max_length 48); "
+        "raise max_length or use fewer shots"]
