@@ -88,6 +88,7 @@ class DLMEvalModel(TemplateLM):
         self.backbone, self.meta, self.checkpoint = backbone, meta, str(pretrained or "in-memory")
         self.model, self.tokenizer = backbone.model, backbone.tokenizer
         self._warned_tasks: set[str] = set()
+        self._requests: list[Instance] | None = None  # during loglikelihood(): its Instances, in order
         self.stats = {"generated_tokens": 0, "row_forwards": 0}
         """Decoding totals for tokens-per-forward: generated tokens, and sum over batches of rows * nfe."""
 
@@ -154,13 +155,18 @@ class DLMEvalModel(TemplateLM):
                                    seed=self.seed)
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        """lm-eval's tokenizing, after a warning per task whose context + continuation will not fit."""
-        lengths = [len(self.tok_encode(ctx)) + len(self.tok_encode(cont)) for ctx, cont in (r.args for r in requests)]
-        limit = self.max_length + 1 if self.is_ar else self.max_length  # causal scoring drops the last token's input
-        self._warn_truncated(requests, lengths, limit, f"max_length {self.max_length}")
-        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        """lm-eval's own tokenizing; the requests are kept so `_loglikelihood_tokens` can name their tasks."""
+        self._requests = requests
+        try:
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+        finally:
+            self._requests = None
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        if self._requests is not None:  # one warning per task whose context + continuation will not fit
+            limit = self.max_length + 1 if self.is_ar else self.max_length  # causal scoring drops the last input
+            self._warn_truncated(self._requests, [len(ctx) + len(cont) for _, ctx, cont in requests], limit,
+                                 f"max_length {self.max_length}")
         results = self._score([(ctx, cont) for _, ctx, cont in requests], disable_tqdm)
         for (strings, _, _), result in zip(requests, results):
             self.cache_hook.add_partial("loglikelihood", strings, result)
