@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
+from dlm.evaluation.lm_eval_model import DLMEvalModel
 from dlm.evaluation.tasks import prepare_tasks
 from dlm.models.checkpoint import read_meta
 from dlm.settings import EvalConfig, LogTarget
@@ -94,8 +95,6 @@ def evaluate(checkpoint: str | Path, settings: EvalConfig | None = None, *, log:
     MLflow: into run `log.mlflow_run`, or into a new run of `experiment` when only `log.tracking_uri` is
     given; nothing without either. Bad input fails before the model is loaded, in one line (ConfigError).
     """
-    from dlm.evaluation.lm_eval_model import DLMEvalModel
-
     settings, log = settings or EvalConfig(), log or LogTarget()
     meta = read_meta(checkpoint)
     manager, names = prepare_tasks(settings.tasks, data_dir=settings.data_dir, include_path=include_path,
