@@ -21,6 +21,7 @@ from dlm.settings import (
     EvalConfig,
     LogTarget,
     TrainBenchConfig,
+    check,
 )
 from dlm.settings.sweep import ReportConfig, SweepRunConfig
 
@@ -64,7 +65,8 @@ def run_train(args: argparse.Namespace) -> None:
 
     paths, overrides = _split(args.configs)
     result = train(load_config(*paths, overrides=overrides))
-    print(f"final checkpoint: {result.final_dir}")
+    if result.final_dir.is_dir():  # never a path that does not exist (other ranks of a multi-process run)
+        print(f"final checkpoint: {result.final_dir}")
     print(f"mlflow run: {result.run_id} ({result.tracking_uri}); "
           f"browse with: mlflow ui --backend-store-uri {result.tracking_uri}")
     for key in sorted(k for k in result.metrics if k.startswith(("val/", "train/loss"))):
@@ -86,7 +88,9 @@ def run_generate(args: argparse.Namespace) -> None:
     prompts = _prompts(args)
     from dlm.decoding.text import complete, decode_config_for, load_for_decoding
     from dlm.models.checkpoint import read_meta
+    from dlm.models.device import resolve_device
 
+    resolve_device(args.device, key="--device")  # an absent device fails before anything is read
     decode = decode_config_for(read_meta(args.checkpoint), **given(args, DecodeConfig))
     backbone, meta = load_for_decoding(args.checkpoint, device=args.device)
     result = complete(backbone, meta, prompts, decode, ar=args.ar, stop=args.stop)
@@ -108,6 +112,10 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         prompts += [line.replace("\\n", "\n") for line in lines if line.strip()]
     if not prompts:
         raise ConfigError("--prompt: give at least one prompt (--prompt TEXT or --prompts-file FILE)")
+    for i, prompt in enumerate(prompts):
+        check(prompt.strip() != "", f"--prompt[{i}]", prompt, "empty; a prompt needs at least one token")
+    for i, stop in enumerate(args.stop or []):
+        check(stop != "", f"--stop[{i}]", stop, "empty; an empty stop string would cut every completion")
     return prompts
 
 
@@ -157,6 +165,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from dlm.evaluation.tasks import resolve_requested
 
     resolve_requested(settings.tasks, data_dir=settings.data_dir, hub=settings.hub_tasks)  # before lm-eval loads
+    from dlm.models.checkpoint import read_meta
+    from dlm.models.device import resolve_device
+
+    resolve_device(settings.device, key="eval.device")
+    read_meta(args.checkpoint)
     from lm_eval.utils import make_table
 
     from dlm.evaluation.evaluate import evaluate

@@ -1,6 +1,7 @@
 """`dlm` command line: one table of subcommands; parsing here, work in the library.
 
-Bad input (a ConfigError) prints one `error: ...` line and exits 2, before any compute starts.
+Bad input (a ConfigError) prints one `error: ...` line and exits 2, before any compute starts. Any other
+exception also ends in one `error: ...` line (exit 1); `--debug` or `DLM_DEBUG=1` shows its traceback instead.
 """
 
 from __future__ import annotations
@@ -43,10 +44,13 @@ COMMANDS = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlm", description="Block-diffusion LMs from pretrained AR models.")
+    parser.add_argument("--debug", action="store_true", default=os.environ.get("DLM_DEBUG", "") not in ("", "0"),
+                        help="show the traceback of an unexpected error (also: DLM_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         p.set_defaults(func=command.run)
     return parser
 
@@ -55,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command != "train":  # weight-loading bars only clutter one-shot commands
         _quiet_progress_bars()
-    return run_reporting_errors(lambda: args.func(args))
+    return run_reporting_errors(lambda: args.func(args), debug=args.debug)
 
 
 def _quiet_progress_bars() -> None:
@@ -69,14 +73,24 @@ def _quiet_progress_bars() -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def run_reporting_errors(func: Callable[[], object]) -> int:
-    """Exit status of `func()`: its own int status, else 0; or 2 after printing a ConfigError as one
-    `error: ...` line on stderr."""
+def run_reporting_errors(func: Callable[[], object], *, debug: bool = False) -> int:
+    """Exit status of `func()`: its own int status, else 0; 2 after printing a ConfigError as one `error: ...`
+    line on stderr; 1 after any other exception, also in one line (re-raised with its traceback under `debug`)."""
     try:
         status = func()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:
+        if debug:
+            raise
+        text = " ".join(str(err).split())[:500]
+        print(f"error: unexpected {type(err).__name__}: {text} (the traceback: --debug or DLM_DEBUG=1)",
+              file=sys.stderr)
+        return 1
     return status if isinstance(status, int) and not isinstance(status, bool) else 0
 
 

@@ -7,6 +7,7 @@ so every epoch sees fresh noise.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,19 +38,27 @@ class DiffusionCollator:
     block_size: int
     mask_token_id: int
     masking: MaskingConfig
+    noise: bool = True
+    """False: stack only; the DataModule noises the batch when Lightning consumes it (`add_noise`)."""
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)
         eligible = torch.tensor([r["eligible"] for r in rows], dtype=torch.bool)
         batch = {"input_ids": ids, "eligible": eligible}
+        return self.add_noise(batch) if self.noise else batch
+
+    def add_noise(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
+                  ) -> dict[str, torch.Tensor]:
+        """The masking (for diffusion patterns) and position ids of a stacked batch; noise from `generator`."""
         if self.pattern != "causal":
-            batch = self._noise(ids, eligible)
+            batch = self._noise(batch["input_ids"], batch["eligible"], generator)
         batch["position_ids"] = position_ids(self.pattern, *batch["input_ids"].shape)
         return batch
 
-    def _noise(self, ids: torch.Tensor, eligible: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _noise(self, ids: torch.Tensor, eligible: torch.Tensor,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         m = self.masking
-        sample = sample_mask(ids.shape[0], ids.shape[1], self.block_size, m.strategy, m.half_life,
+        sample = sample_mask(ids.shape[0], ids.shape[1], self.block_size, m.strategy, m.half_life, generator=generator,
                              eligible=eligible, eps=m.eps)
         if m.complementary:
             other = complementary(sample, eligible)
@@ -68,6 +77,9 @@ class DiffusionDataModule(L.LightningDataModule):
         check_source(cfg.data)
         self.cfg, self.tokenizer = cfg, tokenizer
         self.collator = DiffusionCollator(cfg.attention.pattern, cfg.attention.block_size, mask_token_id, cfg.masking)
+        self.train_noise = torch.Generator().manual_seed(cfg.seed)
+        self.val_noise = torch.Generator()
+        self._val_index = 0
         self.train_set: AnyDataset | None = None
         self.val_set: AnyDataset | None = None
 
@@ -126,9 +138,36 @@ class DiffusionDataModule(L.LightningDataModule):
         return self._loader(self.val_set, shuffle=False)
 
     def _loader(self, dataset: AnyDataset, *, shuffle: bool) -> DataLoader:
-        """A stream is shuffled upstream (buffer) and its loader is stateful, so resume continues the stream."""
+        """torchdata's `StatefulDataLoader`: Lightning keeps its position (the sampler's permutation and count, or
+        the stream's) in every checkpoint. Each loader has its own generator, so creating an iterator draws
+        nothing from the global RNG (which dropout uses). Under a Trainer the collate only stacks; the noise is
+        drawn when Lightning consumes the batch (`on_before_batch_transfer`), not when a loader prefetches it."""
         d = self.cfg.data
         stream = isinstance(dataset, IterableDataset)
-        loader = StatefulDataLoader if stream else DataLoader
-        return loader(dataset, batch_size=d.batch_size, shuffle=shuffle and not stream, drop_last=shuffle,
-                      num_workers=d.num_workers, collate_fn=self.collator, persistent_workers=d.num_workers > 0)
+        collate = self.collator
+        if self.trainer is not None:
+            collate = dataclasses.replace(self.collator, noise=False)
+        generator = torch.Generator().manual_seed(self.cfg.seed + (0 if shuffle else 1))
+        return StatefulDataLoader(dataset, batch_size=d.batch_size, shuffle=shuffle and not stream, drop_last=shuffle,
+                                  num_workers=d.num_workers, collate_fn=collate, generator=generator,
+                                  persistent_workers=d.num_workers > 0)
+
+    # -- noise at consumption, its generators in every checkpoint (exact resume) -------------------------
+    def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, Any]:
+        """Training batches draw from `train_noise` (saved in checkpoints); each validation run redraws the
+        same noise (`val_noise` reseeded per batch index), so val/loss compares steps on equal terms."""
+        if "noised_ids" in batch or "position_ids" in batch:  # noised already (a loader built without a Trainer)
+            return batch
+        if self.trainer is not None and self.trainer.training:
+            self._val_index = 0
+            return self.collator.add_noise(batch, self.train_noise)
+        self.val_noise.manual_seed(self.cfg.seed * 1_000_003 + self._val_index)
+        self._val_index += 1
+        return self.collator.add_noise(batch, self.val_noise)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_noise": self.train_noise.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "train_noise" in state:
+            self.train_noise.set_state(state["train_noise"])

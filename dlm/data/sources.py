@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasets import Dataset, IterableDataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
+from datasets.utils import logging as ds_logging
 from transformers import PreTrainedTokenizerBase
 
 from dlm.data.synthetic import synthetic_dir
@@ -40,14 +42,22 @@ def load_raw(cfg: DataConfig, split: str) -> AnyDataset:
         files = {"train": str(root / "train.jsonl"), "test": str(root / "test.jsonl")}
         return load_dataset("json", data_files=files, split=split, streaming=stream)
     path = Path(cfg.path).expanduser()
+    verbosity = ds_logging.get_verbosity()
+    if path.is_file():  # a parse error is reported below in one line; datasets would also log it, with a traceback
+        ds_logging.set_verbosity(ds_logging.CRITICAL)
     try:
         if path.is_file():
             return load_dataset(LOCAL_BUILDERS.get(path.suffix, "text"), data_files={split: str(path)}, split=split,
                                 streaming=stream)
         return load_dataset(str(path) if path.is_dir() else cfg.path, cfg.name, split=split, streaming=stream)
-    except (FileNotFoundError, ValueError, ConnectionError) as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    except StopIteration:  # the json builder reads a first table to infer features: an empty file has none
+        raise ConfigError(f"data.path={cfg.path!r}: no rows in split {split!r} (empty file)") from None
+    except (FileNotFoundError, ValueError, ConnectionError, DatasetGenerationError) as err:
+        shown = (err.__cause__ or err) if isinstance(err, DatasetGenerationError) else err  # the parser's own error
+        first = (str(shown).strip().splitlines() or [type(shown).__name__])[0]
         raise ConfigError(f"data.path={cfg.path!r}: cannot load split {split!r} ({first})") from None
+    finally:
+        ds_logging.set_verbosity(verbosity)
 
 
 def tokenize_rows(batch: dict[str, list], *, tokenizer: PreTrainedTokenizerBase, cfg: DataConfig,

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from dlm.data.jsonl import write_jsonl
-from dlm.settings import DataConfig
+from dlm.settings import ConfigError, DataConfig
 
 NAMES = ["Tom", "Ana", "Sam", "Mia", "Leo", "Zoe", "Ben", "Eva", "Max", "Ivy", "Jon", "Kim"]
 OBJECTS = ["apples", "books", "coins", "pens", "cards", "shells", "stamps", "cups", "eggs", "rocks"]
@@ -83,11 +83,23 @@ def write_splits(
     free = [{"question": "", "answer": "", "prompt": "", "response": t, "text": t}
             for t in (make_free_text(rng) for _ in range(train_size // 10))]
     seen = {p["question"] for p in train}
-    test = [p | format_example(p) for p in problems(test_size * 3, seed=seed + 10_000, max_number=max_number)
-            if p["question"] not in seen][:test_size]
+    test = held_out_problems(seen, test_size, seed=seed + 10_000, max_number=max_number)
     write_jsonl(out / "train.jsonl", train + free)
     write_jsonl(out / "test.jsonl", test)
     return out
+
+
+def held_out_problems(seen: set[str], n: int, *, seed: int, max_number: int) -> list[dict[str, str]]:
+    """`n` problems none of which is in `seen`; fails in one line when the problem space is too small for that
+    (with a tiny `max_number`, nearly every problem already occurs in train)."""
+    test: list[dict[str, str]] = []
+    for p in problems(n * 200, seed=seed, max_number=max_number):
+        if p["question"] not in seen:
+            test.append(p | format_example(p))
+            if len(test) == n:
+                return test
+    raise ConfigError(f"data.synthetic_max_number={max_number}: too few distinct problems for {n} test problems "
+                      f"unseen in {len(seen)} training ones; use a larger max_number or a smaller synthetic_size")
 
 
 def synthetic_dir(cfg: DataConfig, seed: int = 0) -> Path:

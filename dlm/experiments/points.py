@@ -94,12 +94,14 @@ def validate_sweep(sweep: SweepConfig) -> dict[str, ExperimentConfig]:
     """Every point's config, base checkpoint and data path, and the eval tasks, checked before anything
     runs; point id -> config."""
     from dlm.data.sources import check_source
+    from dlm.training.preflight import check_trainer
 
     configs = {p.id: point_config(sweep, p) for p in expand(sweep)}  # point ids: readable and unique
     for pid, cfg in configs.items():
         _check_base_checkpoint(pid, cfg.model.name_or_path)
         try:
             check_source(cfg.data)
+            check_trainer(cfg)  # accelerator and strategy, as Lightning knows them
         except ConfigError as err:
             raise ConfigError(f"sweep point {pid!r}: {err}") from None
     if sweep.eval.enabled:

@@ -51,7 +51,7 @@ from dlm.experiments.sweep_runs import done_points_if_any, ensure_parent, finish
 from dlm.measurement.bench import run_bench
 from dlm.settings import SYNTHETIC, ConfigError, ExperimentConfig, LogTarget, check
 from dlm.settings.sweep import SweepBench, SweepConfig, SweepEval, SweepRunConfig, check_sweep, load_sweep
-from dlm.tracking import runs
+from dlm.tracking import lock, runs
 from dlm.training.callbacks.drift import WeightDriftCallback
 from dlm.training.trainer import train
 
@@ -197,6 +197,13 @@ def run_sweep(sweep: SweepConfig | str | Path, run: SweepRunConfig | None = None
         if echo:
             print(format_plan(sweep, points, configs, done_points_if_any(sweep.name, uri)))
         return result
+    with lock.folder_lock(sweep.output_dir, f"sweep {sweep.name!r}"):  # a second process refuses here
+        return _run_pending(sweep, points, configs, uri, experiment, callbacks, echo=echo, in_process=in_process)
+
+
+def _run_pending(sweep: SweepConfig, points: list[Point], configs: dict[str, ExperimentConfig], uri: str,
+                 experiment: str, callbacks: Sequence[L.Callback], *, echo: bool, in_process: bool) -> SweepResult:
+    """The parent run, then every point not yet done."""
     parent = ensure_parent(sweep, points, uri, experiment)
     done = finished_points(uri, parent)
     outcomes = {p.id: PointOutcome(p.id, "skipped", done[p.id]) for p in points if p.id in done}

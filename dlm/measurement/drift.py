@@ -202,9 +202,12 @@ def load_weights(path: str | Path, *, key: str = "checkpoint") -> dict[str, Tens
     """
     import torch
 
+    from dlm.models.backbone import check_weight_files
+
     folder = Path(path)
     if not folder.is_dir():
         raise ConfigError(f"{key}={str(path)!r}: no such folder")
+    check_weight_files(folder, key=key)  # truncated or pickled files fail in one line
     if files := sorted(folder.glob("model*.safetensors")):
         from safetensors.torch import load_file
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -69,6 +72,8 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, attn_im
 
 
 def _from_pretrained(auto_cls, source: str, cfg: ModelConfig, *, key: str, **kwargs):
+    if Path(source).expanduser().is_dir():
+        check_weight_files(Path(source).expanduser(), key=key)
     try:
         return auto_cls.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except ValueError as err:
@@ -77,11 +82,51 @@ def _from_pretrained(auto_cls, source: str, cfg: ModelConfig, *, key: str, **kwa
                 f"{key}={source!r}: this checkpoint needs its own modeling code; set model.trust_remote_code=true "
                 "to run it (that executes code from the checkpoint)"
             ) from None
-        raise
-    except OSError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"{key}={source!r}: cannot load ({first}); "
+        raise ConfigError(f"{key}={source!r}: cannot load ({type(err).__name__}: {_first_line(err)})") from None
+    except LOAD_ERRORS as err:
+        raise ConfigError(f"{key}={source!r}: cannot load ({_first_line(err)}); "
                           "allowed: a local HF folder or a reachable hub id") from None
+
+
+LOAD_ERRORS = (ValueError, OSError, EOFError, RuntimeError, SafetensorError, pickle.UnpicklingError)
+"""What loading corrupt, truncated or pickled files raises (JSONDecodeError is a ValueError)."""
+
+
+def check_weight_files(folder: Path, *, key: str) -> None:
+    """Every weight file in `folder` readable before anything loads: safetensors headers cover their files
+    (a truncated file fails here), and `.bin` files open with `weights_only=True`, so a pickled payload is
+    refused instead of run."""
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except LOAD_ERRORS as err:
+            raise _corrupt(folder, path, err, key) from None
+    for path in sorted(folder.glob("*.bin")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as err:
+            raise ConfigError(f"{key}={str(folder)!r}: {path.name} refused: it holds pickled objects, which could "
+                              f"run code ({pickle_refusal(err)})") from None
+        except LOAD_ERRORS as err:
+            raise _corrupt(folder, path, err, key) from None
+
+
+def pickle_refusal(err: BaseException) -> str:
+    """The line of torch's `weights_only` refusal that names what the file tried to load."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    named = [line for line in lines if "Unsupported global" in line or "Unsupported operand" in line]
+    reason = (named or lines or [type(err).__name__])[0]
+    return "torch.load(weights_only=True): " + reason.split(" was not an allowed global")[0][:160]
+
+
+def _corrupt(folder: Path, path: Path, err: BaseException, key: str) -> ConfigError:
+    return ConfigError(f"{key}={str(folder)!r}: {path.name} is truncated or corrupt ({_first_line(err)})")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def ensure_mask_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, mask_token: str) -> int:

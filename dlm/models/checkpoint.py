@@ -6,6 +6,7 @@ size, mask token, shift), so `dlm generate/eval/bench` and plain transformers lo
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -15,8 +16,10 @@ from typing import Any
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dlm.models.backbone import Backbone, load_backbone
-from dlm.settings import ConfigError, ExperimentConfig, ModelConfig
+from dlm.models.backbone import Backbone, check_weight_files, load_backbone
+from dlm.settings import PATTERNS, ConfigError, ExperimentConfig, ModelConfig, check
+from dlm.settings.errors import check_positive_int
+from dlm.settings.loading import read_yaml_mapping
 
 META_FILE = "dlm.yaml"
 
@@ -29,6 +32,17 @@ class CheckpointMeta:
     mask_token_id: int
     shift: bool = False
     source_experiment: str = ""
+
+    def __post_init__(self) -> None:
+        """Validated like a config: a checkpoint whose dlm.yaml says `pattern: bogus` must not decode as if valid."""
+        check(self.pattern in PATTERNS, "pattern", self.pattern, "unknown pattern", PATTERNS)
+        check_positive_int("block_size", self.block_size)
+        check(isinstance(self.mask_token, str) and self.mask_token != "", "mask_token", self.mask_token,
+              "must be a non-empty string")
+        check(isinstance(self.mask_token_id, int) and not isinstance(self.mask_token_id, bool)
+              and self.mask_token_id >= 0, "mask_token_id", self.mask_token_id, "must be a token id >= 0")
+        check(isinstance(self.shift, bool), "shift", self.shift, "must be true or false")
+        check(isinstance(self.source_experiment, str), "source_experiment", self.source_experiment, "must be a string")
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, mask_token_id: int) -> "CheckpointMeta":
@@ -56,26 +70,45 @@ def save_checkpoint(
     tokenizer.save_pretrained(partial)
     (partial / META_FILE).write_text(yaml.safe_dump(asdict(meta), sort_keys=False))
     if out.exists():
-        out.rename(out.with_name(f"{out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}"))
+        out.rename(_unused_prev_name(out))
     partial.rename(out)
     return out
 
 
+def _unused_prev_name(out: Path) -> Path:
+    """`<out>.prev-<time>`, with `-2`, `-3`, ... when an export in the same second already took that name."""
+    stem = f"{out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}"
+    candidate, n = out.with_name(stem), 1
+    while candidate.exists():
+        n += 1
+        candidate = out.with_name(f"{stem}-{n}")
+    return candidate
+
+
 def read_meta(path: str | Path) -> CheckpointMeta:
+    """The checkpoint's dlm.yaml, every field checked (YAML errors, unknown or missing keys, wrong types)."""
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
         raise ConfigError(f"checkpoint={str(path)!r}: no {META_FILE}; "
                           "not a dlm checkpoint (dlm train exports one to <output_dir>/final)")
-    fields = yaml.safe_load(meta_path.read_text()) or {}
+    where = f"checkpoint={str(path)!r}: {META_FILE}"
+    fields = read_yaml_mapping(meta_path, label=f"checkpoint {META_FILE}")
+    known = [f.name for f in dataclasses.fields(CheckpointMeta)]
+    required = [f.name for f in dataclasses.fields(CheckpointMeta) if f.default is dataclasses.MISSING]
+    for key in fields:
+        check(key in known, f"{where} {key}", rule="unknown key", allowed=known)
+    for key in required:
+        check(key in fields, f"{where} {key}", rule="required")
     try:
         return CheckpointMeta(**fields)
-    except TypeError as err:
-        raise ConfigError(f"checkpoint={str(path)!r}: bad {META_FILE} ({err})") from None
+    except ConfigError as err:
+        raise ConfigError(f"{where} {err}") from None
 
 
 def load_checkpoint(path: str | Path, *, attn_implementation: str = "sdpa",
                     dtype: str = "float32") -> tuple[Backbone, CheckpointMeta]:
     """A dlm checkpoint folder -> (backbone, meta); fails in one line if `dlm.yaml` is missing."""
     meta = read_meta(path)
+    check_weight_files(Path(path), key="checkpoint")
     cfg = ModelConfig(name_or_path=str(path), mask_token=meta.mask_token, dtype=dtype)
     return load_backbone(cfg, attn_implementation=attn_implementation), meta

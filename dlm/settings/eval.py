@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional
 
 from dlm.settings.decode import DecodeConfig
-from dlm.settings.errors import check, check_choices, check_positive_int
+from dlm.settings.errors import ConfigError, check, check_choices, check_positive_int
 from dlm.settings.experiment import Dtype
 
 Likelihood = Literal["chain", "elbo"]
@@ -70,5 +70,10 @@ class EvalConfig:
         allowed = [f for f in DecodeConfig.__dataclass_fields__ if f != "shift"]
         for key in self.decode:
             check(key in allowed, f"eval.decode.{key}", rule="unknown key", allowed=allowed)
-        DecodeConfig(**self.decode)
+        try:
+            DecodeConfig(**self.decode)
+        except ConfigError as err:  # DecodeConfig names its keys decode.<field>; here they are eval.decode.<field>
+            raise ConfigError(f"eval.{err}") from None
+        except TypeError as err:  # a value of the wrong type (a string threshold)
+            raise ConfigError(f"eval.decode={self.decode!r}: {err}") from None
         return dict(self.decode)

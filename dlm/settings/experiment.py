@@ -28,6 +28,8 @@ PATTERNS = typing.get_args(Pattern)
 BACKENDS = typing.get_args(Backend)
 STRATEGIES = typing.get_args(MaskingStrategy)
 WEIGHTINGS = typing.get_args(Weighting)
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")
+"""Lightning's accelerator names (its registry may hold more; `dlm.training.preflight` asks it)."""
 SYNTHETIC = "synthetic"
 """`data.path` / `bench.prompts` value naming the generated offline task."""
 
@@ -190,7 +192,54 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check(cfg.optim.lr > 0, "optim.lr", cfg.optim.lr, "must be > 0")
     check(cfg.trainer.max_steps > 0, "trainer.max_steps", cfg.trainer.max_steps, "must be a positive integer")
     check(len(cfg.optim.betas) == 2, "optim.betas", cfg.optim.betas, "must be two numbers, e.g. [0.9, 0.95]")
+    _validate_optim(cfg.optim)
+    _validate_run_knobs(cfg)
     return cfg
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    check(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "each must be in [0, 1)")
+    check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    check(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be >= 0")
+    check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
+    check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables clipping)")
+
+
+def _validate_run_knobs(cfg: ExperimentConfig) -> None:
+    """The Lightning Trainer's integer knobs and the loader's, checked here rather than failing mid-run (a zero
+    `val_every_n_steps` divides by zero after the first validation). Whether an accelerator or strategy exists
+    on this machine is Lightning's to say: `dlm.training.preflight` asks it before the run starts."""
+    t, d = cfg.trainer, cfg.data
+    for key in ("num_nodes", "accumulate_grad_batches", "val_every_n_steps", "log_every_n_steps",
+                "checkpoint_every_n_steps", "throughput_window"):
+        check_positive_int(f"trainer.{key}", getattr(t, key))
+    check(isinstance(t.limit_val_batches, int) and t.limit_val_batches >= 0, "trainer.limit_val_batches",
+          t.limit_val_batches, "must be an integer >= 0 (0 skips validation)")
+    check_devices(t.devices)
+    check(isinstance(t.accelerator, str) and t.accelerator != "", "trainer.accelerator", t.accelerator,
+          "must name an accelerator", ACCELERATORS)
+    check(isinstance(t.strategy, str) and t.strategy != "", "trainer.strategy", t.strategy, "must name a strategy")
+    check(isinstance(d.num_workers, int) and d.num_workers >= 0, "data.num_workers", d.num_workers,
+          "must be an integer >= 0 (0 loads in the main process)")
+    check(d.synthetic_size >= 2 or d.path != SYNTHETIC, "data.synthetic_size", d.synthetic_size,
+          "must be >= 2 (train and validation rows)")
+    check(d.synthetic_max_number >= 2, "data.synthetic_max_number", d.synthetic_max_number, "must be >= 2")
+    check(0 <= cfg.seed < 2**32, "seed", cfg.seed, "must be in [0, 2**32)")
+
+
+def check_devices(devices: Any) -> None:
+    """Lightning's `devices`: auto, a count >= 1, -1 (all), a list of indices, or a string of them ("0,1")."""
+    ok = devices == "auto" or devices == -1
+    if isinstance(devices, int) and not isinstance(devices, bool):
+        ok = ok or devices > 0
+    elif isinstance(devices, (list, tuple)):
+        ok = bool(devices) and all(isinstance(i, int) and i >= 0 for i in devices)
+    elif isinstance(devices, str) and devices != "auto":
+        parts = [p.strip() for p in devices.split(",") if p.strip()]
+        ok = devices.strip() == "-1" or (bool(parts) and all(p.isdigit() for p in parts) and
+                                          (len(parts) > 1 or int(parts[0]) > 0 or devices.endswith(",")))
+    check(ok, "trainer.devices", devices, "must be auto, a count >= 1, -1 (all) or a list of device indices",
+          "auto, 1, 2, -1, [0, 1], '0,1'")
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from dlm.settings.errors import ConfigError, one_line
+from dlm.settings.errors import ConfigError, check, one_line
 
 T = TypeVar("T")
 
@@ -20,10 +21,46 @@ def yaml_layers(path: Path, *, label: str = "config", chain: tuple[Path, ...] = 
     if path.resolve() in chain:
         cycle = " -> ".join(p.name for p in (*chain, path.resolve()))
         raise ConfigError(f"base={path.name!r}: the files name each other as base ({cycle})")
-    layer = OmegaConf.load(path)
+    layer = load_yaml(path, label=label)
     base = layer.pop("base", None)
+    check(base is None or isinstance(base, str), "base", base, f"must be one file name (in {str(path)!r})")
     parents = yaml_layers(path.parent / base, label=label, chain=(*chain, path.resolve())) if base else []
     return [*parents, layer]
+
+
+def yaml_error(err: yaml.YAMLError, path: Path, label: str) -> ConfigError:
+    """A YAML parser / constructor error as one line naming the file, line and column."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).strip().splitlines()[0]
+    return ConfigError(f"{label}={str(path)!r}: invalid YAML{where} ({problem})")
+
+
+def load_yaml(path: Path, *, label: str = "config") -> DictConfig:
+    """A YAML file whose top level is a mapping, as omegaconf reads it (no `!!python` tags: a safe loader)."""
+    try:
+        layer = OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        raise yaml_error(err, path, label) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{label}={str(path)!r}: cannot read ({type(err).__name__}: {err})") from None
+    if not isinstance(layer, DictConfig):
+        kind = "list" if OmegaConf.is_list(layer) else type(layer).__name__
+        raise ConfigError(f"{label}={str(path)!r}: top level is a {kind}, not a mapping of keys; "
+                          "e.g. `name: tiny`")
+    return layer
+
+
+def read_yaml_mapping(path: Path, *, label: str) -> dict[str, Any]:
+    """Plain `yaml.safe_load` of a file that must hold a mapping (a checkpoint's dlm.yaml)."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise yaml_error(err, path, label) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{label}={str(path)!r}: cannot read ({type(err).__name__}: {err})") from None
+    check(isinstance(data, dict), label, str(path), f"top level is a {type(data).__name__}, not a mapping of keys")
+    return data
 
 
 def check_overrides(overrides: Sequence[str]) -> None:

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence
 
-from omegaconf import MISSING, OmegaConf
+from omegaconf import MISSING
 
 from dlm.settings.bench import BenchConfig
 from dlm.settings.errors import ConfigError, check, check_choices
 from dlm.settings.eval import EvalConfig
-from dlm.settings.loading import merge
+from dlm.settings.loading import load_yaml, merge
 
 Launcher = Literal["local", "slurm"]
 MANAGED_KEYS = ("name", "output_dir", "resume", "tracking")
@@ -102,7 +102,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepConfig:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep={str(path)!r}: file not found")
-    sweep = merge(SweepConfig, [OmegaConf.load(path)], overrides, where=f"sweep {str(path)!r}: ")
+    sweep = merge(SweepConfig, [load_yaml(path, label="sweep")], overrides, where=f"sweep {str(path)!r}: ")
     sweep.experiment = str((path.parent / sweep.experiment).resolve())
     if not Path(sweep.experiment).is_file():
         raise ConfigError(f"experiment={sweep.experiment!r}: file not found (paths are relative to the sweep file)")

@@ -20,6 +20,7 @@ from dlm.models.backbone import Backbone, load_backbone
 from dlm.settings import ExperimentConfig
 from dlm.tensor.attention import build_attention_inputs, diffusion_input, resolve_backend, sequence_length
 from dlm.tensor.objective import LossOutput, ar_loss, block_weights, diffusion_loss
+from dlm.training.resume import rng_state, set_rng_state
 
 
 def kernel_for(cfg: ExperimentConfig) -> str:
@@ -76,6 +77,13 @@ class DiffusionLM(L.LightningModule):
         dataset = getattr(self.trainer.train_dataloader, "dataset", None)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(self.current_epoch)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The global RNG (dropout) goes into every checkpoint: a resumed run redraws the same dropout masks."""
+        checkpoint["dlm_rng"] = rng_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        set_rng_state(checkpoint.get("dlm_rng"))
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.loss(batch)

@@ -7,6 +7,7 @@ lost: an output folder that holds checkpoints is only continued with `resume=tru
 from __future__ import annotations
 
 import subprocess
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +18,17 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from dlm.data.datamodule import DiffusionDataModule
 from dlm.settings import ConfigError, ExperimentConfig, flatten, to_yaml
-from dlm.tracking import runs
-from dlm.training.callbacks.export import HFExportCallback
+from dlm.tracking import lock, runs
+from dlm.training.callbacks.export import HFExportCallback, export_complete, export_module
 from dlm.training.module import DiffusionLM
+from dlm.training.preflight import (
+    check_model_source,
+    check_packed_data,
+    check_raw_data,
+    check_trainer,
+    read_resume_checkpoint,
+)
+from dlm.training.resume import ResumedMLFlowLogger, logged_steps, mark_resumed
 
 
 @dataclass
@@ -34,18 +43,22 @@ def tracking_uri(cfg: ExperimentConfig) -> str:
     return runs.resolve_uri(cfg.tracking.tracking_uri)
 
 
-def _resume_state(cfg: ExperimentConfig) -> tuple[str | None, str | None]:
-    """(checkpoint to resume from, MLflow run id to continue), refusing to overwrite a previous run."""
+def _resume_state(cfg: ExperimentConfig) -> tuple[str | None, str | None, int]:
+    """(checkpoint to resume from, MLflow run id to continue, the checkpoint's global step), refusing to overwrite
+    a previous run; the checkpoint is opened once here (weights_only=True), so a bad one fails before any load."""
     out = Path(cfg.output_dir)
     last = out / "checkpoints" / "last.ckpt"
     if not cfg.resume:
         if last.exists():
             raise ConfigError(f"output_dir={cfg.output_dir!r}: holds checkpoints of an earlier run; "
                               "set resume=true to continue it, or pick another name/output_dir")
-        return None, None
+        return None, None, 0
     saved = runs.read_run_file(out)
     run_id = saved["run_id"] if saved else None
-    return (str(last) if last.exists() else None), run_id
+    if not last.exists():
+        return None, run_id, 0
+    step = int(read_resume_checkpoint(last).get("global_step", 0))
+    return str(last), run_id, step
 
 
 def _git_commit() -> str | None:
@@ -55,10 +68,12 @@ def _git_commit() -> str | None:
         return None
 
 
-def build_logger(cfg: ExperimentConfig, run_id: str | None) -> MLFlowLogger:
-    return MLFlowLogger(experiment_name=cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.name,
-                        tracking_uri=tracking_uri(cfg), run_id=run_id, log_model=False,
-                        tags=dict(cfg.tracking.tags) or None)
+def build_logger(cfg: ExperimentConfig, run_id: str | None, *, resumed: bool = False) -> MLFlowLogger:
+    """MLflow logger; continuing a run from a checkpoint, it skips the steps the run already holds (`resume.py`)."""
+    logged = logged_steps(tracking_uri(cfg), run_id) if resumed and run_id else {}
+    return ResumedMLFlowLogger(experiment_name=cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.name,
+                               tracking_uri=tracking_uri(cfg), run_id=run_id, log_model=False,
+                               tags=dict(cfg.tracking.tags) or None, logged_until=logged)
 
 
 def _log_run_info(logger: MLFlowLogger, cfg: ExperimentConfig, resumed: bool) -> None:
@@ -95,20 +110,67 @@ def build_trainer(cfg: ExperimentConfig, logger: MLFlowLogger, callbacks: list[L
 
 
 def train(cfg: ExperimentConfig, callbacks: list[L.Callback] = ()) -> TrainResult:
-    """Fit `cfg` and export `<output_dir>/final`. Extra callbacks (eval, bench) are appended."""
-    ckpt_path, run_id = _resume_state(cfg)
+    """Fit `cfg` and export `<output_dir>/final`. Extra callbacks (eval, bench) are appended.
+
+    Order: every check that can fail on bad input (trainer knobs, the resume checkpoint, the data), then the
+    model, the packed data, the output folder's lock, and only then the MLflow run and the first file.
+    """
+    check_trainer(cfg)
+    ckpt_path, run_id, ckpt_step = _resume_state(cfg)
+    check_model_source(cfg.model)
+    check_raw_data(cfg.data)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = DiffusionLM(cfg)
     data = DiffusionDataModule(cfg, module.tokenizer, module.mask_token_id)
+    check_packed_data(data)
+    out = Path(cfg.output_dir)
+    with _owning(out):
+        if ckpt_path is not None and ckpt_step >= cfg.trainer.max_steps and not export_complete(out / "final"):
+            return _finish_export(cfg, module, ckpt_path, run_id)
+        return _fit(cfg, module, data, ckpt_path, run_id, list(callbacks), ckpt_step)
+
+
+def _owning(out: Path):
+    """The output folder's lock (rank 0 only: the other ranks of one run share the folder)."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    return lock.folder_lock(out, f"output_dir={str(out)!r}") if rank_zero_only.rank == 0 else nullcontext()
+
+
+def _fit(cfg: ExperimentConfig, module: DiffusionLM, data: DiffusionDataModule, ckpt_path: str | None,
+         run_id: str | None, callbacks: list[L.Callback], ckpt_step: int = 0) -> TrainResult:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-    logger = build_logger(cfg, run_id)
-    trainer = build_trainer(cfg, logger, list(callbacks))
+    logger = build_logger(cfg, run_id, resumed=ckpt_path is not None)
+    trainer = build_trainer(cfg, logger, callbacks)
     if trainer.is_global_zero:
         _log_run_info(logger, cfg, resumed=run_id is not None)
+        if ckpt_path is not None and run_id is not None:
+            mark_resumed(logger, ckpt_step, logger.logged_until)
     if ckpt_path is None:  # the starting point of the loss curve (val/loss at step 0)
         trainer.validate(module, datamodule=data, verbose=False)
         if trainer.is_global_zero:  # validate() finalized the run as FINISHED; training is still to come
             logger.experiment.update_run(logger.run_id, status="RUNNING")
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    final = Path(cfg.output_dir) / "final"
+    if trainer.is_global_zero and not export_complete(final):
+        raise RuntimeError(f"training ended without the export {final}; re-run with resume=true to write it")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    return TrainResult(Path(cfg.output_dir) / "final", logger.run_id, tracking_uri(cfg), metrics)
+    return TrainResult(final, logger.run_id, tracking_uri(cfg), metrics)
+
+
+def _finish_export(cfg: ExperimentConfig, module: DiffusionLM, ckpt_path: str, run_id: str | None) -> TrainResult:
+    """Training already reached max_steps (a kill during the export, or one right after the last checkpoint):
+    Lightning would skip the finished loop and with it `on_train_end`, so write the export from `last.ckpt` here,
+    log it into the same run and end that run FINISHED."""
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
+    module.load_state_dict(state)
+    final = Path(cfg.output_dir) / "final"
+    path = export_module(module, final, state)
+    uri = tracking_uri(cfg)
+    if run_id is None:
+        return TrainResult(path, "", uri, {})
+    client = runs.client(uri)
+    if "final_checkpoint" not in client.get_run(run_id).data.params:  # MLflow forbids changing a param
+        client.log_param(run_id, "final_checkpoint", str(path.resolve()))
+    client.set_terminated(run_id, "FINISHED")
+    return TrainResult(path, run_id, uri, dict(client.get_run(run_id).data.metrics))

@@ -63,8 +63,8 @@ def test_decode_overrides_reject_unknown_keys_in_one_line(key):
                                               r"allowed: 1, 2, 4, 8, 16, 32"),
     ({"policy": "greedy"}, r"decode\.policy='greedy': unknown policy; allowed: threshold, factor, fixed$"),
 ])
-def test_decode_overrides_reject_bad_values_in_one_line(decode, match):
-    with pytest.raises(ConfigError, match=rf"^{match}$"):
+def test_decode_overrides_reject_bad_values_in_one_line_under_the_eval_prefix(decode, match):
+    with pytest.raises(ConfigError, match=rf"^eval\.{match}$"):
         EvalConfig(decode=decode)
 
 

@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 
-from dlm.models.checkpoint import CheckpointMeta, save_checkpoint
+from dlm.models.checkpoint import META_FILE, CheckpointMeta, save_checkpoint
+
+
+def export_complete(out_dir: Path) -> bool:
+    """Whether `out_dir` is a finished export (`save_checkpoint` renames `.partial` only once all is written)."""
+    return (out_dir / META_FILE).is_file()
+
+
+def export_module(pl_module: L.LightningModule, out_dir: Path, full_state: dict[str, Any]) -> Path:
+    """The LightningModule's backbone (`full_state`: its state dict, keys `model.*`) as an HF dlm folder."""
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
+    meta = CheckpointMeta.from_config(pl_module.cfg, pl_module.mask_token_id)
+    return save_checkpoint(pl_module.model, pl_module.tokenizer, meta, out_dir, state_dict=state)
 
 
 class HFExportCallback(L.Callback):
@@ -23,9 +37,6 @@ class HFExportCallback(L.Callback):
         full = trainer.strategy.lightning_module_state_dict()  # collective under FSDP: every rank calls it
         if not trainer.is_global_zero:
             return
-        prefix = "model."
-        state = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
-        meta = CheckpointMeta.from_config(pl_module.cfg, pl_module.mask_token_id)
-        path = save_checkpoint(pl_module.model, pl_module.tokenizer, meta, self.out_dir, state_dict=state)
+        path = export_module(pl_module, self.out_dir, full)
         for logger in trainer.loggers:
             logger.log_hyperparams({"final_checkpoint": str(path.resolve())})
