@@ -58,8 +58,8 @@ class DiffusionCollator:
     def _noise(self, ids: torch.Tensor, eligible: torch.Tensor,
                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         m = self.masking
-        sample = sample_mask(ids.shape[0], ids.shape[1], self.block_size, m.strategy, m.half_life, generator=generator,
-                             eligible=eligible, eps=m.eps)
+        sample = sample_mask(ids.shape[0], ids.shape[1], self.block_size, m.strategy, m.half_life,
+                             generator=generator, eligible=eligible, eps=m.eps)
         if m.complementary:
             other = complementary(sample, eligible)
             sample = type(sample)(*(torch.cat([a, b]) for a, b in zip(sample, other)))
@@ -80,6 +80,7 @@ class DiffusionDataModule(L.LightningDataModule):
         self.train_noise = torch.Generator().manual_seed(cfg.seed)
         self.val_noise = torch.Generator()
         self._val_index = 0
+        self._stream_states: tuple[Any, Any] = (None, None)
         self.train_set: AnyDataset | None = None
         self.val_set: AnyDataset | None = None
 
@@ -160,10 +161,23 @@ class DiffusionDataModule(L.LightningDataModule):
             return batch
         if self.trainer is not None and self.trainer.training:
             self._val_index = 0
+            self._record_stream_position()
             return self.collator.add_noise(batch, self.train_noise)
         self.val_noise.manual_seed(self.cfg.seed * 1_000_003 + self._val_index)
         self._val_index += 1
         return self.collator.add_noise(batch, self.val_noise)
+
+    def _record_stream_position(self) -> None:
+        """A stream has no length, so Lightning fetches one batch ahead and the loader's own state is one batch
+        past the step being trained; keep the state of one step earlier, which is the one a checkpoint means."""
+        loader = self.trainer.train_dataloader
+        if isinstance(self.train_set, IterableDataset) and hasattr(loader, "state_dict"):
+            self._stream_states = (self._stream_states[1], (self.trainer.current_epoch, loader.state_dict()))
+
+    def stream_position(self) -> dict[str, Any] | None:
+        """The train stream's state after the last trained batch (None: not a stream, or not known yet)."""
+        before = self._stream_states[0]
+        return before[1] if before is not None and before[0] == self.trainer.current_epoch else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"train_noise": self.train_noise.get_state()}

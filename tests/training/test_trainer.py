@@ -113,9 +113,10 @@ def test_streaming_resume_continues_the_stream(tmp_path):
     resumed = BatchRecorder()
     _run(tmp_path, callbacks=[resumed], resume="true", **stream)
     assert min(resumed.ids) == 3  # checkpoint after 3 steps
-    # The stream goes on, not from its head. Lightning had fetched one batch ahead when it saved the
-    # loader's position, so the batch of step 3 is skipped: resumed step 3 is the first run's step 4.
-    assert torch.equal(resumed.ids[3], first.ids[4]) and not torch.equal(resumed.ids[3], first.ids[0])
+    # The stream goes on exactly where the checkpoint was: Lightning had fetched one batch ahead when it saved
+    # the loader's position, and the checkpoint holds the position before that batch instead.
+    assert torch.equal(resumed.ids[3], first.ids[3]) and torch.equal(resumed.ids[4], first.ids[4])
+    assert not torch.equal(resumed.ids[3], first.ids[0])
 
 
 class FirstBatchPerEpoch(L.Callback):
