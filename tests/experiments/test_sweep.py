@@ -209,3 +209,47 @@ def test_slurm_launcher_runs_each_point_as_a_submitit_job_and_reports_failures(t
     assert {"train/loss", "bench/dlm_batch1_t0.9/tpf"} <= set(run.data.metrics)
     assert client.get_run(result.parent_run_id).info.status == "FAILED"
     assert list((tmp_path / "out" / "tiny_slurm" / "submitit").glob("*_0_log.out"))  # submitit's job logs
+
+
+class SecondSweepAt(L.Callback):
+    """At `step` of the first process's training, runs the same sweep as a second `dlm sweep` process."""
+
+    def __init__(self, sweep: Path, step: int = 2) -> None:
+        self.sweep, self.step, self.second = sweep, step, None
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if trainer.global_step == self.step and self.second is None:
+            self.second = subprocess.run([sys.executable, "-m", "dlm.cli.main", "sweep", str(self.sweep)],
+                                         capture_output=True, text=True, timeout=300,
+                                         env=os.environ | {"PYTHONPATH": str(REPO)})
+
+
+def test_a_second_sweep_process_on_the_same_sweep_refuses_in_one_line(tmp_path, ar_checkpoint):
+    path = write_sweep(tmp_path, ar_checkpoint, "tiny_lock", grid={"attention.pattern": ["block"]},
+                       eval={"enabled": False}, bench={"enabled": False})
+    second = SecondSweepAt(path)
+    result = run_sweep(path, callbacks=[second])
+    assert second.second.returncode == 2, second.second.stderr[-2000:]
+    errors = [line for line in second.second.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"is in use by pid {os.getpid()}" in errors[0], second.second.stderr[-2000:]
+    assert "Traceback" not in second.second.stderr
+    assert [o.status for o in result.outcomes.values()] == ["done"]  # the first one trained the point, once
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    child = _child(client, "pattern-block", "tiny_lock")
+    steps = [m.step for m in client.get_metric_history(child.info.run_id, "train/loss")]
+    assert steps == sorted(set(steps)) and len(steps) == 4  # every step logged once
+    assert not (tmp_path / "out" / "tiny_lock" / ".dlm.lock").exists()
+
+
+def test_a_rerun_repairs_a_point_whose_export_was_lost(tmp_path, ar_checkpoint):
+    path = write_sweep(tmp_path, ar_checkpoint, "tiny_repair", grid={"attention.pattern": ["block"]},
+                       eval={"enabled": False}, bench={"enabled": False})
+    first = run_sweep(path)
+    point_dir = tmp_path / "out" / "tiny_repair" / "pattern-block"
+    run_id = first.outcomes["pattern-block"].run_id
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.set_tag(run_id, "dlm.status", "running")  # as a kill during the export leaves it
+    (point_dir / "final").rename(point_dir / "final.partial")  # a half-written export, no final/
+    again = run_sweep(path)
+    assert again.outcomes["pattern-block"].status == "done" and again.outcomes["pattern-block"].run_id == run_id
+    assert (point_dir / "final" / "dlm.yaml").is_file() and not (point_dir / "final.partial").exists()
