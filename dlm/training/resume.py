@@ -62,10 +62,11 @@ def logged_steps(tracking_uri: str, run_id: str) -> dict[str, int]:
 
 
 def mark_resumed(logger: MLFlowLogger, from_step: int, logged_until: Mapping[str, int]) -> None:
-    """The `dlm.resumed` tag: each resume appends `from step S (steps S+1..M not logged again)`."""
-    last = max(logged_until.values(), default=from_step)
-    note = f"from step {from_step}" + (f" (steps {from_step + 1}..{last} re-run, not logged again)"
-                                       if last > from_step else "")
+    """The `dlm.resumed` tag: each resume appends `from step S (steps S..M re-run, not logged again)`; metric step
+    S is the (S+1)-th optimizer step, the first one after a checkpoint taken at global step S."""
+    last = logged_until.get("train/loss", max(logged_until.values(), default=from_step - 1))
+    note = f"from step {from_step}" + (f" (steps {from_step}..{last} re-run, not logged again)"
+                                       if last >= from_step else "")
     run = logger.experiment.get_run(logger.run_id)
     earlier = run.data.tags.get(RESUMED_TAG)
     logger.experiment.set_tag(logger.run_id, RESUMED_TAG, f"{earlier}; {note}" if earlier else note)
