@@ -80,7 +80,8 @@ def test_sigkill_between_checkpoints_then_resume_equals_the_uninterrupted_run(un
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = client.get_run(resumed.run_id)
-    assert run.info.status == "FINISHED" and run.data.tags[RESUMED_TAG] == "from step 8 (steps 8..9 re-run, not logged again)"
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[RESUMED_TAG] == "from step 8 (steps 8..9 re-run, not logged again)"
     assert not (tmp_path / "out" / LOCK_FILE).exists()
 
 
