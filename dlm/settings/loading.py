@@ -55,6 +55,7 @@ def read_yaml_mapping(path: Path, *, label: str) -> dict[str, Any]:
     """Plain `yaml.safe_load` of a file that must hold a mapping (a checkpoint's dlm.yaml)."""
     try:
         data = yaml.safe_load(path.read_text())
+        data = {} if data is None else data  # an empty file: its keys are missing, said key by key
     except yaml.YAMLError as err:
         raise yaml_error(err, path, label) from None
     except (OSError, UnicodeDecodeError) as err:

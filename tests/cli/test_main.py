@@ -3,6 +3,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from dlm.cli.main import main
 
 
@@ -34,3 +36,27 @@ def test_help_builds_every_parser_without_importing_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "False"
+
+
+def test_an_unexpected_exception_is_one_line_with_exit_1_and_its_traceback_behind_debug(capsys):
+    from dlm.cli import main as cli
+
+    def boom(args):
+        raise RuntimeError("disk on fire\nsecond line")
+
+    assert cli.run_reporting_errors(lambda: boom(None)) == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: unexpected RuntimeError: disk on fire second line "
+                                "(the traceback: --debug or DLM_DEBUG=1)"]
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        cli.run_reporting_errors(lambda: boom(None), debug=True)
+
+
+def test_debug_flag_and_environment_variable_reach_the_parser(monkeypatch):
+    from dlm.cli.main import build_parser
+
+    assert build_parser().parse_args(["--debug", "attention-demo"]).debug
+    assert build_parser().parse_args(["attention-demo", "--debug"]).debug
+    assert not build_parser().parse_args(["attention-demo"]).debug
+    monkeypatch.setenv("DLM_DEBUG", "1")
+    assert build_parser().parse_args(["attention-demo"]).debug

@@ -9,7 +9,7 @@ import pytest
 
 from dlm.data import synthetic
 from dlm.data.synthetic import corpus, format_example, problems, synthetic_dir, write_splits
-from dlm.settings import DataConfig
+from dlm.settings import ConfigError, DataConfig
 
 QUESTION = re.compile(
     r"(?P<name>\w+) has (?P<a>\d+) (?P<obj>\w+)\. (?P=name) (?P<verb>.+?) (?P<b>\d+)(?P<more> more)?\. "
@@ -133,3 +133,15 @@ def test_synthetic_dir_writes_the_task_once_and_reuses_it(tmp_path):
     (root / "train.jsonl").write_text("kept\n")  # a later command must not regenerate the files
     assert synthetic_dir(cfg, seed=3) == root and (root / "train.jsonl").read_text() == "kept\n"
     assert synthetic_dir(cfg, seed=4) != root  # another seed, size or max_number: another folder
+
+
+def test_a_tiny_max_number_still_gets_a_full_disjoint_test_set(tmp_path):
+    write_splits(tmp_path, train_size=2000, test_size=50, max_number=2)
+    train = {r["question"] for r in map(json.loads, (tmp_path / "train.jsonl").read_text().splitlines())}
+    test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert len(test) == 50 and not {r["question"] for r in test} & train
+
+
+def test_a_problem_space_too_small_for_a_disjoint_test_set_fails_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.synthetic_max_number=1: too few distinct problems for 200 test"):
+        write_splits(tmp_path, train_size=20000, max_number=1)

@@ -59,6 +59,33 @@ def test_existing_checkpoint_is_kept_as_prev_with_a_timestamp(qwen3, tmp_path):
     assert (prev / "model.safetensors").is_file()
 
 
+def test_three_exports_within_one_second_keep_every_earlier_one(qwen3, tmp_path, monkeypatch):
+    monkeypatch.setattr("time.strftime", lambda fmt, *a: "20260101-000000")  # one second for all three
+    for block_size in (2, 4, 8):
+        save_checkpoint(qwen3.model, qwen3.tokenizer, _meta(qwen3, block_size=block_size), tmp_path / "final")
+    kept = {p.name: read_meta(p).block_size for p in tmp_path.iterdir()}
+    assert kept == {"final": 8, "final.prev-20260101-000000": 2, "final.prev-20260101-000000-2": 4}
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"pattern": "bogus"}, r"dlm\.yaml pattern='bogus': unknown pattern; allowed: causal, bidirectional"),
+    ({"block_size": "4"}, r"dlm\.yaml block_size='4': must be a positive integer"),
+    ({"shift": 1}, r"dlm\.yaml shift=1: must be true or false"),
+    ({"extra": 1}, r"dlm\.yaml extra: unknown key; allowed: pattern, block_size"),
+])
+def test_read_meta_validates_dlm_yaml_like_a_config(qwen3, tmp_path, change, match):
+    out = save_checkpoint(qwen3.model, qwen3.tokenizer, _meta(qwen3), tmp_path / "final")
+    (out / META_FILE).write_text(yaml.safe_dump(asdict(_meta(qwen3)) | change))
+    with pytest.raises(ConfigError, match=match):
+        read_meta(out)
+
+
+def test_read_meta_names_the_line_of_a_yaml_error(tmp_path):
+    (tmp_path / META_FILE).write_text("pattern: causal\nblock_size: [4\n")
+    with pytest.raises(ConfigError, match=r"dlm\.yaml.*invalid YAML at line 3, column 1"):
+        read_meta(tmp_path)
+
+
 def test_state_dict_argument_is_what_gets_saved(qwen3, tmp_path):
     """The FSDP path: the gathered weights passed in win over the model's own (here: zeroed embeddings)."""
     state = {k: v.clone() for k, v in qwen3.model.state_dict().items()}
@@ -107,7 +134,8 @@ def test_read_meta_with_an_unknown_field_is_one_line(tmp_path):
     fields = asdict(CheckpointMeta("block", 4, "<|mask|>", 3)) | {"blok_size": 4}
     (tmp_path / META_FILE).write_text(yaml.safe_dump(fields))
     where = re.escape(str(tmp_path))
-    with pytest.raises(ConfigError, match=rf"^checkpoint='{where}': bad dlm.yaml \(.*'blok_size'") as err:
+    with pytest.raises(ConfigError, match=rf"^checkpoint='{where}': dlm.yaml blok_size: unknown key; allowed: pattern, "
+                                          r"block_size") as err:
         read_meta(tmp_path)
     assert "\n" not in str(err.value)
 
@@ -115,7 +143,7 @@ def test_read_meta_with_an_unknown_field_is_one_line(tmp_path):
 @pytest.mark.parametrize("text", ["", "pattern: block\n"])
 def test_read_meta_with_missing_fields_is_one_line(tmp_path, text):
     (tmp_path / META_FILE).write_text(text)
-    with pytest.raises(ConfigError, match=r"bad dlm.yaml \(.*missing .*'block_size'") as err:
+    with pytest.raises(ConfigError, match=r"dlm.yaml (pattern|block_size): required$") as err:
         read_meta(tmp_path)
     assert "\n" not in str(err.value)
 

@@ -186,3 +186,15 @@ def test_flatten_gives_dotted_keys_of_every_leaf():
 
 def test_flatten_keeps_an_empty_mapping_as_a_value():
     assert flatten(Whole())["part.tags"] == {}
+
+
+@pytest.mark.parametrize("text, match", [
+    ("a: 1\nb: [1, 2\n", r"invalid YAML at line 3, column 1 \(did not find expected ',' or '\]'\)"),
+    ("a: !!python/name:os.system\n", r"invalid YAML at line 1, column 4 \(could not determine a constructor"),
+    ("- a\n- b\n", r"top level is a list, not a mapping of keys"),
+])
+def test_yaml_errors_name_the_file_and_line(tmp_path, text, match):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"^config='{re.escape(str(path))}': {match}"):
+        yaml_layers(path)
