@@ -162,11 +162,14 @@ def _finish_export(cfg: ExperimentConfig, module: DiffusionLM, ckpt_path: str, r
     """Training already reached max_steps (a kill during the export, or one right after the last checkpoint):
     Lightning would skip the finished loop and with it `on_train_end`, so write the export from `last.ckpt` here,
     log it into the same run and end that run FINISHED."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    final, uri = Path(cfg.output_dir) / "final", tracking_uri(cfg)
+    if rank_zero_only.rank != 0:  # one writer; the other ranks of a multi-process launch have nothing to do
+        return TrainResult(final, run_id or "", uri, {})
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
-    final = Path(cfg.output_dir) / "final"
     path = export_module(module, final, state)
-    uri = tracking_uri(cfg)
     if run_id is None:
         return TrainResult(path, "", uri, {})
     client = runs.client(uri)
