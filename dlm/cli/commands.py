@@ -129,6 +129,9 @@ def add_bench(p: argparse.ArgumentParser) -> None:
 
 def run_bench(args: argparse.Namespace) -> Any:
     settings, log = dataclass_from_args(args, BenchConfig), dataclass_from_args(args, LogTarget)
+    from dlm.models.checkpoint import check_checkpoint
+
+    check_checkpoint(args.checkpoint)  # before the prompt set is read or generated
     from dlm.measurement.bench import run_bench as bench
 
     result = bench(args.checkpoint, settings, log=log)
@@ -165,11 +168,11 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     from dlm.evaluation.tasks import resolve_requested
 
     resolve_requested(settings.tasks, data_dir=settings.data_dir, hub=settings.hub_tasks)  # before lm-eval loads
-    from dlm.models.checkpoint import read_meta
+    from dlm.models.checkpoint import check_checkpoint
     from dlm.models.device import resolve_device
 
     resolve_device(settings.device, key="eval.device")
-    read_meta(args.checkpoint)
+    check_checkpoint(args.checkpoint)
     from lm_eval.utils import make_table
 
     from dlm.evaluation.evaluate import evaluate

@@ -34,7 +34,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     if source is None:
         raise ConfigError("model.tokenizer=None: a from-scratch model needs a tokenizer; "
                           f"allowed: a folder, a hub id, {BUILTIN_TOKENIZER}")
-    return _from_pretrained(AutoTokenizer, source, cfg, key="model.tokenizer")
+    key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"  # blame the key that named the source
+    return _from_pretrained(AutoTokenizer, source, cfg, key=key)
 
 
 def load_backbone(cfg: ModelConfig, *, attn_implementation: str = "sdpa") -> Backbone:

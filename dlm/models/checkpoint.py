@@ -105,6 +105,13 @@ def read_meta(path: str | Path) -> CheckpointMeta:
         raise ConfigError(f"{where} {err}") from None
 
 
+def check_checkpoint(path: str | Path) -> CheckpointMeta:
+    """A checkpoint's dlm.yaml and weight files checked without loading a model (commands call it first)."""
+    meta = read_meta(path)
+    check_weight_files(Path(path), key="checkpoint")
+    return meta
+
+
 def load_checkpoint(path: str | Path, *, attn_implementation: str = "sdpa",
                     dtype: str = "float32") -> tuple[Backbone, CheckpointMeta]:
     """A dlm checkpoint folder -> (backbone, meta); fails in one line if `dlm.yaml` is missing."""

@@ -63,7 +63,8 @@ def read_resume_checkpoint(path: Path) -> dict[str, Any]:
 def check_model_source(m: ModelConfig) -> None:
     """A local model or tokenizer folder that does not exist fails here, before the data is read or generated."""
     for key, source in (("model.name_or_path", m.name_or_path), ("model.tokenizer", m.tokenizer)):
-        if source and source.startswith((".", "/", "~")) and not Path(source).expanduser().exists():
+        looks_local = source and (source.startswith((".", "/", "~")) or source.count("/") >= 2)  # hub: org/name
+        if looks_local and source != "builtin:tiny" and not Path(source).expanduser().exists():
             raise ConfigError(f"{key}={source!r}: no such folder; allowed: a local HF folder or a hub id")
 
 

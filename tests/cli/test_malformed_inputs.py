@@ -209,6 +209,8 @@ CASES: dict[str, list[str]] = {
     "data streaming missing column": _train("data.path={ws}/data/no_text.jsonl", "data.streaming=true"),
     # -- model and resume
     "model folder missing": _train("model.name_or_path={ws}/nowhere", "model.arch=null"),
+    "model checkpoint not trained yet": ["train", str(REPO / "experiments" / "tiny.yaml"),
+                                         "model.name_or_path=outputs/nowhere/final"],
     "model arch unknown": _train("model.arch=bogus"),
     "model truncated weights": _train("model.name_or_path={ws}/ckpts/truncated", "model.arch=null"),
     "model broken tokenizer": _train("model.name_or_path={ws}/ckpts/bad_tokenizer", "model.arch=null",
