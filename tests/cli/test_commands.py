@@ -141,7 +141,7 @@ BAD_FLAGS = {
     "eval-misspelt-decode-flag": (["eval", MISSING_CKPT, "--decode.treshold", "0.5"],
                                   "dlm: error: unrecognized arguments: --decode.treshold 0.5"),
     "eval-decode-threshold-above-one": (["eval", MISSING_CKPT, "--decode.threshold", "1.5"],
-                                        "error: decode.threshold=1.5: must be in (0, 1]"),
+                                        "error: eval.decode.threshold=1.5: must be in (0, 1]"),
     "eval-decode-bool-not-true-false": (["eval", MISSING_CKPT, "--decode.use_cache", "maybe"],
                                         "dlm eval: error: argument --decode.use_cache: 'maybe': must be true or false"),
     "bench-train-unknown-pattern": (["bench-train", TINY, "--patterns", "blok"],

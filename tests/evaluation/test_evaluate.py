@@ -168,7 +168,7 @@ def test_decode_flags_are_decode_config_fields_and_reach_the_decoder(dlm_ckpt, t
     assert given(args, DecodeConfig, prefix="decode.") == {"threshold": 0.5, "use_cache": False, "sub_block_size": 2}
     with pytest.raises(SystemExit):
         parser.parse_args(["eval", str(dlm_ckpt), "--tasks", "x", "--decode.use_cache", "maybe"])
-    with pytest.raises(ConfigError, match=r"^decode.sub_block_size=3: must divide decode.block_size=32"):
+    with pytest.raises(ConfigError, match=r"^eval\.decode\.sub_block_size=3: must divide decode.block_size=32"):
         EvalConfig(decode={"sub_block_size": 3})
 
 

@@ -174,8 +174,9 @@ def test_a_killed_point_resumes_in_its_own_run_from_its_last_checkpoint(swept):
     run = _child(client, POINTS[1])
     assert run.info.run_id == swept.killed_run  # killed, crashed, finished: one run throughout
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss"))
-    # killed in step 3 and crashed in step 3 after resuming from the step-2 checkpoint both times
-    assert steps == [0, 1, 2, 2, 2, 3]
+    # killed in step 3 and crashed in step 3 after resuming from the step-2 checkpoint both times; the steps re-run
+    # after each resume are not logged again (dlm.training.resume)
+    assert steps == [0, 1, 2, 3]
     ckpt = torch.load(swept.root / "out" / SWEEP_NAME / POINTS[1] / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 4
 
@@ -194,15 +195,18 @@ def test_a_rerun_skips_finished_points_and_reports_failed_ones(swept):
 
 def test_slurm_launcher_runs_each_point_as_a_submitit_job_and_reports_failures(tmp_path, ar_checkpoint):
     """submitit's local executor: real subprocesses, one per point, two at a time."""
+    not_a_model = tmp_path / "not_a_model"  # exists, so the sweep's checks pass; the point fails when it loads
+    not_a_model.mkdir()
     path = write_sweep(tmp_path, ar_checkpoint, "tiny_slurm", grid={},
                        points=[{"attention.pattern": "block_clean"},
-                               {"attention.pattern": "block", "trainer.strategy": "no_such_strategy"}],
+                               {"attention.pattern": "block", "model.name_or_path": str(not_a_model)}],
                        launcher="slurm", max_parallel=2, slurm={"cluster": "local", "timeout_min": 10},
                        eval={"enabled": False}, bench={"thresholds": [0.9]})
     result = run_sweep(path, echo=False)
-    good, bad = result.outcomes["pattern-block_clean"], result.outcomes["pattern-block_strategy-no_such_strategy"]
+    good = result.outcomes["pattern-block_clean"]
+    (bad,) = [o for pid, o in result.outcomes.items() if pid != "pattern-block_clean"]
     assert good.status == "done", good.error
-    assert bad.status == "failed" and "no_such_strategy" in bad.error
+    assert bad.status == "failed" and "not_a_model" in bad.error
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(good.run_id)
     assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id and run.data.tags["dlm.status"] == "done"
