@@ -1,0 +1,64 @@
+"""Scale the backbone: FSDP sharded per decoder layer and activation checkpointing per decoder layer.
+
+Both use the libraries' own mechanisms: Lightning's `FSDPStrategy` (torch FSDP1, `FullyShardedDataParallel`)
+with the decoder-layer class as the auto-wrap and checkpointing policy; without FSDP, transformers'
+`activation_checkpointing_enable` (non-reentrant `torch.utils.checkpoint` per layer, which passes the 4-D
+mask or flex BlockMask through to the recomputed layer unchanged).
+
+FSDP1 rather than FSDP2 (`fully_shard`): Lightning 2.6 offers FSDP2 only through `ModelParallelStrategy`
+with a hand-written `configure_model`, and its `FSDPStrategy` already shards per layer from a policy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from transformers import PreTrainedModel
+
+from dlm.models.sharding import decoder_layer_classes
+from dlm.settings import ExperimentConfig
+from dlm.settings.scaling import FSDPConfig
+
+
+def is_fsdp(cfg: ExperimentConfig) -> bool:
+    return cfg.trainer.strategy == "fsdp"
+
+
+def build_strategy(cfg: ExperimentConfig, model: PreTrainedModel) -> str | Strategy:
+    """`trainer.strategy` as Lightning takes it: a configured FSDPStrategy for `fsdp`, else the name."""
+    if not is_fsdp(cfg):
+        return cfg.trainer.strategy
+    layers = decoder_layer_classes(model)
+    f = cfg.trainer.fsdp
+    return FSDPStrategy(
+        auto_wrap_policy=layers,
+        activation_checkpointing_policy=layers if cfg.trainer.activation_checkpointing else None,
+        sharding_strategy=f.sharding_strategy, mixed_precision=mixed_precision(f, cfg.trainer.precision),
+        cpu_offload=f.cpu_offload, state_dict_type=f.state_dict_type,
+        process_group_backend=None if torch.cuda.is_available() else "gloo",
+    )
+
+
+def mixed_precision(f: FSDPConfig, precision: str) -> Any:
+    """torch's `MixedPrecision` when any `trainer.fsdp.*_dtype` is set; None leaves Lightning's rule
+    (every dtype from `trainer.precision`)."""
+    dtypes = {"param_dtype": f.param_dtype, "reduce_dtype": f.reduce_dtype, "buffer_dtype": f.buffer_dtype}
+    if all(v == "auto" for v in dtypes.values()):
+        return None
+    from torch.distributed.fsdp import MixedPrecision
+
+    default = {"32-true": "float32", "32": "float32", "64-true": "float64"}.get(
+        precision, "float16" if precision.startswith("16") else "bfloat16")
+    return MixedPrecision(**{k: getattr(torch, default if v == "auto" else v) for k, v in dtypes.items()})
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """Per-decoder-layer recomputation through transformers (the non-FSDP path).
+
+    Non-reentrant: the reentrant variant drops gradients of inputs that do not require grad and cannot
+    take the mask object as a keyword argument.
+    """
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
