@@ -1,8 +1,8 @@
 """The planner against measurement: peak memory of one real training step on this CPU vs `dlm plan`'s estimate.
 
 CPU torch keeps no allocator statistics, so the measure is the process's resident-set high-water mark
-(`VmHWM`, reset through `/proc/self/clear_refs`) above the resident set just before the backbone is built:
-the parameters, gradients, AdamW state and activations of the step, plus whatever Lightning allocates.
+(`VmHWM`, reset through `/proc/self/clear_refs`) above the resident set once the backbone, data and Trainer
+exist, plus the parameters' own bytes: gradients, AdamW state and activations of the steps, and parameters.
 """
 
 from __future__ import annotations
@@ -66,18 +66,25 @@ def cpu_config(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def measure_step(cfg: ExperimentConfig) -> float:
-    """Peak resident bytes of building the backbone and two training steps, above the process before them."""
-    base = _reset_peak()
+    """Bytes of the parameters (exact) + the resident-set growth over two training steps.
+
+    The high-water mark restarts once the module, data and Trainer exist, so the process's fixed cost
+    (imports, tokenized data, Lightning's objects) is left out and what remains is what the plan counts.
+    """
     module = DiffusionLM(cfg, load_backbone(cfg.model, attn_implementation=kernel_for(cfg)))
     if cfg.trainer.activation_checkpointing:
         enable_activation_checkpointing(module.model)
     data = DiffusionDataModule(cfg, module.tokenizer, module.mask_token_id)
+    data.prepare_data()
+    data.setup("fit")
     trainer = L.Trainer(max_steps=2,  # the second step holds the AdamW state created by the first
-                         accelerator="cpu", devices=1, precision=cfg.trainer.precision, logger=False,
+                        accelerator="cpu", devices=1, precision=cfg.trainer.precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, gradient_clip_val=cfg.optim.grad_clip or None)
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    base = _reset_peak()
     trainer.fit(module, datamodule=data)
-    return _status_kib("VmHWM") * 1024 - base
+    return _status_kib("VmHWM") * 1024 - base + params
 
 
 def check_plan(cfg: ExperimentConfig, *, config_dir: Path) -> PlanCheck:

@@ -52,7 +52,8 @@ def test_activation_checkpointing_recomputes_each_decoder_layer():
 
 def test_fsdp_strategy_wraps_and_checkpoints_per_decoder_layer():
     cfg = load_config("experiments/tiny_ar.yaml", overrides=[
-        "trainer.strategy=fsdp", "trainer.activation_checkpointing=true", "trainer.fsdp.sharding_strategy=SHARD_GRAD_OP"])
+        "trainer.strategy=fsdp", "trainer.activation_checkpointing=true",
+        "trainer.fsdp.sharding_strategy=SHARD_GRAD_OP"])
     model = DiffusionLM(cfg).model
     strategy = build_strategy(cfg, model)
     assert {c.__name__ for c in strategy.kwargs["auto_wrap_policy"]._module_classes} == {"Qwen3DecoderLayer"}
