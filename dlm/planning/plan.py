@@ -23,7 +23,8 @@ from dlm.settings.scaling import PlanConfig
 from dlm.tensor.attention import dense_mask, resolve_backend, total_length
 
 GIB = 2**30
-KNOWN_STRATEGIES = ("auto", "ddp", "fsdp", "single_device")
+KNOWN_STRATEGIES = ("auto", "ddp", "fsdp", "fsdp2", "single_device")
+FSDP = ("fsdp", "fsdp2")
 
 
 @dataclass
@@ -69,22 +70,22 @@ def _static(cfg: ExperimentConfig, params: int, root: int, layer: int) -> dict[s
     strategy = t.strategy if world > 1 else "single_device"
     shard = 1
     gathered = 0.0
-    if strategy == "fsdp":
+    if strategy in FSDP:
         sharding = t.fsdp.sharding_strategy
         shard = {"FULL_SHARD": world, "SHARD_GRAD_OP": world, "NO_SHARD": 1,
                  "HYBRID_SHARD": world // t.num_nodes if t.num_nodes > 1 else world}[sharding]
         live = params if sharding == "SHARD_GRAD_OP" else root + 2 * layer  # ZeRO-2 keeps them gathered
         gathered = 0.0 if shard == 1 else live * act + layer * act  # + one unit's unsharded gradient
     elif strategy not in KNOWN_STRATEGIES:
-        raise ConfigError(f"trainer.strategy={t.strategy!r}: dlm plan models {', '.join(KNOWN_STRATEGIES[:3])}; "
-                          "allowed: " + ", ".join(KNOWN_STRATEGIES[:3]))
+        raise ConfigError(f"trainer.strategy={t.strategy!r}: not modelled by dlm plan; "
+                          "allowed: " + ", ".join(KNOWN_STRATEGIES[:4]))
     out = {"parameters": params * state / shard, "gradients": params * state / shard,
            "optimizer (AdamW)": 2 * params * state / shard}
     if strategy == "ddp":
         out["gradients"] *= 2  # DDP's bucket copy of every gradient
     if gathered:
         out["gathered FSDP units"] = gathered
-    if t.precision.endswith("mixed") and strategy != "fsdp":
+    if t.precision.endswith("mixed") and strategy not in FSDP:
         out["autocast weight copies"] = params * act
     return out
 
@@ -132,7 +133,7 @@ def plan(cfg: ExperimentConfig, settings: PlanConfig, *, config_dir: Path, devic
     ckpt = saved.layers * saved.layer_input + saved.outside + 2 * saved.per_layer + logits
     memory = _static(cfg, params, root, layer)
     state, _ = _bytes(cfg.trainer.precision)
-    step_temps = 2 * params * state / max(1, world_size(cfg) if cfg.trainer.strategy == "fsdp" else 1)
+    step_temps = 2 * params * state / max(1, world_size(cfg) if cfg.trainer.strategy in FSDP else 1)
     memory["activations (1 micro-batch)"] = max(ckpt if cfg.trainer.activation_checkpointing else plain,
                                                 step_temps if device == "cuda" else 0.0)
     embed = model.get_input_embeddings().weight.numel()
@@ -165,7 +166,7 @@ def suggestion(cfg: ExperimentConfig, settings: PlanConfig, *, config_dir: Path)
     tries: list[tuple[str, ExperimentConfig]] = []
     if not t.activation_checkpointing:
         tries.append(("trainer.activation_checkpointing=true", _with(cfg, "trainer", activation_checkpointing=True)))
-    if t.strategy != "fsdp" and world_size(cfg) > 1:
+    if t.strategy not in FSDP and world_size(cfg) > 1:
         tries.append(("trainer.strategy=fsdp", _with(cfg, "trainer", strategy="fsdp")))
     base = _with(cfg, "trainer", activation_checkpointing=True)
     b = d.batch_size // 2
@@ -190,7 +191,7 @@ def format_plan(cfg: ExperimentConfig, settings: PlanConfig, p: Plan, verdict: s
     lines = [f"{cfg.name}: {p.params / 1e9:.3f}B parameters, {cfg.attention.pattern} "
              f"({total_length(cfg.attention.pattern, cfg.data.max_length)} positions per sequence), micro-batch "
              f"{cfg.data.batch_size} x accumulation {t.accumulate_grad_batches} x {p.world} GPUs, {t.precision}, "
-             f"strategy {t.strategy}" + (f" {t.fsdp.sharding_strategy}" if t.strategy == "fsdp" else "")
+             f"strategy {t.strategy}" + (f" {t.fsdp.sharding_strategy}" if t.strategy in FSDP else "")
              + f", activation checkpointing {'on' if t.activation_checkpointing else 'off'}",
              f"per GPU ({settings.gpu}, {settings.memory_bytes / GIB:.0f} GiB, {settings.headroom:.0%} usable):"]
     lines += [f"  {name:<30} {value / GIB:9.2f} GiB" for name, value in p.memory.items()]

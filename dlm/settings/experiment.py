@@ -137,7 +137,7 @@ class TrainerConfig:
     devices: Any = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
-    """Lightning strategy: auto | ddp | fsdp | deepspeed_stage_2 | ..."""
+    """Lightning strategy: auto | ddp | fsdp (FSDP1, GPU) | fsdp2 (FSDP2 per decoder layer, also CPU) | ..."""
     precision: Precision = "32-true"
     accumulate_grad_batches: int = 1
     val_every_n_steps: int = 200

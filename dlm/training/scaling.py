@@ -5,8 +5,10 @@ with the decoder-layer class as the auto-wrap and checkpointing policy; without 
 `activation_checkpointing_enable` (non-reentrant `torch.utils.checkpoint` per layer, which passes the 4-D
 mask or flex BlockMask through to the recomputed layer unchanged).
 
-FSDP1 rather than FSDP2 (`fully_shard`): Lightning 2.6 offers FSDP2 only through `ModelParallelStrategy`
-with a hand-written `configure_model`, and its `FSDPStrategy` already shards per layer from a policy.
+Two FSDPs: `trainer.strategy: fsdp` is Lightning's `FSDPStrategy`, i.e. torch FSDP1 (GPU only: both
+Lightning and torch's FSDP1 refuse a CPU-only run); `trainer.strategy: fsdp2` is Lightning's
+`ModelParallelStrategy` with torch FSDP2 (`fully_shard`, DTensor parameters) applied per decoder layer in
+`DiffusionLM.configure_model`, which also runs on CPU over gloo.
 """
 
 from __future__ import annotations
@@ -14,20 +16,27 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from transformers import PreTrainedModel
 
-from dlm.models.sharding import decoder_layer_classes
+from dlm.models.sharding import decoder_layer_classes, decoder_layers
 from dlm.settings import ExperimentConfig
 from dlm.settings.scaling import FSDPConfig
 
 
 def is_fsdp(cfg: ExperimentConfig) -> bool:
+    """FSDP1, whose checkpointing is Lightning's policy (FSDP2 checkpoints through transformers)."""
     return cfg.trainer.strategy == "fsdp"
 
 
 def build_strategy(cfg: ExperimentConfig, model: PreTrainedModel) -> str | Strategy:
-    """`trainer.strategy` as Lightning takes it: a configured FSDPStrategy for `fsdp`, else the name."""
+    """`trainer.strategy` as Lightning takes it: a configured FSDPStrategy for `fsdp`, ModelParallelStrategy for
+    `fsdp2` (sharding applied by :func:`shard_per_layer`), else the name."""
+    gloo = None if torch.cuda.is_available() else "gloo"
+    if cfg.trainer.strategy == "fsdp2":
+        return ModelParallelStrategy(data_parallel_size="auto" if cfg.trainer.num_nodes > 1 else _devices(cfg),
+                                     tensor_parallel_size=1, process_group_backend=gloo,
+                                     save_distributed_checkpoint=cfg.trainer.fsdp.state_dict_type == "sharded")
     if not is_fsdp(cfg):
         return cfg.trainer.strategy
     layers = decoder_layer_classes(model)
@@ -37,8 +46,29 @@ def build_strategy(cfg: ExperimentConfig, model: PreTrainedModel) -> str | Strat
         activation_checkpointing_policy=layers if cfg.trainer.activation_checkpointing else None,
         sharding_strategy=f.sharding_strategy, mixed_precision=mixed_precision(f, cfg.trainer.precision),
         cpu_offload=f.cpu_offload, state_dict_type=f.state_dict_type,
-        process_group_backend=None if torch.cuda.is_available() else "gloo",
+        process_group_backend=gloo,
     )
+
+
+def _devices(cfg: ExperimentConfig) -> int | str:
+    d = cfg.trainer.devices
+    return d if isinstance(d, int) else "auto"
+
+
+def shard_per_layer(model: PreTrainedModel, mesh: Any, cfg: ExperimentConfig) -> None:
+    """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, norm, head), on the data-parallel mesh."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    f = cfg.trainer.fsdp
+    mp = mixed_precision(f, cfg.trainer.precision)
+    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": f.sharding_strategy != "SHARD_GRAD_OP"}
+    if mp is not None:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp.param_dtype, reduce_dtype=mp.reduce_dtype)
+    if f.cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kwargs)
+    fully_shard(model, **kwargs)
 
 
 def mixed_precision(f: FSDPConfig, precision: str) -> Any:

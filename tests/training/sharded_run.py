@@ -13,6 +13,7 @@ import sys
 
 import lightning as L
 import torch
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.data import DataLoader
 
 from dlm.data.datamodule import DiffusionCollator
@@ -72,10 +73,17 @@ def main(out: str, strategy: str, devices: int, overrides: list[str]) -> None:
                         enable_model_summary=False, callbacks=[log], use_distributed_sampler=False)
     trainer.fit(module, datamodule=FixedRows(fixed_rows(module)))
     state = trainer.strategy.lightning_module_state_dict()
+    norm = _norm(module.model)
     if trainer.is_global_zero:
-        norm = float(torch.sqrt(sum((v.float() ** 2).sum() for k, v in state.items() if k.startswith("model."))))
-        json.dump({"losses": log.losses, "weight_norm": norm, "keys": sorted(state)[:3],
+        units = sum(isinstance(m, FSDPModule) for m in module.model.modules())
+        json.dump({"losses": log.losses, "weight_norm": norm, "keys": sorted(state)[:3], "fsdp_units": units,
                    "wrapped": repr(type(trainer.strategy).__name__)}, open(out, "w"))
+
+
+def _norm(model: torch.nn.Module) -> float:
+    """L2 norm of the (unique) parameters, gathered where they are FSDP2 shards."""
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return float(torch.sqrt(sum((p.detach().float() ** 2).sum() for p in full)))
 
 
 if __name__ == "__main__":

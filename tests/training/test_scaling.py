@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.fsdp import MixedPrecision
 
 from dlm.settings import load_config
@@ -61,6 +62,13 @@ def test_fsdp_strategy_wraps_and_checkpoints_per_decoder_layer():
     assert build_strategy(load_config("experiments/tiny_ar.yaml", overrides=["trainer.strategy=ddp"]), model) == "ddp"
 
 
+def test_fsdp2_is_lightnings_model_parallel_strategy_over_data_parallel_ranks():
+    cfg = load_config("experiments/tiny_ar.yaml", overrides=["trainer.strategy=fsdp2", "trainer.devices=2"])
+    strategy = build_strategy(cfg, DiffusionLM(cfg).model)
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (2, 1)
+
+
 def test_fsdp_mixed_precision_from_settings():
     assert mixed_precision(FSDPConfig(), "bf16-true") is None  # Lightning's rule from trainer.precision
     mp = mixed_precision(FSDPConfig(reduce_dtype="float32"), "bf16-mixed")
@@ -75,11 +83,11 @@ def _run(tmp_path: Path, strategy: str, devices: int, *overrides: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_two_gloo_processes_train_like_one(tmp_path):
-    """Lightning refuses FSDPStrategy on CPU ("requires a GPU accelerator"), so the CPU check is DDP over gloo with
-    activation checkpointing per decoder layer: the same losses and weights as one process on the full batch."""
+def test_two_gloo_processes_sharded_per_layer_train_like_one(tmp_path):
+    """FSDP2 through Lightning on CPU (FSDP1 is GPU-only), one unit per decoder layer + the root, checkpointed per
+    layer: the same losses and weights as one process on the full batch."""
     single = _run(tmp_path, "auto", 1)
-    sharded = _run(tmp_path, "ddp", 2, "trainer.activation_checkpointing=true")
-    assert sharded["wrapped"] == "'DDPStrategy'"
+    sharded = _run(tmp_path, "fsdp2", 2, "trainer.activation_checkpointing=true")
+    assert sharded["wrapped"] == "'ModelParallelStrategy'" and sharded["fsdp_units"] == 4 + 1
     assert sharded["losses"] == pytest.approx(single["losses"], rel=1e-5)
     assert sharded["weight_norm"] == pytest.approx(single["weight_norm"], rel=1e-5)
