@@ -57,8 +57,10 @@ def _devices(cfg: ExperimentConfig) -> int | str:
 
 def shard_per_layer(model: PreTrainedModel, mesh: Any, cfg: ExperimentConfig) -> None:
     """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, norm, head), on the data-parallel mesh."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 
+    if isinstance(model, FSDPModule):  # Lightning calls configure_model again for fit after validate
+        return
     f = cfg.trainer.fsdp
     mp = mixed_precision(f, cfg.trainer.precision)
     kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": f.sharding_strategy != "SHARD_GRAD_OP"}
