@@ -23,6 +23,7 @@ from dlm.settings import (
     TrainBenchConfig,
     check,
 )
+from dlm.settings.scaling import PlanConfig
 from dlm.settings.sweep import ReportConfig, SweepRunConfig
 
 CHECKPOINT_HELP = "dlm checkpoint folder (HF model + tokenizer + dlm.yaml), e.g. outputs/tiny/final"
@@ -152,6 +153,30 @@ def run_bench_train(args: argparse.Namespace) -> None:
     from dlm.experiments.train_bench import bench_training, format_rows
 
     print(format_rows(bench_training(args.config, settings, overrides=args.overrides)))
+
+
+# -- plan -------------------------------------------------------------------------------------------
+def add_plan(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML, e.g. experiments/qwen3-8b.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.devices=8")
+    add_dataclass_arguments(p, PlanConfig)
+    p.add_argument("--measure", action="store_true",
+                   help="also run one real training step on this CPU and print its measured peak memory")
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    settings = dataclass_from_args(args, PlanConfig)
+    from dlm.settings import load_config
+
+    cfg = load_config(args.config, overrides=args.overrides)
+    if args.measure:
+        from dlm.experiments.plan_check import check_plan, format_check
+
+        print(format_check(check_plan(cfg, config_dir=Path(args.config).parent)))
+        return
+    from dlm.planning.plan import plan_report
+
+    print(plan_report(cfg, settings, config_dir=Path(args.config).parent))
 
 
 # -- eval -------------------------------------------------------------------------------------------

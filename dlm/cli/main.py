@@ -37,6 +37,8 @@ COMMANDS = [
     Command("report", "a sweep's summary table and figures, read back from MLflow", c.add_report, c.run_report),
     Command("bench-train", "training tokens/s per attention pattern (short real runs)", c.add_bench_train,
             c.run_bench_train),
+    Command("plan", "memory per GPU, FLOPs/token and wall time of a config on the meta device; fits or not",
+            c.add_plan, c.run_plan),
     Command("drift", "per-layer attention/MLP weight drift of checkpoints from their AR model", c.add_drift,
             c.run_drift),
 ]

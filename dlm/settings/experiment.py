@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 
 from dlm.settings.errors import ConfigError, check, check_block_size, check_choices, check_positive_int
 from dlm.settings.loading import flatten, merge, to_yaml, yaml_layers
+from dlm.settings.scaling import FSDPConfig
 from dlm.settings.tracking import TrackingConfig
 
 __all__ = ["ConfigError", "ExperimentConfig", "flatten", "load_config", "save_config", "to_yaml", "validate"]
@@ -138,7 +139,7 @@ class TrainerConfig:
     devices: Any = "auto"
     num_nodes: int = 1
     strategy: str = "auto"
-    """Lightning strategy: auto | ddp | fsdp | deepspeed_stage_2 | ..."""
+    """Lightning strategy: auto | ddp | fsdp (FSDP1, GPU) | fsdp2 (FSDP2 per decoder layer, also CPU) | ..."""
     precision: Precision = "32-true"
     accumulate_grad_batches: int = 1
     val_every_n_steps: int = 200
@@ -148,6 +149,11 @@ class TrainerConfig:
     progress_bar: bool = True
     throughput_window: int = 20
     """Steps averaged for train/items_per_sec (tokens/s) and train/device/mfu."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of storing them (`dlm plan` shows the
+    saving); under FSDP through Lightning's policy, otherwise transformers' gradient checkpointing."""
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    """With `strategy: fsdp`: sharding per decoder layer, mixed precision, offload (dlm/settings/scaling.py)."""
 
 
 @dataclass

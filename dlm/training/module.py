@@ -46,6 +46,13 @@ class DiffusionLM(L.LightningModule):
         self.flops_per_batch = 0  # read by Lightning's ThroughputMonitor for MFU; set per batch in forward
         self._n_params = sum(p.numel() for p in self.model.parameters())  # before any sharding; once
 
+    def configure_model(self) -> None:
+        """`trainer.strategy: fsdp2` (Lightning's ModelParallelStrategy): shard per decoder layer with FSDP2."""
+        if self.cfg.trainer.strategy == "fsdp2" and self._device_mesh is not None:
+            from dlm.training.scaling import shard_per_layer
+
+            shard_per_layer(self.model, self._device_mesh["data_parallel"], self.cfg)
+
     def _training_flops(self, input_ids: Tensor) -> int:
         """PaLM estimate: 6N per token for the weights + 12 * layers * hidden * T for attention scores."""
         c = self.model.config

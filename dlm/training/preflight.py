@@ -34,9 +34,9 @@ def check_trainer(cfg: ExperimentConfig) -> None:
     if name != "auto":
         check(_available(name), "trainer.accelerator", t.accelerator, "not available on this machine",
               ["auto", *[n for n in known if _available(n)]])
-    strategies = ["auto", *StrategyRegistry.available_strategies()]
+    strategies = ["auto", "fsdp2", *StrategyRegistry.available_strategies()]  # fsdp2: dlm.training.scaling
     check(t.strategy in strategies, "trainer.strategy", t.strategy, "unknown strategy",
-          ["auto", "ddp", "fsdp", "deepspeed_stage_2", f"... ({len(strategies)} known)"])
+          ["auto", "ddp", "fsdp", "fsdp2", "deepspeed_stage_2", f"... ({len(strategies)} known)"])
 
 
 def _available(accelerator: str) -> bool:

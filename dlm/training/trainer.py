@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.strategies import Strategy
 
 from dlm.data.datamodule import DiffusionDataModule
 from dlm.settings import ConfigError, ExperimentConfig, flatten, to_yaml
@@ -29,6 +30,7 @@ from dlm.training.preflight import (
     read_resume_checkpoint,
 )
 from dlm.training.resume import ResumedMLFlowLogger, logged_steps, mark_resumed
+from dlm.training.scaling import build_strategy, enable_activation_checkpointing, is_fsdp
 
 
 @dataclass
@@ -91,7 +93,9 @@ def _log_run_info(logger: MLFlowLogger, cfg: ExperimentConfig, resumed: bool) ->
         logger.experiment.set_tag(logger.run_id, "mlflow.source.git.commit", commit)
 
 
-def build_trainer(cfg: ExperimentConfig, logger: MLFlowLogger, callbacks: list[L.Callback] = ()) -> L.Trainer:
+def build_trainer(cfg: ExperimentConfig, logger: MLFlowLogger, callbacks: list[L.Callback] = (),
+                  strategy: str | Strategy | None = None) -> L.Trainer:
+    """`strategy`: a configured Lightning strategy (FSDP per decoder layer); default `trainer.strategy`."""
     t, out = cfg.trainer, Path(cfg.output_dir)
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=t.checkpoint_every_n_steps,
                                   save_last=True, save_top_k=1)
@@ -100,7 +104,7 @@ def build_trainer(cfg: ExperimentConfig, logger: MLFlowLogger, callbacks: list[L
                                    window_size=t.throughput_window)
     return L.Trainer(
         max_steps=t.max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,
-        strategy=t.strategy, precision=t.precision, gradient_clip_val=cfg.optim.grad_clip or None,
+        strategy=strategy or t.strategy, precision=t.precision, gradient_clip_val=cfg.optim.grad_clip or None,
         accumulate_grad_batches=t.accumulate_grad_batches, val_check_interval=t.val_every_n_steps,
         check_val_every_n_epoch=None, limit_val_batches=t.limit_val_batches, log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=t.progress_bar, logger=logger, default_root_dir=str(out),
@@ -121,6 +125,8 @@ def train(cfg: ExperimentConfig, callbacks: list[L.Callback] = ()) -> TrainResul
     check_raw_data(cfg.data)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = DiffusionLM(cfg)
+    if cfg.trainer.activation_checkpointing and not is_fsdp(cfg):  # under FSDP the strategy's policy does it
+        enable_activation_checkpointing(module.model)
     data = DiffusionDataModule(cfg, module.tokenizer, module.mask_token_id)
     check_packed_data(data)
     out = Path(cfg.output_dir)
@@ -141,7 +147,7 @@ def _fit(cfg: ExperimentConfig, module: DiffusionLM, data: DiffusionDataModule, 
          run_id: str | None, callbacks: list[L.Callback], ckpt_step: int = 0) -> TrainResult:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     logger = build_logger(cfg, run_id, resumed=ckpt_path is not None)
-    trainer = build_trainer(cfg, logger, callbacks)
+    trainer = build_trainer(cfg, logger, callbacks, strategy=build_strategy(cfg, module.model))
     if trainer.is_global_zero:
         _log_run_info(logger, cfg, resumed=run_id is not None)
         if ckpt_path is not None and run_id is not None:
