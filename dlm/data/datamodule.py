@@ -30,13 +30,16 @@ class DiffusionCollator:
     """Stacks packed rows and applies the masking: the batch carries everything the loss needs.
 
     Keys: input_ids (x_0), eligible, position_ids; for diffusion patterns also noised_ids (x_t), mask, t,
-    num_masked, num_eligible. With `complementary`, the batch is doubled with the complementary mask.
+    num_masked, num_eligible; with `data.document_mask` also document_ids (B, L) (position ids then restart
+    per document when `restart_positions`). With `complementary`, the batch is doubled with the complementary
+    mask.
     """
 
     pattern: str
     block_size: int
     mask_token_id: int
     masking: MaskingConfig
+    restart_positions: bool = True
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         ids = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)
@@ -44,7 +47,12 @@ class DiffusionCollator:
         batch = {"input_ids": ids, "eligible": eligible}
         if self.pattern != "causal":
             batch = self._noise(ids, eligible)
-        batch["position_ids"] = position_ids(self.pattern, *batch["input_ids"].shape)
+        docs = None
+        if "document_ids" in rows[0]:
+            docs = torch.tensor([r["document_ids"] for r in rows], dtype=torch.long)
+            batch["document_ids"] = docs = docs.repeat(batch["input_ids"].shape[0] // len(rows), 1)
+        restart = docs if self.restart_positions else None
+        batch["position_ids"] = position_ids(self.pattern, *batch["input_ids"].shape, document_ids=restart)
         return batch
 
     def _noise(self, ids: torch.Tensor, eligible: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -67,7 +75,8 @@ class DiffusionDataModule(L.LightningDataModule):
         super().__init__()
         check_source(cfg.data)
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.collator = DiffusionCollator(cfg.attention.pattern, cfg.attention.block_size, mask_token_id, cfg.masking)
+        self.collator = DiffusionCollator(cfg.attention.pattern, cfg.attention.block_size, mask_token_id, cfg.masking,
+                                          restart_positions=cfg.data.restart_positions)
         self.train_set: AnyDataset | None = None
         self.val_set: AnyDataset | None = None
 

@@ -98,6 +98,11 @@ class DataConfig:
     """Packed sequence length L in tokens."""
     pad_to_block: bool = False
     """Pad each document to a block multiple so no block spans two documents (Fast-dLLM v2)."""
+    document_mask: bool = False
+    """Packed rows carry document ids and every pattern also requires same-document to attend (LLaDA 2.0's
+    document-level mask; SDAR's "neat packing")."""
+    restart_positions: bool = True
+    """With `document_mask`: position ids restart at 0 at each document of a packed row."""
     batch_size: int = 8
     num_workers: int = 0
     synthetic_size: int = 20000
@@ -184,6 +189,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check(cfg.model.name_or_path is not None or cfg.model.arch is not None, "model.name_or_path", None,
           "set a checkpoint, or model.arch (+ model.config) to build one from scratch")
     check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be a positive integer")
+    check(not (d.document_mask and a.backend == "flash"), "attention.backend", a.backend,
+          "flash takes no mask, so it cannot apply data.document_mask; allowed: auto, sdpa, flex, eager")
     check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
     check(d.val_rows > 0, "data.val_rows", d.val_rows, "must be a positive integer")
     check(d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer, "must be a positive integer")

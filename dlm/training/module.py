@@ -51,23 +51,26 @@ class DiffusionLM(L.LightningModule):
         per_token = 6 * self._n_params + 12 * c.num_hidden_layers * c.hidden_size * input_ids.shape[1]
         return per_token * input_ids.numel()
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, document_ids: Tensor | None = None) -> Tensor:
+        """Logits of `input_ids`; `document_ids` `(B, L)` (data.document_mask) adds the same-document rule."""
         a = self.cfg.attention
         attn = build_attention_inputs(a.pattern, batch_size=input_ids.shape[0],
                                       seq_len=sequence_length(a.pattern, input_ids.shape[1]),
                                       block_size=a.block_size, backend=self.kernel, device=input_ids.device,
-                                      dtype=self.model.dtype)
+                                      dtype=self.model.dtype, document_ids=document_ids,
+                                      restart_positions=self.cfg.data.restart_positions)
         self.flops_per_batch = self._training_flops(input_ids)
         return self.model(input_ids=input_ids, **attn.as_kwargs(), use_cache=False).logits
 
     def loss(self, batch: dict[str, Tensor]) -> LossOutput:
         a, o = self.cfg.attention, self.cfg.objective
+        docs = batch.get("document_ids")
         if a.pattern == "causal":
-            return ar_loss(self(batch["input_ids"]), batch["input_ids"], batch["eligible"])
+            return ar_loss(self(batch["input_ids"], docs), batch["input_ids"], batch["eligible"])
         noised = batch["noised_ids"]
         inputs = diffusion_input(a.pattern, noised, batch["input_ids"])
         weights = block_weights(batch["num_masked"], batch["num_eligible"], a.block_size, o.weighting)
-        return diffusion_loss(self(inputs), batch["input_ids"], batch["mask"], weights=weights,
+        return diffusion_loss(self(inputs, docs), batch["input_ids"], batch["mask"], weights=weights,
                               eligible=batch["eligible"], pattern=a.pattern, seq_len=noised.shape[1],
                               block_size=a.block_size, shift=o.shift)
 

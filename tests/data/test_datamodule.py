@@ -43,6 +43,30 @@ def test_collate_causal_has_no_noise(tmp_path):
     assert set(batch) == {"input_ids", "eligible", "position_ids"}
 
 
+@pytest.mark.parametrize("restart", [True, False])
+def test_collate_document_ids_restart_positions_per_document(tmp_path, restart):
+    cfg = _cfg(tmp_path, "masking.complementary=true")
+    collate = DiffusionCollator("block_clean", 4, mask_token_id=1, masking=cfg.masking, restart_positions=restart)
+    docs = [0] * 3 + [1] * 5
+    batch = collate([{"input_ids": list(range(8)), "eligible": [1] * 8, "document_ids": docs}])
+    assert batch["document_ids"].tolist() == [docs, docs]  # doubled with the complementary copy
+    half = [0, 1, 2, 0, 1, 2, 3, 4] if restart else list(range(8))
+    assert batch["position_ids"].tolist() == [half + half] * 2
+
+
+def test_datamodule_document_mask_batches_carry_document_ids(tokenizer, tmp_path):
+    cfg = _cfg(tmp_path, "data.document_mask=true")
+    dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    docs = batch["document_ids"]
+    assert docs.shape == (4, 32)
+    starts = docs[:, 1:] != docs[:, :-1]
+    assert starts.any() and torch.equal(batch["input_ids"][:, :-1][starts] == tokenizer.eos_token_id,
+                                        torch.ones(int(starts.sum()), dtype=torch.bool))  # a document ends with EOS
+    assert (batch["position_ids"][:, 1:32][starts] == 0).all()
+
+
 def test_datamodule_synthetic_splits_and_batches(tokenizer, tmp_path):
     cfg = _cfg(tmp_path)
     dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)

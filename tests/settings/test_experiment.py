@@ -39,11 +39,12 @@ def test_saved_config_reloads_exactly(tmp_path):
         ("masking.strategy=random", r"^masking.strategy='random': unknown strategy; allowed: uniform, position$"),
         ("objective.weighting=1/t", r"^objective.weighting='1/t': unknown weighting; allowed: elbo, none$"),
         ("trainer.precision=bf17", r"^trainer.precision='bf17': unknown precision"),
+        ("data.document_mask=true attention.backend=flash", r"^attention.backend='flash': flash takes no mask"),
     ],
 )
 def test_bad_values_fail_at_load_in_one_line(override, match):
     with pytest.raises(ConfigError, match=match) as info:
-        load_config(TINY, overrides=[override])
+        load_config(TINY, overrides=override.split())
     assert "\n" not in str(info.value)
 
 
