@@ -2,6 +2,8 @@
 
 `dlm.yaml` holds what a later command needs to run the model the way it was trained (pattern, block
 size, mask token, shift), so `dlm generate/eval/bench` and plain transformers load the same folder.
+A LoRA run exports either such a folder with the adapters merged, or (`model.lora.export: adapter`) only
+the peft adapter, whose `dlm.yaml` names the base model; :func:`load_checkpoint` loads both.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlm.models.backbone import Backbone, load_backbone
+from dlm.models.lora import is_adapter_folder, load_adapter
 from dlm.settings import ConfigError, ExperimentConfig, ModelConfig
 
 META_FILE = "dlm.yaml"
@@ -29,11 +32,17 @@ class CheckpointMeta:
     mask_token_id: int
     shift: bool = False
     source_experiment: str = ""
+    base_model: str = ""
+    """Adapter-only LoRA exports: the base model (absolute folder or hub id) the adapter applies to."""
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, mask_token_id: int) -> "CheckpointMeta":
+        base = ""
+        if cfg.model.lora.enabled and cfg.model.lora.export == "adapter":
+            local = Path(cfg.model.name_or_path).expanduser()
+            base = str(local.resolve()) if local.exists() else cfg.model.name_or_path
         return cls(cfg.attention.pattern, cfg.attention.block_size, cfg.model.mask_token, mask_token_id,
-                   cfg.objective.shift, cfg.name)
+                   cfg.objective.shift, cfg.name, base)
 
 
 def save_checkpoint(
@@ -52,7 +61,7 @@ def save_checkpoint(
     out = Path(out_dir)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, state_dict=state_dict)
+    model.save_pretrained(partial, **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(partial)
     (partial / META_FILE).write_text(yaml.safe_dump(asdict(meta), sort_keys=False))
     if out.exists():
@@ -75,7 +84,11 @@ def read_meta(path: str | Path) -> CheckpointMeta:
 
 def load_checkpoint(path: str | Path, *, attn_implementation: str = "sdpa",
                     dtype: str = "float32") -> tuple[Backbone, CheckpointMeta]:
-    """A dlm checkpoint folder -> (backbone, meta); fails in one line if `dlm.yaml` is missing."""
+    """A dlm checkpoint folder (full, or a LoRA adapter over its base) -> (backbone, meta); fails in one line if
+    `dlm.yaml` is missing."""
     meta = read_meta(path)
+    if is_adapter_folder(path):
+        return load_adapter(path, base_model=meta.base_model, mask_token=meta.mask_token,
+                            attn_implementation=attn_implementation, dtype=dtype), meta
     cfg = ModelConfig(name_or_path=str(path), mask_token=meta.mask_token, dtype=dtype)
     return load_backbone(cfg, attn_implementation=attn_implementation), meta

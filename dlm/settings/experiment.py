@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 
 from dlm.settings.errors import ConfigError, check, check_block_size, check_choices, check_positive_int
 from dlm.settings.loading import flatten, merge, to_yaml, yaml_layers
+from dlm.settings.lora import LoraConfig, check_lora
 from dlm.settings.tracking import TrackingConfig
 
 __all__ = ["ConfigError", "ExperimentConfig", "flatten", "load_config", "save_config", "to_yaml", "validate"]
@@ -48,6 +49,8 @@ class ModelConfig:
     """Run a checkpoint's own modeling code. Off by default: it is arbitrary code execution."""
     dtype: Dtype = "float32"
     """Weight dtype at load time; mixed precision is `trainer.precision`."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA conversion through peft (off: full training)."""
 
 
 @dataclass
@@ -188,6 +191,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check(0 < m.eps < 1, "masking.eps", m.eps, "must be in (0, 1)")
     check(cfg.model.name_or_path is not None or cfg.model.arch is not None, "model.name_or_path", None,
           "set a checkpoint, or model.arch (+ model.config) to build one from scratch")
+    check_lora(cfg.model.lora, name_or_path=cfg.model.name_or_path, strategy=str(cfg.trainer.strategy))
     check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be a positive integer")
     check(not (d.document_mask and a.backend == "flash"), "attention.backend", a.backend,
           "flash takes no mask, so it cannot apply data.document_mask; allowed: auto, sdpa, flex, eager")

@@ -11,12 +11,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import OmegaConf
 from torch import Tensor
 from torchmetrics import MeanMetric
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from dlm.models.backbone import Backbone, load_backbone
+from dlm.models.lora import apply_lora, parameter_counts
 from dlm.settings import ExperimentConfig
 from dlm.tensor.attention import build_attention_inputs, diffusion_input, resolve_backend, sequence_length
 from dlm.tensor.objective import LossOutput, ar_loss, block_weights, diffusion_loss
@@ -38,12 +40,21 @@ class DiffusionLM(L.LightningModule):
         self.cfg = cfg
         backbone = backbone or load_backbone(cfg.model, attn_implementation=kernel_for(cfg))
         self.model, self.tokenizer, self.mask_token_id = backbone.model, backbone.tokenizer, backbone.mask_token_id
+        if cfg.model.lora.enabled:
+            self.model = apply_lora(self.model, cfg.model.lora, self.mask_token_id)
         self.model.train()  # from_pretrained returns eval mode; dropout (where configured) must be on
         self.kernel = kernel_for(cfg)
         # Masked-token accuracy: mean of per-token correctness over scored tokens (torchmetrics syncs it in DDP).
         self.train_acc, self.val_acc = MeanMetric(), MeanMetric()
         self.flops_per_batch = 0  # read by Lightning's ThroughputMonitor for MFU; set per batch in forward
         self._n_params = sum(p.numel() for p in self.model.parameters())  # before any sharding; once
+
+    def on_fit_start(self) -> None:
+        """Log how many parameters train (LoRA: adapters + [MASK] row, vs every weight in full training)."""
+        trainable, total = parameter_counts(self.model)
+        rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+        for logger in self.loggers:
+            logger.log_hyperparams({"model/trainable_params": trainable, "model/total_params": total})
 
     def _training_flops(self, input_ids: Tensor) -> int:
         """PaLM estimate: 6N per token for the weights + 12 * layers * hidden * T for attention scores."""
