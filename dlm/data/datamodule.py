@@ -2,7 +2,8 @@
 
 With `data.streaming` each rank reads its own part of the stream and the train loader is torchdata's
 `StatefulDataLoader`, whose position Lightning keeps in checkpoints. The collate samples the per-block mask,
-so every epoch sees fresh noise.
+so every epoch sees fresh noise; under a block-size schedule the noise is drawn in `on_before_batch_transfer`,
+at the stage of the step that uses the batch.
 """
 
 from __future__ import annotations
@@ -40,24 +41,33 @@ class DiffusionCollator:
     mask_token_id: int
     masking: MaskingConfig
     restart_positions: bool = True
+    defer: bool = False
+    """Stack rows only; :meth:`finish` noises later (a block-size schedule: the stage is known at the step)."""
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)
-        eligible = torch.tensor([r["eligible"] for r in rows], dtype=torch.bool)
+        batch = {"input_ids": torch.tensor([r["input_ids"] for r in rows], dtype=torch.long),
+                 "eligible": torch.tensor([r["eligible"] for r in rows], dtype=torch.bool)}
+        if "document_ids" in rows[0]:
+            batch["document_ids"] = torch.tensor([r["document_ids"] for r in rows], dtype=torch.long)
+        return batch if self.defer else self.finish(batch, self.block_size)
+
+    def finish(self, stacked: dict[str, torch.Tensor], block_size: int) -> dict[str, torch.Tensor]:
+        """Noise (diffusion patterns) and position ids for stacked rows, at `block_size`."""
+        ids, eligible, docs = stacked["input_ids"], stacked["eligible"], stacked.get("document_ids")
         batch = {"input_ids": ids, "eligible": eligible}
         if self.pattern != "causal":
-            batch = self._noise(ids, eligible)
-        docs = None
-        if "document_ids" in rows[0]:
-            docs = torch.tensor([r["document_ids"] for r in rows], dtype=torch.long)
-            batch["document_ids"] = docs = docs.repeat(batch["input_ids"].shape[0] // len(rows), 1)
+            batch = self._noise(ids, eligible, block_size)
+        if docs is not None:
+            batch["document_ids"] = docs = docs.repeat(batch["input_ids"].shape[0] // ids.shape[0], 1)
         restart = docs if self.restart_positions else None
         batch["position_ids"] = position_ids(self.pattern, *batch["input_ids"].shape, document_ids=restart)
+        if self.defer:
+            batch["block_size"] = block_size  # the loss must use the size the noise was drawn with
         return batch
 
-    def _noise(self, ids: torch.Tensor, eligible: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _noise(self, ids: torch.Tensor, eligible: torch.Tensor, block_size: int) -> dict[str, torch.Tensor]:
         m = self.masking
-        sample = sample_mask(ids.shape[0], ids.shape[1], self.block_size, m.strategy, m.half_life,
+        sample = sample_mask(ids.shape[0], ids.shape[1], block_size, m.strategy, m.half_life,
                              eligible=eligible, eps=m.eps)
         if m.complementary:
             other = complementary(sample, eligible)
@@ -75,8 +85,10 @@ class DiffusionDataModule(L.LightningDataModule):
         super().__init__()
         check_source(cfg.data)
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.collator = DiffusionCollator(cfg.attention.pattern, cfg.attention.block_size, mask_token_id, cfg.masking,
-                                          restart_positions=cfg.data.restart_positions)
+        a = cfg.attention
+        self.collator = DiffusionCollator(a.pattern, a.block_size, mask_token_id, cfg.masking,
+                                          restart_positions=cfg.data.restart_positions,
+                                          defer=bool(a.block_size_schedule))
         self.train_set: AnyDataset | None = None
         self.val_set: AnyDataset | None = None
 
@@ -103,7 +115,7 @@ class DiffusionDataModule(L.LightningDataModule):
                 raise ConfigError(f"data.path={d.path!r}: {len(raw)} row(s); "
                                   "need at least 2 to hold out a validation split")
             splits = raw.train_test_split(test_size=max(d.val_fraction, 1 / len(raw)), seed=self.cfg.seed)
-        bs = self.cfg.attention.block_size
+        bs = self.cfg.attention.padding_block_size()
         train, val = (tokenize_and_pack(splits[s], self.tokenizer, d, block_size=bs) for s in ("train", "test"))
         if len(train) == 0 or len(val) == 0:
             raise ConfigError(f"data.max_length={d.max_length}: longer than all packed data "
@@ -120,13 +132,21 @@ class DiffusionDataModule(L.LightningDataModule):
         if world > 1:  # every rank validates on the same rows, so no rank is left without a batch
             train = split_dataset_by_node(train, rank=self.trainer.global_rank, world_size=world)
         train = train.shuffle(seed=self.cfg.seed, buffer_size=d.shuffle_buffer)
-        bs = self.cfg.attention.block_size
+        bs = self.cfg.attention.padding_block_size()
         train, val = (tokenize_and_pack(s, self.tokenizer, d, block_size=bs) for s in (train, val))
         if next(iter(val), None) is None:
             held_out = f"split {d.val_split!r}" if d.val_split else f"data.val_rows={d.val_rows} rows"
             raise ConfigError(f"data.max_length={d.max_length}: longer than the packed validation stream "
                               f"({held_out}); use a shorter length or more rows")
         return train, val
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """With `attention.block_size_schedule`, noise here, in the loop at the step that consumes the batch:
+        the loader runs ahead (prefetch, workers), so its collate cannot know the stage."""
+        if not self.collator.defer:
+            return batch
+        step = self.trainer.global_step if self.trainer is not None else 0
+        return self.collator.finish(batch, self.cfg.attention.block_size_at(step))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)

@@ -41,7 +41,8 @@ class CheckpointMeta:
         if cfg.model.lora.enabled and cfg.model.lora.export == "adapter":
             local = Path(cfg.model.name_or_path).expanduser()
             base = str(local.resolve()) if local.exists() else cfg.model.name_or_path
-        return cls(cfg.attention.pattern, cfg.attention.block_size, cfg.model.mask_token, mask_token_id,
+        block_size = cfg.attention.block_size_at(cfg.trainer.max_steps)  # a schedule's last stage
+        return cls(cfg.attention.pattern, block_size, cfg.model.mask_token, mask_token_id,
                    cfg.objective.shift, cfg.name, base)
 
 

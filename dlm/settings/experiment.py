@@ -6,6 +6,7 @@ choice fails with the key's name before any compute starts; cross-field rules li
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,24 @@ class AttentionConfig:
     """Diffusion block length L' in tokens (paper: 16 for 1.5B, 64 for 4B/8B)."""
     backend: Backend = "auto"
     """auto (CPU: sdpa, CUDA: flex) | sdpa | flex | flash | eager."""
+    block_size_schedule: List[List[int]] = field(default_factory=list)
+    """Training block-size stages [[step, block_size], ...] from step 0 (LLaDA 2.0 warm-up, SDAR / TDAR
+    progressive blocks), e.g. [[0, 2], [400, 4], [800, 8]]; replaces `block_size` in training, and the
+    checkpoint records the last stage's size. [] = `block_size` throughout."""
+
+    def block_size_at(self, step: int) -> int:
+        """The training block size in force at optimizer step `step`."""
+        size = self.block_size
+        for start, stage_size in self.block_size_schedule:
+            if step >= start:
+                size = stage_size
+        return size
+
+    def padding_block_size(self) -> int:
+        """`data.pad_to_block` pads to a multiple of every stage's size, so no stage's block spans documents."""
+        if not self.block_size_schedule:
+            return self.block_size
+        return math.lcm(*(size for _, size in self.block_size_schedule))
 
 
 @dataclass
@@ -187,6 +206,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     a, m, d = cfg.attention, cfg.masking, cfg.data
     check_positive_int("data.max_length", d.max_length)
     check_block_size(a.block_size, d.max_length)
+    check_schedule(a, d.max_length)
     check(m.half_life > 0, "masking.half_life", m.half_life, "must be > 0 (large = uniform)")
     check(0 < m.eps < 1, "masking.eps", m.eps, "must be in (0, 1)")
     check(cfg.model.name_or_path is not None or cfg.model.arch is not None, "model.name_or_path", None,
@@ -202,6 +222,22 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check(cfg.trainer.max_steps > 0, "trainer.max_steps", cfg.trainer.max_steps, "must be a positive integer")
     check(len(cfg.optim.betas) == 2, "optim.betas", cfg.optim.betas, "must be two numbers, e.g. [0.9, 0.95]")
     return cfg
+
+
+def check_schedule(a: AttentionConfig, max_length: int) -> None:
+    """Stages are [step, block_size] pairs from step 0, steps increasing, each size dividing the length."""
+    schedule = [list(stage) for stage in a.block_size_schedule]
+    if not schedule:
+        return
+    key = "attention.block_size_schedule"
+    check(a.pattern != "causal", key, schedule, "the causal pattern has no blocks; set a diffusion pattern")
+    check(all(len(stage) == 2 for stage in schedule), key, schedule, "each stage is [step, block_size]",
+          "e.g. [[0, 2], [400, 4], [800, 8]]")
+    steps = [step for step, _ in schedule]
+    check(steps[0] == 0 and all(x < y for x, y in zip(steps, steps[1:])), key, schedule,
+          "stage steps must start at 0 and increase", "e.g. [[0, 2], [400, 4], [800, 8]]")
+    for i, (_, size) in enumerate(schedule):
+        check_block_size(size, max_length, key=f"{key}[{i}]")
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:

@@ -62,28 +62,29 @@ class DiffusionLM(L.LightningModule):
         per_token = 6 * self._n_params + 12 * c.num_hidden_layers * c.hidden_size * input_ids.shape[1]
         return per_token * input_ids.numel()
 
-    def forward(self, input_ids: Tensor, document_ids: Tensor | None = None) -> Tensor:
-        """Logits of `input_ids`; `document_ids` `(B, L)` (data.document_mask) adds the same-document rule."""
+    def forward(self, input_ids: Tensor, document_ids: Tensor | None = None, block_size: int | None = None) -> Tensor:
+        """Logits of `input_ids`; `document_ids` `(B, L)` (data.document_mask) adds the same-document rule;
+        `block_size` is the schedule's current stage (default `attention.block_size`)."""
         a = self.cfg.attention
         attn = build_attention_inputs(a.pattern, batch_size=input_ids.shape[0],
                                       seq_len=sequence_length(a.pattern, input_ids.shape[1]),
-                                      block_size=a.block_size, backend=self.kernel, device=input_ids.device,
-                                      dtype=self.model.dtype, document_ids=document_ids,
+                                      block_size=block_size or a.block_size, backend=self.kernel,
+                                      device=input_ids.device, dtype=self.model.dtype, document_ids=document_ids,
                                       restart_positions=self.cfg.data.restart_positions)
         self.flops_per_batch = self._training_flops(input_ids)
         return self.model(input_ids=input_ids, **attn.as_kwargs(), use_cache=False).logits
 
     def loss(self, batch: dict[str, Tensor]) -> LossOutput:
         a, o = self.cfg.attention, self.cfg.objective
-        docs = batch.get("document_ids")
+        docs, bs = batch.get("document_ids"), batch.get("block_size", a.block_size)
         if a.pattern == "causal":
             return ar_loss(self(batch["input_ids"], docs), batch["input_ids"], batch["eligible"])
         noised = batch["noised_ids"]
         inputs = diffusion_input(a.pattern, noised, batch["input_ids"])
-        weights = block_weights(batch["num_masked"], batch["num_eligible"], a.block_size, o.weighting)
-        return diffusion_loss(self(inputs, docs), batch["input_ids"], batch["mask"], weights=weights,
+        weights = block_weights(batch["num_masked"], batch["num_eligible"], bs, o.weighting)
+        return diffusion_loss(self(inputs, docs, bs), batch["input_ids"], batch["mask"], weights=weights,
                               eligible=batch["eligible"], pattern=a.pattern, seq_len=noised.shape[1],
-                              block_size=a.block_size, shift=o.shift)
+                              block_size=bs, shift=o.shift)
 
     def on_train_epoch_start(self) -> None:
         """A stream (`data.streaming`) reshuffles per epoch only when told the epoch (Lightning tells samplers)."""
@@ -96,7 +97,15 @@ class DiffusionLM(L.LightningModule):
         self.train_acc.update(out.correct[out.scored].float())
         self.log("train/loss", out.loss, prog_bar=True)
         self.log("train/masked_acc", self.train_acc, prog_bar=True)
+        if "block_size" in batch:  # attention.block_size_schedule: the stage in force at this step
+            self._log_stage(batch["block_size"])
         return out.loss
+
+    def _log_stage(self, block_size: int) -> None:
+        if block_size != getattr(self, "_stage", None):
+            rank_zero_info(f"step {self.global_step}: training block size {block_size}")
+            self._stage = block_size
+        self.log("train/block_size", float(block_size))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self.loss(batch)

@@ -67,6 +67,18 @@ def test_datamodule_document_mask_batches_carry_document_ids(tokenizer, tmp_path
     assert (batch["position_ids"][:, 1:32][starts] == 0).all()
 
 
+def test_schedule_defers_the_noise_to_the_step_and_pads_to_every_stage(tokenizer, tmp_path):
+    cfg = _cfg(tmp_path, "attention.block_size_schedule=[[0,2],[100,8]]", "data.pad_to_block=true")
+    dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
+    dm.setup("fit")
+    stacked = next(iter(dm.train_dataloader()))
+    assert set(stacked) == {"input_ids", "eligible"}  # the loader runs ahead: no noise yet
+    batch = dm.on_before_batch_transfer(stacked, 0)  # no trainer: step 0, the first stage
+    assert batch["block_size"] == 2 and batch["t"].shape == (4, 16) and batch["position_ids"].shape == (4, 64)
+    eos = stacked["input_ids"] == tokenizer.eos_token_id
+    assert eos.any()  # documents padded with EOS to multiples of 8 (the lcm of the stages)
+
+
 def test_datamodule_synthetic_splits_and_batches(tokenizer, tmp_path):
     cfg = _cfg(tmp_path)
     dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
