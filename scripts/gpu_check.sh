@@ -39,7 +39,7 @@ step bench_train_block_clean_flex "$OUT_DIR/bench_train_block_clean_flex.md" $PY
 step random_checkpoint "$OUT_DIR/checkpoint.log" $PY scripts/gpu_check.py checkpoint "$OUT_DIR/random_0.5b"
 # shellcheck disable=SC2086  # DECODE_FLAGS is a list of flags
 step bench_decode "$OUT_DIR/bench.log" $PY -m dlm.cli.main bench "$OUT_DIR/random_0.5b" --thresholds 0.9 \
-  --batch-sizes 1,8 --max-new-tokens 256 --ignore-eos --no-cache-thresholds '' --repeats 3 --num-prompts 8 \
+  --batch-sizes 1,4 --max-new-tokens 256 --ignore-eos --no-cache-thresholds '' --repeats 2 --num-prompts 4 \
   --output-dir "$OUT_DIR/bench" $DECODE_FLAGS
 $PY scripts/gpu_check.py report "$OUT_DIR"
 ! grep -qv $'\t0\t' "$OUT_DIR/steps.tsv"   # exit non-zero when any step failed
