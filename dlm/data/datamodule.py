@@ -2,7 +2,8 @@
 
 With `data.streaming` each rank reads its own part of the stream and the train loader is torchdata's
 `StatefulDataLoader`, whose position Lightning keeps in checkpoints. The collate samples the per-block mask,
-so every epoch sees fresh noise.
+so every epoch sees fresh noise; under a block-size schedule the noise is drawn in `on_before_batch_transfer`,
+at the stage of the step that uses the batch.
 """
 
 from __future__ import annotations
@@ -31,34 +32,47 @@ class DiffusionCollator:
     """Stacks packed rows and applies the masking: the batch carries everything the loss needs.
 
     Keys: input_ids (x_0), eligible, position_ids; for diffusion patterns also noised_ids (x_t), mask, t,
-    num_masked, num_eligible. With `complementary`, the batch is doubled with the complementary mask.
+    num_masked, num_eligible; with `data.document_mask` also document_ids (B, L) (position ids then restart
+    per document when `restart_positions`). With `complementary`, the batch is doubled with the complementary
+    mask.
     """
 
     pattern: str
     block_size: int
     mask_token_id: int
     masking: MaskingConfig
+    restart_positions: bool = True
     noise: bool = True
-    """False: stack only; the DataModule noises the batch when Lightning consumes it (`add_noise`)."""
+    """False: stack only; the DataModule noises the batch when Lightning consumes it (`finish`): the noise
+    generator is then saved in checkpoints, and a block-size schedule's stage is the step's."""
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = torch.tensor([r["input_ids"] for r in rows], dtype=torch.long)
-        eligible = torch.tensor([r["eligible"] for r in rows], dtype=torch.bool)
-        batch = {"input_ids": ids, "eligible": eligible}
-        return self.add_noise(batch) if self.noise else batch
+        batch = {"input_ids": torch.tensor([r["input_ids"] for r in rows], dtype=torch.long),
+                 "eligible": torch.tensor([r["eligible"] for r in rows], dtype=torch.bool)}
+        if "document_ids" in rows[0]:
+            batch["document_ids"] = torch.tensor([r["document_ids"] for r in rows], dtype=torch.long)
+        return self.finish(batch) if self.noise else batch
 
-    def add_noise(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None
-                  ) -> dict[str, torch.Tensor]:
-        """The masking (for diffusion patterns) and position ids of a stacked batch; noise from `generator`."""
+    def finish(self, stacked: dict[str, torch.Tensor], block_size: int | None = None,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Noise (diffusion patterns, from `generator`, at `block_size`) and position ids for stacked rows."""
+        block_size = block_size or self.block_size
+        ids, eligible, docs = stacked["input_ids"], stacked["eligible"], stacked.get("document_ids")
+        batch = {"input_ids": ids, "eligible": eligible}
         if self.pattern != "causal":
-            batch = self._noise(batch["input_ids"], batch["eligible"], generator)
-        batch["position_ids"] = position_ids(self.pattern, *batch["input_ids"].shape)
+            batch = self._noise(ids, eligible, block_size, generator)
+        if docs is not None:
+            batch["document_ids"] = docs = docs.repeat(batch["input_ids"].shape[0] // ids.shape[0], 1)
+        restart = docs if self.restart_positions else None
+        batch["position_ids"] = position_ids(self.pattern, *batch["input_ids"].shape, document_ids=restart)
+        if block_size != self.block_size:
+            batch["block_size"] = block_size  # a schedule's stage: the loss must use the size the noise was drawn at
         return batch
 
-    def _noise(self, ids: torch.Tensor, eligible: torch.Tensor,
+    def _noise(self, ids: torch.Tensor, eligible: torch.Tensor, block_size: int,
                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         m = self.masking
-        sample = sample_mask(ids.shape[0], ids.shape[1], self.block_size, m.strategy, m.half_life,
+        sample = sample_mask(ids.shape[0], ids.shape[1], block_size, m.strategy, m.half_life,
                              generator=generator, eligible=eligible, eps=m.eps)
         if m.complementary:
             other = complementary(sample, eligible)
@@ -76,7 +90,9 @@ class DiffusionDataModule(L.LightningDataModule):
         super().__init__()
         check_source(cfg.data)
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.collator = DiffusionCollator(cfg.attention.pattern, cfg.attention.block_size, mask_token_id, cfg.masking)
+        a = cfg.attention
+        self.collator = DiffusionCollator(a.pattern, a.block_size, mask_token_id, cfg.masking,
+                                          restart_positions=cfg.data.restart_positions)
         self.train_noise = torch.Generator().manual_seed(cfg.seed)
         self.val_noise = torch.Generator()
         self._val_index = 0
@@ -107,7 +123,7 @@ class DiffusionDataModule(L.LightningDataModule):
                 raise ConfigError(f"data.path={d.path!r}: {len(raw)} row(s); "
                                   "need at least 2 to hold out a validation split")
             splits = raw.train_test_split(test_size=max(d.val_fraction, 1 / len(raw)), seed=self.cfg.seed)
-        bs = self.cfg.attention.block_size
+        bs = self.cfg.attention.padding_block_size()
         train, val = (tokenize_and_pack(splits[s], self.tokenizer, d, block_size=bs) for s in ("train", "test"))
         if len(train) == 0 or len(val) == 0:
             raise ConfigError(f"data.max_length={d.max_length}: longer than all packed data "
@@ -124,7 +140,7 @@ class DiffusionDataModule(L.LightningDataModule):
         if world > 1:  # every rank validates on the same rows, so no rank is left without a batch
             train = split_dataset_by_node(train, rank=self.trainer.global_rank, world_size=world)
         train = train.shuffle(seed=self.cfg.seed, buffer_size=d.shuffle_buffer)
-        bs = self.cfg.attention.block_size
+        bs = self.cfg.attention.padding_block_size()
         train, val = (tokenize_and_pack(s, self.tokenizer, d, block_size=bs) for s in (train, val))
         if next(iter(val), None) is None:
             held_out = f"split {d.val_split!r}" if d.val_split else f"data.val_rows={d.val_rows} rows"
@@ -146,7 +162,7 @@ class DiffusionDataModule(L.LightningDataModule):
         d = self.cfg.data
         stream = isinstance(dataset, IterableDataset)
         collate = self.collator
-        if self.trainer is not None:
+        if self.trainer is not None or self.cfg.attention.block_size_schedule:  # a stage is known only at the step
             collate = dataclasses.replace(self.collator, noise=False)
         generator = torch.Generator().manual_seed(self.cfg.seed + (0 if shuffle else 1))
         return StatefulDataLoader(dataset, batch_size=d.batch_size, shuffle=shuffle and not stream, drop_last=shuffle,
@@ -156,16 +172,18 @@ class DiffusionDataModule(L.LightningDataModule):
     # -- noise at consumption, its generators in every checkpoint (exact resume) -------------------------
     def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, Any]:
         """Training batches draw from `train_noise` (saved in checkpoints); each validation run redraws the
-        same noise (`val_noise` reseeded per batch index), so val/loss compares steps on equal terms."""
+        same noise (`val_noise` reseeded per batch index), so val/loss compares steps on equal terms. The loader
+        runs ahead (prefetch, workers), so only here is the step known: a block-size schedule's stage."""
         if "noised_ids" in batch or "position_ids" in batch:  # noised already (a loader built without a Trainer)
             return batch
+        block = self.cfg.attention.block_size_at(self.trainer.global_step if self.trainer is not None else 0)
         if self.trainer is not None and self.trainer.training:
             self._val_index = 0
             self._record_stream_position()
-            return self.collator.add_noise(batch, self.train_noise)
+            return self.collator.finish(batch, block, self.train_noise)
         self.val_noise.manual_seed(self.cfg.seed * 1_000_003 + self._val_index)
         self._val_index += 1
-        return self.collator.add_noise(batch, self.val_noise)
+        return self.collator.finish(batch, block, self.val_noise)
 
     def _record_stream_position(self) -> None:
         """A stream has no length, so Lightning fetches one batch ahead and the loader's own state is one batch

@@ -3,7 +3,8 @@
 
 Rows become ``ids + [EOS]`` (SFT rows: ``prompt ids + response ids + [EOS]``, only the response and EOS
 eligible for noise and loss), optionally padded with EOS to a block multiple so no block spans two
-documents (Fast-dLLM v2), then concatenated and cut into `max_length` chunks.
+documents (Fast-dLLM v2), then concatenated and cut into `max_length` chunks (with `data.document_mask`,
+each chunk also carries per-token document ids).
 """
 
 from __future__ import annotations
@@ -77,10 +78,15 @@ def tokenize_rows(batch: dict[str, list], *, tokenizer: PreTrainedTokenizerBase,
     return {"input_ids": [d[0] for d in docs], "eligible": [d[1] for d in docs]}
 
 
-def pack_rows(batch: dict[str, list], *, max_length: int) -> dict[str, list]:
-    """Batched map fn: concatenate documents and cut fixed-length chunks (the remainder is dropped)."""
+def pack_rows(batch: dict[str, list], *, max_length: int, document_ids: bool = False) -> dict[str, list]:
+    """Batched map fn: concatenate documents and cut fixed-length chunks (the remainder is dropped).
+
+    With `document_ids`, each chunk also carries per-token document ids (distinct for the documents of a chunk).
+    """
     out: dict[str, list] = {}
-    for key in ("input_ids", "eligible"):
+    if document_ids:
+        batch = dict(batch, document_ids=[[j] * len(row) for j, row in enumerate(batch["input_ids"])])
+    for key in ("input_ids", "eligible") + (("document_ids",) if document_ids else ()):
         flat = [x for row in batch[key] for x in row]
         usable = len(flat) - len(flat) % max_length
         out[key] = [flat[i : i + max_length] for i in range(0, usable, max_length)]
@@ -112,5 +118,6 @@ def tokenize_and_pack(raw: AnyDataset, tokenizer: PreTrainedTokenizerBase, cfg: 
         fn_kwargs={"tokenizer": tokenizer, "cfg": cfg, "block_size": block_size},
         **({} if stream else {"desc": "tokenize"}),
     )
-    return tokenized.map(pack_rows, batched=True, batch_size=1000, fn_kwargs={"max_length": cfg.max_length},
+    return tokenized.map(pack_rows, batched=True, batch_size=1000,
+                         fn_kwargs={"max_length": cfg.max_length, "document_ids": cfg.document_mask},
                          **({} if stream else {"desc": "pack"}))

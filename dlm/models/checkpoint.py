@@ -2,6 +2,8 @@
 
 `dlm.yaml` holds what a later command needs to run the model the way it was trained (pattern, block
 size, mask token, shift), so `dlm generate/eval/bench` and plain transformers load the same folder.
+A LoRA run exports either such a folder with the adapters merged, or (`model.lora.export: adapter`) only
+the peft adapter, whose `dlm.yaml` names the base model; :func:`load_checkpoint` loads both.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlm.models.backbone import Backbone, check_weight_files, load_backbone
+from dlm.models.lora import is_adapter_folder, load_adapter
 from dlm.settings import PATTERNS, ConfigError, ExperimentConfig, ModelConfig, check
 from dlm.settings.errors import check_positive_int
 from dlm.settings.loading import read_yaml_mapping
@@ -32,6 +35,10 @@ class CheckpointMeta:
     mask_token_id: int
     shift: bool = False
     source_experiment: str = ""
+    base_model: str = ""
+    """The `model.name_or_path` this model was trained from (absolute folder, or hub id): the AR checkpoint a
+    conversion started from (`dlm bench`'s default AR baseline) and the base a LoRA adapter-only export applies
+    to. Empty for a model built from scratch."""
 
     def __post_init__(self) -> None:
         """Validated like a config: a checkpoint whose dlm.yaml says `pattern: bogus` must not decode as if valid."""
@@ -43,11 +50,17 @@ class CheckpointMeta:
               and self.mask_token_id >= 0, "mask_token_id", self.mask_token_id, "must be a token id >= 0")
         check(isinstance(self.shift, bool), "shift", self.shift, "must be true or false")
         check(isinstance(self.source_experiment, str), "source_experiment", self.source_experiment, "must be a string")
+        check(isinstance(self.base_model, str), "base_model", self.base_model, "must be a string")
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, mask_token_id: int) -> "CheckpointMeta":
-        return cls(cfg.attention.pattern, cfg.attention.block_size, cfg.model.mask_token, mask_token_id,
-                   cfg.objective.shift, cfg.name)
+        base = ""
+        if cfg.model.name_or_path:
+            local = Path(cfg.model.name_or_path).expanduser()
+            base = str(local.resolve()) if local.exists() else cfg.model.name_or_path
+        block_size = cfg.attention.block_size_at(cfg.trainer.max_steps)  # a schedule's last stage
+        return cls(cfg.attention.pattern, block_size, cfg.model.mask_token, mask_token_id,
+                   cfg.objective.shift, cfg.name, base)
 
 
 def save_checkpoint(
@@ -66,7 +79,7 @@ def save_checkpoint(
     out = Path(out_dir)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, state_dict=state_dict)
+    model.save_pretrained(partial, **({} if state_dict is None else {"state_dict": state_dict}))
     tokenizer.save_pretrained(partial)
     (partial / META_FILE).write_text(yaml.safe_dump(asdict(meta), sort_keys=False))
     if out.exists():
@@ -114,8 +127,12 @@ def check_checkpoint(path: str | Path) -> CheckpointMeta:
 
 def load_checkpoint(path: str | Path, *, attn_implementation: str = "sdpa",
                     dtype: str = "float32") -> tuple[Backbone, CheckpointMeta]:
-    """A dlm checkpoint folder -> (backbone, meta); fails in one line if `dlm.yaml` is missing."""
+    """A dlm checkpoint folder (full, or a LoRA adapter over its base) -> (backbone, meta); fails in one line if
+    `dlm.yaml` is missing."""
     meta = read_meta(path)
+    if is_adapter_folder(path):
+        return load_adapter(path, base_model=meta.base_model, mask_token=meta.mask_token,
+                            attn_implementation=attn_implementation, dtype=dtype), meta
     check_weight_files(Path(path), key="checkpoint")
     cfg = ModelConfig(name_or_path=str(path), mask_token=meta.mask_token, dtype=dtype)
     return load_backbone(cfg, attn_implementation=attn_implementation), meta

@@ -29,11 +29,13 @@ from dlm.settings.experiment import (
     validate,
 )
 from dlm.settings.loading import flatten, to_yaml
+from dlm.settings.lora import LoraConfig
 from dlm.settings.tracking import LogTarget, TrackingConfig
 
 __all__ = [
     "BACKENDS", "PATTERNS", "STRATEGIES", "SYNTHETIC", "WEIGHTINGS", "AttentionConfig", "BenchConfig", "ConfigError",
-    "DataConfig", "DecodeConfig", "DriftConfig", "EvalConfig", "ExperimentConfig", "LogTarget", "MaskingConfig",
+    "DataConfig", "DecodeConfig", "DriftConfig", "EvalConfig", "ExperimentConfig", "LogTarget", "LoraConfig",
+    "MaskingConfig",
     "ModelConfig", "ObjectiveConfig", "OptimConfig", "TrackingConfig", "TrainBenchConfig", "TrainerConfig", "check",
     "flatten", "load_config", "save_config", "to_yaml", "validate",
 ]

@@ -6,6 +6,7 @@ choice fails with the key's name before any compute starts; cross-field rules li
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any, Dict, List, Literal, Optional, Sequence
 
 from dlm.settings.errors import ConfigError, check, check_block_size, check_choices, check_positive_int
 from dlm.settings.loading import flatten, merge, to_yaml, yaml_layers
+from dlm.settings.lora import LoraConfig, check_lora
 from dlm.settings.scaling import FSDPConfig
 from dlm.settings.tracking import TrackingConfig
 
@@ -51,6 +53,8 @@ class ModelConfig:
     """Run a checkpoint's own modeling code. Off by default: it is arbitrary code execution."""
     dtype: Dtype = "float32"
     """Weight dtype at load time; mixed precision is `trainer.precision`."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA conversion through peft (off: full training)."""
 
 
 @dataclass
@@ -61,6 +65,24 @@ class AttentionConfig:
     """Diffusion block length L' in tokens (paper: 16 for 1.5B, 64 for 4B/8B)."""
     backend: Backend = "auto"
     """auto (CPU: sdpa, CUDA: flex) | sdpa | flex | flash | eager."""
+    block_size_schedule: List[List[int]] = field(default_factory=list)
+    """Training block-size stages [[step, block_size], ...] from step 0 (LLaDA 2.0 warm-up, SDAR / TDAR
+    progressive blocks), e.g. [[0, 2], [400, 4], [800, 8]]; replaces `block_size` in training, and the
+    checkpoint records the last stage's size. [] = `block_size` throughout."""
+
+    def block_size_at(self, step: int) -> int:
+        """The training block size in force at optimizer step `step`."""
+        size = self.block_size
+        for start, stage_size in self.block_size_schedule:
+            if step >= start:
+                size = stage_size
+        return size
+
+    def padding_block_size(self) -> int:
+        """`data.pad_to_block` pads to a multiple of every stage's size, so no stage's block spans documents."""
+        if not self.block_size_schedule:
+            return self.block_size
+        return math.lcm(*(size for _, size in self.block_size_schedule))
 
 
 @dataclass
@@ -101,6 +123,11 @@ class DataConfig:
     """Packed sequence length L in tokens."""
     pad_to_block: bool = False
     """Pad each document to a block multiple so no block spans two documents (Fast-dLLM v2)."""
+    document_mask: bool = False
+    """Packed rows carry document ids and every pattern also requires same-document to attend (LLaDA 2.0's
+    document-level mask; SDAR's "neat packing")."""
+    restart_positions: bool = True
+    """With `document_mask`: position ids restart at 0 at each document of a packed row."""
     batch_size: int = 8
     num_workers: int = 0
     synthetic_size: int = 20000
@@ -187,11 +214,15 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     a, m, d = cfg.attention, cfg.masking, cfg.data
     check_positive_int("data.max_length", d.max_length)
     check_block_size(a.block_size, d.max_length)
+    check_schedule(a, d.max_length)
     check(m.half_life > 0, "masking.half_life", m.half_life, "must be > 0 (large = uniform)")
     check(0 < m.eps < 1, "masking.eps", m.eps, "must be in (0, 1)")
     check(cfg.model.name_or_path is not None or cfg.model.arch is not None, "model.name_or_path", None,
           "set a checkpoint, or model.arch (+ model.config) to build one from scratch")
+    check_lora(cfg.model.lora, name_or_path=cfg.model.name_or_path, strategy=str(cfg.trainer.strategy))
     check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be a positive integer")
+    check(not (d.document_mask and a.backend == "flash"), "attention.backend", a.backend,
+          "flash takes no mask, so it cannot apply data.document_mask; allowed: auto, sdpa, flex, eager")
     check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
     check(d.val_rows > 0, "data.val_rows", d.val_rows, "must be a positive integer")
     check(d.shuffle_buffer > 0, "data.shuffle_buffer", d.shuffle_buffer, "must be a positive integer")
@@ -246,6 +277,22 @@ def check_devices(devices: Any) -> None:
                                           (len(parts) > 1 or int(parts[0]) > 0 or devices.endswith(",")))
     check(ok, "trainer.devices", devices, "must be auto, a count >= 1, -1 (all) or a list of device indices",
           "auto, 1, 2, -1, [0, 1], '0,1'")
+
+
+def check_schedule(a: AttentionConfig, max_length: int) -> None:
+    """Stages are [step, block_size] pairs from step 0, steps increasing, each size dividing the length."""
+    schedule = [list(stage) for stage in a.block_size_schedule]
+    if not schedule:
+        return
+    key = "attention.block_size_schedule"
+    check(a.pattern != "causal", key, schedule, "the causal pattern has no blocks; set a diffusion pattern")
+    check(all(len(stage) == 2 for stage in schedule), key, schedule, "each stage is [step, block_size]",
+          "e.g. [[0, 2], [400, 4], [800, 8]]")
+    steps = [step for step, _ in schedule]
+    check(steps[0] == 0 and all(x < y for x, y in zip(steps, steps[1:])), key, schedule,
+          "stage steps must start at 0 and increase", "e.g. [[0, 2], [400, 4], [800, 8]]")
+    for i, (_, size) in enumerate(schedule):
+        check_block_size(size, max_length, key=f"{key}[{i}]")
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> Path:

@@ -10,6 +10,10 @@ Patterns (DESIGN.md §1), with ``blk(i) = i // block_size``:
 - ``bidirectional``: everything.
 - ``block``: ``blk(k) <= blk(q)`` over the noisy sequence alone.
 - ``block_clean``: input ``x_t ⊕ x_0`` of length 2L (BD3-LM vectorised training); see :func:`block_clean_mask_fn`.
+
+Document masking (``data.document_mask``, LLaDA 2.0 / SDAR "neat packing"): packed rows carry per-token
+document ids ``(B, L)``, and any pattern's function is wrapped by :func:`document_mask_fn` so a token also
+attends only inside its own document; position ids then restart at each document.
 """
 
 from __future__ import annotations
@@ -71,6 +75,31 @@ def block_clean_mask_fn(seq_len: int, block_size: int) -> MaskFn:
     return fn
 
 
+def token_index(pattern: str, seq_len: int, i: Tensor) -> Tensor:
+    """Index into the length-L sequence of model input position `i` (block_clean: both halves map to 0..L-1)."""
+    return torch.where(i >= seq_len, i - seq_len, i) if pattern == "block_clean" else i
+
+
+def document_mask_fn(fn: MaskFn, document_ids: Tensor, *, pattern: str, seq_len: int) -> MaskFn:
+    """`fn` and same-document: `document_ids` `(B, L)` long, one id per token of each packed row."""
+
+    def doc_fn(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
+        same = document_ids[b, token_index(pattern, seq_len, q)] == document_ids[b, token_index(pattern, seq_len, k)]
+        return fn(b, h, q, k) & same
+
+    return doc_fn
+
+
+def document_positions(document_ids: Tensor) -> Tensor:
+    """`(B, L)` position ids that restart at 0 where the document id changes (a packed row's documents)."""
+    n = document_ids.shape[1]
+    idx = torch.arange(n, device=document_ids.device).expand_as(document_ids)
+    starts = torch.ones_like(document_ids, dtype=torch.bool)
+    starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # start of each token's document
+    return idx - first
+
+
 def check_pattern(pattern: str, block_size: int) -> None:
     """The settings' rules for the two values every mask needs (for callers that build masks directly)."""
     check(pattern in PATTERNS, "attention.pattern", pattern, "unknown pattern", PATTERNS)
@@ -126,6 +155,27 @@ def flex_block_mask(pattern: str, seq_len: int, block_size: int, device: str = "
     return create_block_mask(fn, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
 
 
+def dense_document_mask(pattern: str, seq_len: int, block_size: int, document_ids: Tensor) -> Tensor:
+    """`(B, 1, T, T)` bool: the pattern's mask and same-document, for `document_ids` `(B, L)`."""
+    fn = document_mask_fn(mask_fn(pattern, seq_len=seq_len, block_size=block_size), document_ids,
+                          pattern=pattern, seq_len=seq_len)
+    n, device = total_length(pattern, seq_len), document_ids.device
+    idx = torch.arange(n, device=device)
+    b = torch.arange(document_ids.shape[0], device=device)[:, None, None, None]
+    zero = torch.zeros((), dtype=torch.long, device=device)
+    return fn(b, zero, idx[None, None, :, None], idx[None, None, None, :])
+
+
+def flex_document_mask(pattern: str, seq_len: int, block_size: int, document_ids: Tensor):
+    """A per-row flex ``BlockMask`` of the pattern and same-document (rebuilt per batch: the ids change)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    n = total_length(pattern, seq_len)
+    fn = document_mask_fn(mask_fn(pattern, seq_len=seq_len, block_size=block_size), document_ids,
+                          pattern=pattern, seq_len=seq_len)
+    return create_block_mask(fn, B=document_ids.shape[0], H=None, Q_LEN=n, KV_LEN=n, device=str(document_ids.device))
+
+
 def decode_mask(query_len: int, cache_len: int, block_size: int, *, device: torch.device | str = "cpu") -> Tensor:
     """Decode-time mask `[query_len, cache_len + query_len]`: ``blk(k) <= blk(q + cache_len)``.
 
@@ -160,8 +210,15 @@ def resolve_backend(backend: str, pattern: str, device: torch.device | str) -> s
     return backend
 
 
-def position_ids(pattern: str, batch_size: int, seq_len: int, *, device: torch.device | str = "cpu") -> Tensor:
-    """`(B, T)` position ids; block_clean repeats 0..L-1 for both halves so x_0 aligns with x_t."""
+def position_ids(pattern: str, batch_size: int, seq_len: int, *, device: torch.device | str = "cpu",
+                 document_ids: Tensor | None = None) -> Tensor:
+    """`(B, T)` position ids; block_clean repeats 0..L-1 for both halves so x_0 aligns with x_t.
+
+    With `document_ids` `(B, L)`, positions restart at 0 at each document of a packed row.
+    """
+    if document_ids is not None:
+        pos = document_positions(document_ids.to(device))
+        return torch.cat([pos, pos], dim=1) if pattern == "block_clean" else pos
     pos = torch.arange(seq_len, device=device)
     if pattern == "block_clean":
         pos = torch.cat([pos, pos])
@@ -183,7 +240,7 @@ class AttentionInputs:
     """What a forward pass under a pattern needs besides the input ids."""
 
     attention_mask: Union[Tensor, "torch.nn.attention.flex_attention.BlockMask", None]
-    """SDPA: (1, 1, T, T) bool; eager: (1, 1, T, T) float; flex: BlockMask; flash: None."""
+    """SDPA: (1 or B, 1, T, T) bool; eager: the same as float; flex: BlockMask; flash: None."""
     position_ids: Tensor  # (B, T) long
     backend: str
     is_causal: bool | None = None
@@ -206,15 +263,28 @@ def build_attention_inputs(
     backend: str = "auto",
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    document_ids: Tensor | None = None,
+    restart_positions: bool = True,
 ) -> AttentionInputs:
     """Mask object + position ids for a batch of packed sequences of noisy length `seq_len`.
 
-    Every row shares one mask (packing gives fixed lengths), so it is batch-broadcast.
+    Without `document_ids` every row shares one mask (packing gives fixed lengths), so it is batch-broadcast.
+    With `document_ids` `(B, L)` the mask is per row (pattern and same-document) and, if `restart_positions`,
+    position ids restart at each document.
     """
     check_pattern(pattern, block_size)
     device = torch.device(device)
     kernel = resolve_backend(backend, pattern, device)
-    pos = position_ids(pattern, batch_size, seq_len, device=device)
+    docs = None if document_ids is None else document_ids.to(device)
+    pos = position_ids(pattern, batch_size, seq_len, device=device, document_ids=docs if restart_positions else None)
+    if docs is not None:
+        if kernel == "flash":
+            raise ConfigError("data.document_mask=true: flash attention takes no mask; "
+                              "use attention.backend=flex or sdpa")
+        if kernel == "flex":
+            return AttentionInputs(flex_document_mask(pattern, seq_len, block_size, docs), pos, kernel)
+        mask = dense_document_mask(pattern, seq_len, block_size, docs)
+        return AttentionInputs(additive_mask(mask, dtype) if kernel == "eager" else mask, pos, kernel)
     if kernel == "flash":
         return AttentionInputs(None, pos, kernel, is_causal=pattern == "causal")
     if kernel == "flex":

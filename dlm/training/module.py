@@ -11,12 +11,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from omegaconf import OmegaConf
 from torch import Tensor
 from torchmetrics import MeanMetric
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from dlm.models.backbone import Backbone, load_backbone
+from dlm.models.lora import apply_lora, parameter_counts
 from dlm.settings import ExperimentConfig
 from dlm.tensor.attention import build_attention_inputs, diffusion_input, resolve_backend, sequence_length
 from dlm.tensor.objective import LossOutput, ar_loss, block_weights, diffusion_loss
@@ -39,6 +41,8 @@ class DiffusionLM(L.LightningModule):
         self.cfg = cfg
         backbone = backbone or load_backbone(cfg.model, attn_implementation=kernel_for(cfg))
         self.model, self.tokenizer, self.mask_token_id = backbone.model, backbone.tokenizer, backbone.mask_token_id
+        if cfg.model.lora.enabled:
+            self.model = apply_lora(self.model, cfg.model.lora, self.mask_token_id)
         self.model.train()  # from_pretrained returns eval mode; dropout (where configured) must be on
         self.kernel = kernel_for(cfg)
         # Masked-token accuracy: mean of per-token correctness over scored tokens (torchmetrics syncs it in DDP).
@@ -53,31 +57,42 @@ class DiffusionLM(L.LightningModule):
 
             shard_per_layer(self.model, self._device_mesh["data_parallel"], self.cfg)
 
+    def on_fit_start(self) -> None:
+        """Log how many parameters train (LoRA: adapters + [MASK] row, vs every weight in full training)."""
+        trainable, total = parameter_counts(self.model)
+        rank_zero_info(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+        for logger in self.loggers:
+            logger.log_hyperparams({"model/trainable_params": trainable, "model/total_params": total})
+
     def _training_flops(self, input_ids: Tensor) -> int:
         """PaLM estimate: 6N per token for the weights + 12 * layers * hidden * T for attention scores."""
         c = self.model.config
         per_token = 6 * self._n_params + 12 * c.num_hidden_layers * c.hidden_size * input_ids.shape[1]
         return per_token * input_ids.numel()
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, document_ids: Tensor | None = None, block_size: int | None = None) -> Tensor:
+        """Logits of `input_ids`; `document_ids` `(B, L)` (data.document_mask) adds the same-document rule;
+        `block_size` is the schedule's current stage (default `attention.block_size`)."""
         a = self.cfg.attention
         attn = build_attention_inputs(a.pattern, batch_size=input_ids.shape[0],
                                       seq_len=sequence_length(a.pattern, input_ids.shape[1]),
-                                      block_size=a.block_size, backend=self.kernel, device=input_ids.device,
-                                      dtype=self.model.dtype)
+                                      block_size=block_size or a.block_size, backend=self.kernel,
+                                      device=input_ids.device, dtype=self.model.dtype, document_ids=document_ids,
+                                      restart_positions=self.cfg.data.restart_positions)
         self.flops_per_batch = self._training_flops(input_ids)
         return self.model(input_ids=input_ids, **attn.as_kwargs(), use_cache=False).logits
 
     def loss(self, batch: dict[str, Tensor]) -> LossOutput:
         a, o = self.cfg.attention, self.cfg.objective
+        docs, bs = batch.get("document_ids"), batch.get("block_size", a.block_size)
         if a.pattern == "causal":
-            return ar_loss(self(batch["input_ids"]), batch["input_ids"], batch["eligible"])
+            return ar_loss(self(batch["input_ids"], docs), batch["input_ids"], batch["eligible"])
         noised = batch["noised_ids"]
         inputs = diffusion_input(a.pattern, noised, batch["input_ids"])
-        weights = block_weights(batch["num_masked"], batch["num_eligible"], a.block_size, o.weighting)
-        return diffusion_loss(self(inputs), batch["input_ids"], batch["mask"], weights=weights,
+        weights = block_weights(batch["num_masked"], batch["num_eligible"], bs, o.weighting)
+        return diffusion_loss(self(inputs, docs, bs), batch["input_ids"], batch["mask"], weights=weights,
                               eligible=batch["eligible"], pattern=a.pattern, seq_len=noised.shape[1],
-                              block_size=a.block_size, shift=o.shift)
+                              block_size=bs, shift=o.shift)
 
     def on_train_epoch_start(self) -> None:
         """A stream (`data.streaming`) reshuffles per epoch only when told the epoch (Lightning tells samplers)."""
@@ -100,7 +115,15 @@ class DiffusionLM(L.LightningModule):
         self.train_acc.update(out.correct[out.scored].float())
         self.log("train/loss", out.loss, prog_bar=True)
         self.log("train/masked_acc", self.train_acc, prog_bar=True)
+        if "block_size" in batch:  # attention.block_size_schedule: the stage in force at this step
+            self._log_stage(batch["block_size"])
         return out.loss
+
+    def _log_stage(self, block_size: int) -> None:
+        if block_size != getattr(self, "_stage", None):
+            rank_zero_info(f"step {self.global_step}: training block size {block_size}")
+            self._stage = block_size
+        self.log("train/block_size", float(block_size))
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         out = self.loss(batch)

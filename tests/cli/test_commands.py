@@ -68,7 +68,8 @@ def test_config_with_an_unknown_key_suggests_the_near_match_in_one_line(capsys):
     status, out, err, _ = run_main(["config", TINY, "attention.blok_size=8"], capsys)
     assert status == 2 and out == ""
     assert err.splitlines() == [
-        "error: attention.blok_size: unknown key (did you mean 'block_size'?); allowed: pattern, block_size, backend"]
+        "error: attention.blok_size: unknown key (did you mean 'block_size'?); allowed: pattern, block_size, backend, "
+        "block_size_schedule"]
 
 
 # -- the parser -----------------------------------------------------------------------------------------------

@@ -43,6 +43,42 @@ def test_collate_causal_has_no_noise(tmp_path):
     assert set(batch) == {"input_ids", "eligible", "position_ids"}
 
 
+@pytest.mark.parametrize("restart", [True, False])
+def test_collate_document_ids_restart_positions_per_document(tmp_path, restart):
+    cfg = _cfg(tmp_path, "masking.complementary=true")
+    collate = DiffusionCollator("block_clean", 4, mask_token_id=1, masking=cfg.masking, restart_positions=restart)
+    docs = [0] * 3 + [1] * 5
+    batch = collate([{"input_ids": list(range(8)), "eligible": [1] * 8, "document_ids": docs}])
+    assert batch["document_ids"].tolist() == [docs, docs]  # doubled with the complementary copy
+    half = [0, 1, 2, 0, 1, 2, 3, 4] if restart else list(range(8))
+    assert batch["position_ids"].tolist() == [half + half] * 2
+
+
+def test_datamodule_document_mask_batches_carry_document_ids(tokenizer, tmp_path):
+    cfg = _cfg(tmp_path, "data.document_mask=true")
+    dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    docs = batch["document_ids"]
+    assert docs.shape == (4, 32)
+    starts = docs[:, 1:] != docs[:, :-1]
+    assert starts.any() and torch.equal(batch["input_ids"][:, :-1][starts] == tokenizer.eos_token_id,
+                                        torch.ones(int(starts.sum()), dtype=torch.bool))  # a document ends with EOS
+    assert (batch["position_ids"][:, 1:32][starts] == 0).all()
+
+
+def test_schedule_defers_the_noise_to_the_step_and_pads_to_every_stage(tokenizer, tmp_path):
+    cfg = _cfg(tmp_path, "attention.block_size_schedule=[[0,2],[100,8]]", "data.pad_to_block=true")
+    dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
+    dm.setup("fit")
+    stacked = next(iter(dm.train_dataloader()))
+    assert set(stacked) == {"input_ids", "eligible"}  # the loader runs ahead: no noise yet
+    batch = dm.on_before_batch_transfer(stacked, 0)  # no trainer: step 0, the first stage
+    assert batch["block_size"] == 2 and batch["t"].shape == (4, 16) and batch["position_ids"].shape == (4, 64)
+    eos = stacked["input_ids"] == tokenizer.eos_token_id
+    assert eos.any()  # documents padded with EOS to multiples of 8 (the lcm of the stages)
+
+
 def test_datamodule_synthetic_splits_and_batches(tokenizer, tmp_path):
     cfg = _cfg(tmp_path)
     dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)

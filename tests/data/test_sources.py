@@ -38,6 +38,13 @@ def test_pack_cuts_fixed_chunks_in_order():
     assert out["eligible"] == [[0, 1, 1, 1], [1, 0, 0, 1]]
 
 
+def test_pack_with_document_ids_labels_each_token_with_its_document():
+    out = pack_rows({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]], "eligible": [[1] * 3, [1] * 2, [1] * 4]},
+                    max_length=4, document_ids=True)
+    assert out["input_ids"] == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert out["document_ids"] == [[0, 0, 0, 1], [1, 2, 2, 2]]
+
+
 def test_unknown_local_path_fails_before_loading(tmp_path):
     with pytest.raises(ConfigError, match=r"^data.path='./nope.jsonl': no such file or folder"):
         check_source(_cfg(tmp_path, "data.path=./nope.jsonl").data)

@@ -27,7 +27,7 @@ def test_saved_config_reloads_exactly(tmp_path):
     "override,match",
     [
         ("attention.patern=block", r"^attention.patern: unknown key \(did you mean 'pattern'\?\); "
-                                   r"allowed: pattern, block_size, backend$"),
+                                   r"allowed: pattern, block_size, backend, block_size_schedule$"),
         ("attention.block_size=abc", r"^attention.block_size='abc': Value 'abc' of type 'str' "
                                      r"could not be converted to Integer"),
         ("attention.pattern=blok", r"^attention.pattern='blok': unknown pattern; "
@@ -39,11 +39,20 @@ def test_saved_config_reloads_exactly(tmp_path):
         ("masking.strategy=random", r"^masking.strategy='random': unknown strategy; allowed: uniform, position$"),
         ("objective.weighting=1/t", r"^objective.weighting='1/t': unknown weighting; allowed: elbo, none$"),
         ("trainer.precision=bf17", r"^trainer.precision='bf17': unknown precision"),
+        ("data.document_mask=true attention.backend=flash", r"^attention.backend='flash': flash takes no mask"),
+        ("attention.block_size_schedule=[[0,2],[10,5]]", r"^attention.block_size_schedule\[1\]=5: must divide "
+                                                         r"data.max_length=96; allowed: 1, 2, 3, 4, 6, 8, 12"),
+        ("attention.block_size_schedule=[[5,2]]", r"^attention.block_size_schedule=\[\[5, 2\]\]: stage steps must "
+                                                  r"start at 0 and increase"),
+        ("attention.block_size_schedule=[[0,2],[0,4]]", r"stage steps must start at 0 and increase"),
+        ("attention.block_size_schedule=[[0,2,3]]", r"^attention.block_size_schedule=\[\[0, 2, 3\]\]: each stage is "
+                                                    r"\[step, block_size\]"),
+        ("attention.pattern=causal attention.block_size_schedule=[[0,2]]", r"the causal pattern has no blocks"),
     ],
 )
 def test_bad_values_fail_at_load_in_one_line(override, match):
     with pytest.raises(ConfigError, match=match) as info:
-        load_config(TINY, overrides=[override])
+        load_config(TINY, overrides=override.split())
     assert "\n" not in str(info.value)
 
 
@@ -73,3 +82,12 @@ def test_flatten_gives_dotted_params():
 def test_every_shipped_preset_loads_and_validates(preset):
     cfg = load_config(f"experiments/{preset}")
     assert cfg.data.max_length % cfg.attention.block_size == 0
+
+
+def test_block_size_schedule_gives_the_stage_at_each_step_and_pads_to_every_stage():
+    cfg = load_config(TINY, overrides=["attention.block_size_schedule=[[0,2],[10,4],[20,6]]"])
+    a = cfg.attention
+    assert [a.block_size_at(s) for s in (0, 9, 10, 19, 20, 500)] == [2, 2, 4, 4, 6, 6]
+    assert a.padding_block_size() == 12
+    fixed = load_config(TINY).attention
+    assert fixed.block_size_at(123) == fixed.block_size == fixed.padding_block_size() == 4

@@ -12,9 +12,12 @@ from dlm.tensor.attention import (
     additive_mask,
     build_attention_inputs,
     decode_mask,
+    dense_document_mask,
     dense_mask,
     describe,
+    document_positions,
     flex_block_mask,
+    flex_document_mask,
     position_ids,
 )
 
@@ -204,3 +207,85 @@ def test_full_model_flex_matches_sdpa_on_cuda(tokenizer, pattern):
                                                         block_size=16, backend="flex",
                                                         device="cuda").as_kwargs()).logits.float().logsumexp(-1).mean()
     loss.backward()  # flex has a backward on CUDA
+
+
+# Document masking: two documents per row, the boundary inside a block (the hard case for block patterns).
+DOCS = torch.tensor([[0] * 5 + [1] * 7, [0] * 9 + [1] * 3])  # (B=2, L=12)
+
+
+def _perturb_doc_a(x: torch.Tensor, pattern: str, positions: list[int], L: int = 12) -> torch.Tensor:
+    """`x` (B, H, T, D) with row 0's token at each doc-A position changed (both halves under block_clean)."""
+    x = x.clone()
+    for i in positions:
+        for j in ([i, L + i] if pattern == "block_clean" else [i]):
+            x[0, :, j] += 1.0
+    return x
+
+
+@pytest.mark.parametrize("kind", ["dense", "flex"])
+@pytest.mark.parametrize("pattern,block_size", CASES)
+def test_document_a_changes_no_output_in_document_b_at_kernel_level(pattern, block_size, kind):
+    torch.manual_seed(0)
+    n = 24 if pattern == "block_clean" else 12
+    q, k, v = (torch.randn(2, 2, n, 8) for _ in range(3))
+    if kind == "dense":
+        mask = dense_document_mask(pattern, 12, block_size, DOCS)
+        attend = lambda q, k, v: scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
+    else:
+        block_mask = flex_document_mask(pattern, 12, block_size, DOCS)
+        attend = lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)  # noqa: E731
+    base = attend(q, k, v)
+    changed = attend(*(_perturb_doc_a(x, pattern, [1, 4]) for x in (q, k, v)))
+    diff = (base - changed).abs().amax(dim=(1, 3))[0]  # (T,) row 0
+    doc_b = [i for i in range(n) if DOCS[0, i % 12] == 1]
+    doc_a = [i for i in range(n) if DOCS[0, i % 12] == 0]
+    assert diff[doc_b].max() == 0
+    assert diff[doc_a].max() > 0
+
+
+@pytest.mark.parametrize("pattern,block_size", CASES)
+def test_flex_document_mask_equals_dense(pattern, block_size):
+    dense = dense_document_mask(pattern, 12, block_size, DOCS)
+    block_mask = flex_document_mask(pattern, 12, block_size, DOCS)
+    n = dense.shape[-1]
+    q = torch.zeros(2, 1, n, 8)
+    out = flex_attention(q, torch.zeros(2, 1, n, 8), torch.eye(n).expand(2, 1, n, n), block_mask=block_mask)
+    assert torch.equal(out > 0, dense)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_document_a_token_changes_no_model_output_in_document_b(backbone, pattern):
+    L = 12
+    ids = torch.randint(5, 300, (2, 2 * L if pattern == "block_clean" else L))
+    changed = ids.clone()
+    changed[0, 3] += 1  # document A (positions 0..4) of row 0
+    if pattern == "block_clean":
+        changed[0, L + 3] += 1
+    logits = [_doc_logits(backbone.model, x, pattern, 4) for x in (ids, changed)]
+    diff = (logits[0] - logits[1]).abs().amax(-1)[0]
+    assert diff[5:L].max() == 0 and diff[:5].max() > 0
+    if pattern == "block_clean":
+        assert diff[L + 5:].max() == 0
+
+
+def _doc_logits(model, ids, pattern, block_size, docs=DOCS):
+    seq_len = ids.shape[1] // 2 if pattern == "block_clean" else ids.shape[1]
+    attn = build_attention_inputs(pattern, batch_size=ids.shape[0], seq_len=seq_len, block_size=block_size,
+                                  document_ids=docs)
+    with torch.no_grad():
+        return model(input_ids=ids, **attn.as_kwargs()).logits
+
+
+@pytest.mark.parametrize("pattern", ["causal", "bidirectional"])
+def test_packed_document_equals_the_document_alone(backbone, pattern):
+    ids = torch.randint(5, 300, (2, 12))
+    packed = _doc_logits(backbone.model, ids, pattern, 4)
+    alone = _logits(backbone.model, ids[:1, 5:], pattern, 4)
+    assert_close(packed[:1, 5:], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_document_positions_restart_per_document():
+    assert document_positions(DOCS)[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]
+    pos = position_ids("block_clean", 2, 12, document_ids=DOCS)
+    assert pos.shape == (2, 24) and pos[1, 12:].tolist() == document_positions(DOCS)[1].tolist()
+

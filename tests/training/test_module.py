@@ -57,7 +57,8 @@ def test_built_from_config_has_the_configured_model_in_train_mode(tmp_path):
     assert module.model.training
     assert module.mask_token_id == module.tokenizer.mask_token_id == module.tokenizer.convert_tokens_to_ids("<|mask|>")
     assert module.kernel == "sdpa"  # CPU
-    assert module.hparams["config"]["attention"] == {"pattern": "block_clean", "block_size": 4, "backend": "auto"}
+    assert module.hparams["config"]["attention"] == {"pattern": "block_clean", "block_size": 4, "backend": "auto",
+                                                     "block_size_schedule": []}
 
 
 def test_given_backbone_is_used_and_put_in_train_mode(tmp_path, tokenizer):
@@ -182,3 +183,20 @@ def test_training_step_on_a_real_batch_returns_a_finite_scalar_loss_with_grad(re
     assert module.model.get_input_embeddings().weight.grad.abs().sum() > 0
     assert 0 <= module.train_acc.compute() <= 1
     module.zero_grad()
+
+
+def test_document_mask_run_trains_under_the_per_row_document_mask(tmp_path):
+    torch.manual_seed(0)
+    module = DiffusionLM(_cfg(tmp_path, **{"data.document_mask": "true"})).eval()
+    batch = _batch(module)
+    docs, ids = batch["document_ids"], torch.cat([batch["noised_ids"], batch["input_ids"]], 1)
+    with torch.no_grad():
+        got = module(ids, docs)
+        plain = module(ids)
+    attn = build_attention_inputs("block_clean", batch_size=ids.shape[0], seq_len=32, block_size=4, document_ids=docs)
+    assert_close(got, forward_logits(module.model, ids, attn))
+    assert not torch.allclose(got, plain)  # rows of several documents see less under the document mask
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
+        loss = module.training_step(batch, 0)
+    assert torch.isfinite(loss) and loss.requires_grad

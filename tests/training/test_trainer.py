@@ -154,3 +154,47 @@ def test_ddp_two_processes_on_cpu(tmp_path, streaming):
     assert read_meta(tmp_path / "out/final").pattern == "causal"
     (run,) = _client(tmp_path).search_runs([_client(tmp_path).get_experiment_by_name("dlm-tiny").experiment_id])
     assert run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("export", ["merged", "adapter"])
+def test_lora_conversion_trains_resumes_exports_and_decodes(tmp_path, ar_checkpoint, export):
+    lora = {"model.name_or_path": str(ar_checkpoint), "model.lora.enabled": "true", "model.lora.rank": "4",
+            "model.lora.export": export}
+    if export == "merged":  # one kill is enough: resume does not depend on the export form
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            _run(tmp_path, "experiments/tiny.yaml", callbacks=[CrashAt(4)], **lora)
+    resumed = _run(tmp_path, "experiments/tiny.yaml", resume=str(export == "merged").lower(), **lora)
+    run = _client(tmp_path).get_run(resumed.run_id)
+    trainable, total = int(run.data.params["model/trainable_params"]), int(run.data.params["model/total_params"])
+    assert 0 < trainable < total / 5
+    state = torch.load(tmp_path / "out/checkpoints/last.ckpt", weights_only=False)
+    assert state["global_step"] == 6 and any("lora_A" in k for k in state["state_dict"])
+    assert (resumed.final_dir / "adapter_config.json").is_file() == (export == "adapter")
+    backbone, meta = load_checkpoint(resumed.final_dir)
+    assert not any("lora_" in n for n, _ in backbone.model.named_parameters())
+    from dlm.decoding.text import complete, decode_config_for
+
+    out = complete(backbone, meta, ["Question: 2 + 3?\nAnswer:"], decode_config_for(meta, max_new_tokens=8))
+    assert out.output.nfe > 0
+
+
+class NoiseBlocks(L.Callback):
+    """The block size each step's noise was drawn with: (B, blocks) of `t`."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, int] = {}
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.blocks[trainer.global_step] = 32 // batch["t"].shape[1]
+
+
+def test_block_size_schedule_is_logged_per_step_and_resumes_in_its_stage(tmp_path, ar_checkpoint):
+    stages = {"model.name_or_path": str(ar_checkpoint), "attention.block_size_schedule": "[[0,2],[3,4],[5,8]]"}
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(tmp_path, "experiments/tiny.yaml", callbacks=[CrashAt(4)], **stages)
+    noise = NoiseBlocks()
+    resumed = _run(tmp_path, "experiments/tiny.yaml", callbacks=[noise], resume="true", **stages)
+    history = _client(tmp_path).get_metric_history(resumed.run_id, "train/block_size")
+    assert sorted((m.step, m.value) for m in history) == [(0, 2), (1, 2), (2, 2), (3, 4), (3, 4), (4, 4), (5, 8)]
+    assert noise.blocks == {3: 4, 4: 4, 5: 8}  # the resumed run noises in the restored stage
+    assert read_meta(resumed.final_dir).block_size == 8

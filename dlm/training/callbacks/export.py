@@ -8,6 +8,7 @@ from typing import Any
 import lightning as L
 
 from dlm.models.checkpoint import META_FILE, CheckpointMeta, save_checkpoint
+from dlm.models.lora import merged_copy
 
 
 def export_complete(out_dir: Path) -> bool:
@@ -20,13 +21,17 @@ def export_module(pl_module: L.LightningModule, out_dir: Path, full_state: dict[
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
     meta = CheckpointMeta.from_config(pl_module.cfg, pl_module.mask_token_id)
-    return save_checkpoint(pl_module.model, pl_module.tokenizer, meta, out_dir, state_dict=state)
+    model, lora = pl_module.model, pl_module.cfg.model.lora
+    if lora.enabled:  # unsharded (LoRA refuses FSDP at load): the module's own model is complete
+        model, state = (model if lora.export == "adapter" else merged_copy(model)), None
+    return save_checkpoint(model, pl_module.tokenizer, meta, out_dir, state_dict=state)
 
 
 class HFExportCallback(L.Callback):
     """`save_pretrained` model + tokenizer + dlm.yaml into `out_dir` (atomically) on rank 0.
 
     The state dict comes from the strategy, so sharded strategies (FSDP) export gathered full weights.
+    A LoRA run exports a merged copy (default) or only the adapter (`model.lora.export: adapter`).
     The export path is logged to every logger as the hyperparameter `final_checkpoint`.
     """
 

@@ -99,7 +99,7 @@ class ThroughputCallback(L.Callback):
         method = "ar" if cfg.attention.pattern == "causal" else "dlm"
         with decoding_mode(pl_module.model) as model:
             target = Target(model, pl_module.tokenizer, pl_module.mask_token_id,
-                            self.block_size or cfg.attention.block_size, cfg.objective.shift)
+                            self.block_size or cfg.attention.block_size_at(pl_module.global_step), cfg.objective.shift)
             check_positions("the training model", target, prompts, self.max_new_tokens)
             batches = encode_batches(target.tokenizer, prompts, self.batch_size, target.device)
             setting = Setting(method, self.batch_size, None if method == "ar" else self.threshold)

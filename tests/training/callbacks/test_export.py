@@ -100,4 +100,4 @@ def test_final_checkpoint_is_logged_to_every_logger(run):
     *_, final, loggers, _ = run
     for logger in loggers:
         hparams = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
-        assert hparams == {"final_checkpoint": str(final.resolve())}
+        assert hparams["final_checkpoint"] == str(final.resolve())
