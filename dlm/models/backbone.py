@@ -60,7 +60,7 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, attn_im
 
         raise ConfigError(f"model.arch={cfg.arch!r}: unknown HF model type; "
                           f"e.g. qwen3, qwen2, llama, mistral ({len(CONFIG_MAPPING)} known)") from None
-    config.vocab_size = len(tokenizer)
+    config.vocab_size = max(len(tokenizer), int(cfg.config.get("vocab_size", 0)))  # a real shape may ask for more
     for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
         value = getattr(tokenizer, name, None)
         if value is not None:

@@ -29,11 +29,14 @@ class CheckpointMeta:
     mask_token_id: int
     shift: bool = False
     source_experiment: str = ""
+    base_model: str = ""
+    """The `model.name_or_path` this model was trained from (the AR checkpoint a conversion started from):
+    `dlm bench`'s default AR baseline. Empty for a model built from scratch."""
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, mask_token_id: int) -> "CheckpointMeta":
         return cls(cfg.attention.pattern, cfg.attention.block_size, cfg.model.mask_token, mask_token_id,
-                   cfg.objective.shift, cfg.name)
+                   cfg.objective.shift, cfg.name, cfg.model.name_or_path or "")
 
 
 def save_checkpoint(
