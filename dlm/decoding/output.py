@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -13,10 +13,13 @@ class GenerationOutput:
     """Decoding forward passes for the whole batch (prefill excluded; AR: one per generated position)."""
     num_generated: list[int]
     """Per row: len(tokens[i])."""
+    row_forwards: list[int] = field(default_factory=list)
+    """Per row: the forwards it took part in (a row that finished early left the batch)."""
+    raw_lengths: list[int] = field(default_factory=list)
+    """Per row: tokens decoded before truncation (through the end of the block it stopped in)."""
 
     @property
     def tokens_per_forward(self) -> float:
-        """TPF: mean generated tokens per row / nfe (AR decoding of one row gives 1.0)."""
-        if self.nfe == 0:
-            return 0.0
-        return sum(self.num_generated) / len(self.num_generated) / self.nfe
+        """TPF: generated tokens per forward a row took part in (AR decoding gives 1.0)."""
+        forwards = sum(self.row_forwards) if self.row_forwards else self.nfe * len(self.num_generated)
+        return sum(self.num_generated) / forwards if forwards else 0.0

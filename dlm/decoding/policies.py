@@ -44,7 +44,7 @@ def candidates(masked: Tensor, sub_block_size: int | None) -> Tensor:
     return masked & (idx[None, :] // sub_block_size == first // sub_block_size)
 
 
-def choose(conf: Tensor, cand: Tensor, finished: Tensor, cfg: DecodeConfig) -> Tensor:
+def choose(conf: Tensor, cand: Tensor, cfg: DecodeConfig) -> Tensor:
     """`(B, L)` bool: the positions to commit this pass, the top-n candidates by confidence per row."""
     sorted_conf, order = conf.masked_fill(~cand, -1.0).sort(dim=-1, descending=True, stable=True)
     n_cand = cand.sum(dim=-1)
@@ -57,7 +57,7 @@ def choose(conf: Tensor, cand: Tensor, finished: Tensor, cfg: DecodeConfig) -> T
     else:  # factor: c_n falls while 1 - factor / (n + 1) rises, so the rule holds on a prefix
         rank = torch.arange(1, conf.shape[1] + 1, device=conf.device)
         n = ((rank + 1) * (1 - sorted_conf) < cfg.factor).long().cumprod(dim=-1).sum(dim=-1)
-    n = torch.where(finished, n_cand, n.clamp(min=1))  # finished rows are ignored: fill them at once
+    n = n.clamp(min=1)
     rank_of = torch.empty_like(order).scatter_(1, order,
                                                torch.arange(conf.shape[1], device=conf.device).expand_as(order))
     return cand & (rank_of < n.clamp(max=n_cand)[:, None])

@@ -21,6 +21,25 @@ class Stopper:
         self.eos = torch.tensor(ids, dtype=torch.long, device=device)
         self.stop, self.tokenizer = list(stop or []), tokenizer
 
+    @property
+    def active(self) -> bool:
+        """Whether anything can end a row before the length limit."""
+        return bool(self.eos.numel() or self.stop)
+
+    def done_in_block(self, seq: Tensor, masked: Tensor, start: int, prompt_len: int) -> Tensor:
+        """`(B,)` bool: EOS committed in `seq[:, start:]` with nothing masked before it, or a stop string in
+        the committed text. Tokens up to such an EOS can no longer change: the row may stop there."""
+        width = masked.shape[1]
+        cols = torch.arange(width, device=seq.device)
+        first_masked = torch.where(masked.any(dim=1), masked.int().argmax(dim=1), width)
+        settled = cols[None, :] < first_masked[:, None]
+        done = (torch.isin(seq[:, start:start + width], self.eos) & settled).any(dim=1)
+        if self.stop:  # text check only where stop strings were asked for
+            ends = (start + first_masked).tolist()
+            texts = [self.tokenizer.decode(row[prompt_len:e]) for row, e in zip(seq.tolist(), ends)]
+            done = done | torch.tensor([any(s in t for s in self.stop) for t in texts], device=seq.device)
+        return done
+
     def update(self, finished: Tensor, generated: Tensor) -> Tensor:
         """`generated` `(B, N)`: everything decoded so far; returns the new `finished` `(B,)`."""
         finished = finished | torch.isin(generated, self.eos).any(dim=1)
@@ -48,9 +67,13 @@ class Stopper:
             n -= 1
         return tokens[:n]
 
-    def output(self, generated: Tensor, nfe: int) -> GenerationOutput:
-        tokens = [self.truncate(row) for row in generated.tolist()]
-        return GenerationOutput(tokens=tokens, nfe=nfe, num_generated=[len(t) for t in tokens])
+    def output(self, generated: Tensor | list[list[int]], nfe: int,
+               row_forwards: list[int] | None = None) -> GenerationOutput:
+        """Cut every row; `generated` is each row's ids through the block it stopped in."""
+        raw = generated.tolist() if isinstance(generated, Tensor) else generated
+        tokens = [self.truncate(row) for row in raw]
+        return GenerationOutput(tokens=tokens, nfe=nfe, num_generated=[len(t) for t in tokens],
+                                row_forwards=row_forwards or [nfe] * len(tokens), raw_lengths=[len(r) for r in raw])
 
 
 def check_inputs(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,

@@ -14,7 +14,6 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from dlm.decoding.ar import ar_generate
 from dlm.decoding.engine import generate
 from dlm.decoding.output import GenerationOutput
 from dlm.models.backbone import Backbone
@@ -73,17 +72,15 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 def complete(backbone: Backbone, meta: CheckpointMeta, prompts: list[str], decode: DecodeConfig, *,
              ar: bool = False, stop: list[str] | None = None) -> Completions:
-    """Complete `prompts` in one batch; `ar=True` (or a causal checkpoint) uses the AR baseline."""
+    """Complete `prompts` in one batch; `ar=True` (or a causal checkpoint) decodes in the engine's AR mode."""
     device = next(backbone.model.parameters()).device
     ids, attention = encode_prompts(backbone, prompts, device)
     tok = backbone.tokenizer
     start = time.perf_counter()
     if ar or meta.pattern == "causal":
-        out = ar_generate(backbone.model, ids, attention_mask=attention, max_new_tokens=decode.max_new_tokens,
-                          eos_token_id=tok.eos_token_id, stop=stop, tokenizer=tok)
-    else:
-        out = generate(backbone.model, ids, attention_mask=attention, mask_token_id=backbone.mask_token_id,
-                       config=decode, eos_token_id=tok.eos_token_id, stop=stop, tokenizer=tok)
+        decode = dataclasses.replace(decode, mode="ar")
+    out = generate(backbone.model, ids, attention_mask=attention, mask_token_id=backbone.mask_token_id,
+                   config=decode, eos_token_id=tok.eos_token_id, stop=stop, tokenizer=tok)
     seconds = time.perf_counter() - start
     texts = tok.batch_decode(out.tokens, skip_special_tokens=True)
     return Completions(texts, out, seconds)

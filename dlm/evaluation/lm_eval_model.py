@@ -5,7 +5,7 @@ Registered in lm-eval's model registry on import, so `simple_evaluate(model="dlm
 loads its built-in models only while its registry is empty, so registering ours first would hide them.
 
 generate_until: the cached parallel decoder (`dlm.decoding.engine.generate`) for diffusion patterns,
-transformers' greedy `generate` (`ar_generate`) for `causal` checkpoints; `until` and `max_gen_toks`
+the engine's lean greedy AR mode for `causal` checkpoints (or `decode.mode=ar`); `until` and `max_gen_toks`
 are honoured, the decoder knobs come from `model_args` (`block_size`, `threshold`, `sub_block_size`,
 `gen_length` = `max_new_tokens`, any `DecodeConfig` field).
 
@@ -31,7 +31,6 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from dlm.decoding.ar import ar_generate
 from dlm.decoding.engine import generate
 from dlm.decoding.output import GenerationOutput
 from dlm.decoding.text import left_pad, pad_token_id
@@ -248,18 +247,15 @@ class DLMEvalModel(TemplateLM):
     def _generate(self, prompts: list[list[int]], options: dict[str, Any]) -> list[str]:
         ids, mask = left_pad(prompts, self._pad_id, self.device)
         common = dict(attention_mask=mask, eos_token_id=self._eos_ids, stop=options["until"], tokenizer=self.tokenizer)
-        if self.is_ar:
-            result = ar_generate(self.model, ids, max_new_tokens=options["max_new_tokens"], **common)
-        else:
-            cfg = dataclasses.replace(self.decode, max_new_tokens=options["max_new_tokens"],
-                                      temperature=options["temperature"], top_p=options["top_p"])
-            result = generate(self.model, ids, mask_token_id=self.backbone.mask_token_id, config=cfg, **common)
+        cfg = dataclasses.replace(self.decode, max_new_tokens=options["max_new_tokens"], mode="ar" if self.is_ar
+                                  else self.decode.mode, temperature=options["temperature"], top_p=options["top_p"])
+        result = generate(self.model, ids, mask_token_id=self.backbone.mask_token_id, config=cfg, **common)
         self._count(result)
         return [_cut(self.tok_decode(tokens), options["until"]) for tokens in result.tokens]
 
     def _count(self, result: GenerationOutput) -> None:
         self.stats["generated_tokens"] += sum(result.num_generated)
-        self.stats["row_forwards"] += result.nfe * len(result.num_generated)
+        self.stats["row_forwards"] += sum(result.row_forwards)
 
     @property
     def _pad_id(self) -> int:

@@ -10,18 +10,30 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from dlm.data.prompts import Prompt, load_prompts
-from dlm.measurement.grid import METHODS, BenchRow, Setting, Target, build_rows, measure_grid, settings_grid
+from dlm.measurement.forward_cost import forward_costs
+from dlm.measurement.grid import (
+    AR_METHODS,
+    METHODS,
+    BenchRow,
+    Setting,
+    Target,
+    build_rows,
+    measure_grid,
+    settings_grid,
+)
 from dlm.measurement.plots import pareto_plot
-from dlm.models.checkpoint import load_checkpoint, read_meta
+from dlm.models.backbone import load_backbone
+from dlm.models.checkpoint import META_FILE, CheckpointMeta, load_checkpoint, read_meta
 from dlm.models.device import resolve_device
-from dlm.settings import BenchConfig, ConfigError, LogTarget
+from dlm.settings import BenchConfig, ConfigError, LogTarget, ModelConfig
+from dlm.settings.experiment import load_config
 from dlm.tracking import runs
 
 
@@ -31,24 +43,37 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def format_table(rows: Sequence[BenchRow], meta: dict[str, Any]) -> str:
     """A Markdown table (pastes into BENCHMARKS.md) and a line saying what was measured and how."""
-    head = ["setting", "batch", "threshold", "tokens/s", "min–max", "TPF", "NFE", "tokens/prompt", "exact match",
-            "× AR", "cache × no-cache"]
+    head = ["setting", "batch", "policy", "tokens/s", "min–max", "TPF", "NFE", "tokens/prompt", "exact match",
+            "× AR (lean)", "× HF generate", "cache × no-cache", "TPF (v2 count)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    times = lambda v: _fmt(v, ".2f") + ("×" if v else "")  # noqa: E731
     for r in rows:
-        cells = [METHODS[r.method], str(r.batch_size), _fmt(r.threshold, "g"), f"{r.tokens_per_sec:.1f}",
+        policy = f"t {r.threshold:g}" if r.threshold is not None else f"n {r.tokens_per_pass}" if r.tokens_per_pass \
+            else "–"
+        cells = [METHODS[r.method], str(r.batch_size), policy, f"{r.tokens_per_sec:.1f}",
                  f"{r.tokens_per_sec_min:.1f}–{r.tokens_per_sec_max:.1f}", f"{r.tpf:.2f}", f"{r.nfe:.1f}",
-                 f"{r.tokens_per_prompt:.1f}", _fmt(r.exact_match, ".3f"),
-                 _fmt(r.speedup_vs_ar, ".2f") + ("×" if r.speedup_vs_ar else ""),
-                 _fmt(r.speedup_cache, ".2f") + ("×" if r.speedup_cache else "")]
+                 f"{r.tokens_per_prompt:.1f}", _fmt(r.exact_match, ".3f"), times(r.speedup_vs_ar),
+                 times(r.speedup_vs_hf), times(r.speedup_cache), _fmt(r.tpf_v2, ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     m = meta
     eos = "EOS ignored: every prompt runs the full length" if m["ignore_eos"] else "EOS stops a prompt early"
     note = (f"\nmax new tokens {m['max_new_tokens']} ({eos}), block {m['block_size']}, {m['device']} "
             f"({m['threads']} threads), {m['num_prompts']} prompts ({m['prompts']}), "
             f"median of {m['repeats']} round-robin repeats after {m['warmup']} warm-up; "
-            f"AR baseline: {m['ar_baseline']} (transformers generate + KV cache); "
-            "tokens/s = generated tokens / wall time over the prompt set.")
-    return "\n".join(lines) + "\n" + note
+            f"AR rows: {m['ar_baseline']}; compile {m.get('compile', False)}, {m.get('dtype', 'float32')}; "
+            "tokens/s = generated tokens / wall time over the prompt set; TPF = tokens per forward a prompt took "
+            "part in.")
+    return "\n".join(lines) + "\n" + note + forward_cost_table(m.get("forward_costs") or [])
+
+
+def forward_cost_table(costs: Sequence[dict[str, Any]]) -> str:
+    """One forward of q query tokens against the cache, relative to q = 1 (an AR step)."""
+    if not costs:
+        return ""
+    lines = ["", "", "| query tokens | ms / forward (median, min–max) | × 1 token |", "|---|---|---|"]
+    lines += [f"| {c['query_tokens']} | {c['ms']:.2f} ({c['ms_min']:.2f}–{c['ms_max']:.2f}) | {c['ratio']:.2f}× |"
+              for c in costs]
+    return "\n".join(lines) + f"\nagainst {costs[0]['context']} cached tokens."
 
 
 def write_json(rows: Sequence[BenchRow], meta: dict[str, Any], path: str | Path) -> Path:
@@ -60,9 +85,10 @@ def write_json(rows: Sequence[BenchRow], meta: dict[str, Any], path: str | Path)
 
 def bench_metrics(rows: Sequence[BenchRow]) -> dict[str, float]:
     """`bench/<setting>/<metric>`, e.g. `bench/dlm_batch1_t0.9/tokens_per_sec`."""
-    keys = ("tokens_per_sec", "tpf", "nfe", "exact_match", "speedup_vs_ar", "speedup_cache")
-    return {f"bench/{Setting(r.method, r.batch_size, r.threshold).label}/{key}": float(getattr(r, key))
-            for r in rows for key in keys if getattr(r, key) is not None}
+    keys = ("tokens_per_sec", "tpf", "nfe", "exact_match", "speedup_vs_ar", "speedup_vs_hf", "speedup_cache", "tpf_v2")
+    label = lambda r: Setting(r.method, r.batch_size, r.threshold, r.tokens_per_pass).label  # noqa: E731
+    return {f"bench/{label(r)}/{key}": float(getattr(r, key)) for r in rows for key in keys
+            if getattr(r, key) is not None}
 
 
 def check_positions(name: str, target: Target, prompts: Sequence[Prompt], max_new_tokens: int) -> None:
@@ -83,10 +109,43 @@ class BenchResult:
     mlflow_run: str | None
 
 
-def _load_target(path: str | Path, block_size: int | None, device: torch.device) -> Target:
-    backbone, meta = load_checkpoint(path)
+def _load_target(path: str | Path, block_size: int | None, device: torch.device, dtype: str) -> Target:
+    """A dlm checkpoint folder, or an experiment YAML: its model built with random weights (real shapes)."""
+    if Path(path).suffix in (".yaml", ".yml"):
+        cfg = load_config(path)
+        torch.manual_seed(cfg.seed)
+        backbone = load_backbone(replace(cfg.model, dtype=dtype))
+        meta = CheckpointMeta.from_config(cfg, backbone.mask_token_id)
+    elif (Path(path) / META_FILE).is_file():
+        backbone, meta = load_checkpoint(path, dtype=dtype)
+    else:  # a plain HF causal LM (the hub AR model a conversion started from)
+        backbone, meta = load_backbone(ModelConfig(name_or_path=str(path), dtype=dtype)), None
     model = backbone.model.to(device).eval()
-    return Target(model, backbone.tokenizer, backbone.mask_token_id, block_size or meta.block_size, meta.shift)
+    return Target(model, backbone.tokenizer, backbone.mask_token_id, block_size or (meta.block_size if meta else 1),
+                  meta.shift if meta else False)
+
+
+def _source_meta(checkpoint: str | Path) -> CheckpointMeta:
+    if Path(checkpoint).suffix in (".yaml", ".yml"):
+        cfg = load_config(checkpoint)
+        return CheckpointMeta(cfg.attention.pattern, cfg.attention.block_size, cfg.model.mask_token, -1)
+    return read_meta(checkpoint)
+
+
+def ar_baseline_for(checkpoint: str | Path, settings: BenchConfig) -> tuple[str | None, str]:
+    """Which model the AR rows run and how the table names it: `--ar-baseline`, else the AR checkpoint the
+    model was converted from (dlm.yaml `base_model`), else the model itself in AR mode."""
+    if settings.ar_baseline is not None:
+        read_meta(settings.ar_baseline)
+        return settings.ar_baseline, f"{settings.ar_baseline} (--ar-baseline)"
+    meta = _source_meta(checkpoint)
+    if not meta.base_model:
+        return None, f"{checkpoint} itself in AR mode (no source AR checkpoint recorded in its {META_FILE})"
+    base = meta.base_model
+    if not Path(base).exists() and (Path(base).is_absolute() or base.startswith(".")):
+        raise ConfigError(f"bench.ar_baseline: the source model {base!r} recorded in {checkpoint}/{META_FILE} does "
+                          "not exist; pass --ar-baseline PATH")
+    return base, f"{base} (the model it was converted from, {META_FILE} base_model)"
 
 
 def run_bench(checkpoint: str | Path, settings: BenchConfig | None = None, *,
@@ -97,10 +156,9 @@ def run_bench(checkpoint: str | Path, settings: BenchConfig | None = None, *,
     Everything that can be checked without loading a model is checked first (ConfigError, one line).
     """
     s = settings or BenchConfig()
-    if read_meta(checkpoint).pattern == "causal":
+    if _source_meta(checkpoint).pattern == "causal":
         raise ConfigError(f"checkpoint={str(checkpoint)!r}: pattern=causal is an AR model; pass it as --ar-baseline")
-    if s.ar_baseline is not None:
-        read_meta(s.ar_baseline)
+    ar_path, ar_name = ar_baseline_for(checkpoint, s)
     run = runs.resolve_run(log.mlflow_run, log.tracking_uri, checkpoint=checkpoint,
                            key="bench.mlflow_run") if log else None
     prompt_set = load_prompts(s.prompts, limit=s.num_prompts)
@@ -108,19 +166,21 @@ def run_bench(checkpoint: str | Path, settings: BenchConfig | None = None, *,
     device = resolve_device(s.device, key="bench.device")
     if s.threads:
         torch.set_num_threads(s.threads)
-    dlm_target = _load_target(checkpoint, s.block_size, device)
-    ar_target = _load_target(s.ar_baseline, s.block_size, device) if s.ar_baseline is not None else dlm_target
+    dlm_target = _load_target(checkpoint, s.block_size, device, s.dtype)
+    ar_target = _load_target(ar_path, s.block_size, device, s.dtype) if ar_path is not None else dlm_target
     check_positions(str(checkpoint), dlm_target, prompt_set, s.max_new_tokens)
-    check_positions(str(s.ar_baseline or checkpoint), ar_target, prompt_set, s.max_new_tokens)
-    grid = {g: (ar_target if g.method == "ar" else dlm_target)
-            for g in settings_grid(s.batch_sizes, s.thresholds, s.no_cache_thresholds)}
+    check_positions(str(ar_path or checkpoint), ar_target, prompt_set, s.max_new_tokens)
+    grid = {g: (ar_target if g.method in AR_METHODS else dlm_target) for g in settings_grid(s)}
     rows = build_rows(measure_grid(grid, prompt_set, max_new_tokens=s.max_new_tokens, repeats=s.repeats,
-                                   warmup=s.warmup, ignore_eos=s.ignore_eos, scored=scored))
+                                   warmup=s.warmup, ignore_eos=s.ignore_eos, scored=scored, compile=s.compile))
+    costs = forward_costs(dlm_target.model, s.forward_costs, context=s.forward_cost_context,
+                          repeats=max(s.repeats, 3), compile=s.compile) if s.forward_costs else []
     meta = {"checkpoint": str(checkpoint), "max_new_tokens": s.max_new_tokens, "block_size": dlm_target.block_size,
-            "ar_baseline": str(s.ar_baseline) if s.ar_baseline else "the dLM checkpoint under the causal mask",
-            "device": device.type, "threads": torch.get_num_threads(), "prompts": str(s.prompts),
-            "num_prompts": len(prompt_set), "scored": scored, "ignore_eos": s.ignore_eos, "repeats": s.repeats,
-            "warmup": s.warmup, "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "ar_baseline": ar_name, "device": device.type, "threads": torch.get_num_threads(),
+            "prompts": str(s.prompts), "num_prompts": len(prompt_set), "scored": scored, "ignore_eos": s.ignore_eos,
+            "repeats": s.repeats, "warmup": s.warmup, "compile": s.compile, "dtype": s.dtype,
+            "parameters": sum(p.numel() for p in dlm_target.model.parameters()), "forward_costs": costs,
+            "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = Path(s.output_dir) if s.output_dir else Path(checkpoint).resolve().parent / "bench"
     return _report(rows, meta, out, run)
 

@@ -20,21 +20,26 @@ from dlm.decoding.ar import ar_generate
 from dlm.decoding.engine import generate
 from dlm.decoding.output import GenerationOutput
 from dlm.decoding.text import encode_texts
-from dlm.settings import DecodeConfig
+from dlm.settings import BenchConfig, DecodeConfig
 
-METHODS = {"ar": "AR baseline", "dlm-1tpf": "dLM 1 token/forward", "dlm": "dLM cached", "dlm-nocache": "dLM no cache"}
+METHODS = {"ar": "AR, lean loop (same engine)", "ar-hf": "AR, transformers generate", "dlm-1tpf": "dLM 1 token/forward",
+           "dlm": "dLM cached", "dlm-fixed": "dLM cached, fixed", "dlm-nocache": "dLM no cache",
+           "dlm-v2count": "dLM cached, Fast-dLLM v2 counting"}
+AR_METHODS = ("ar", "ar-hf")
 
 
 @dataclass(frozen=True)
 class Setting:
     method: str  # a key of METHODS
     batch_size: int
-    threshold: float | None = None  # dLM cached / no-cache only
+    threshold: float | None = None  # threshold-policy dLM settings only
+    tokens_per_pass: int | None = None  # dlm-fixed only
 
     @property
     def label(self) -> str:
-        """Key part for MLflow metrics, e.g. `dlm_batch4_t0.9`."""
-        return f"{self.method}_batch{self.batch_size}" + ("" if self.threshold is None else f"_t{self.threshold:g}")
+        """Key part for MLflow metrics, e.g. `dlm_batch4_t0.9`, `dlm-fixed_batch1_n3`."""
+        return (f"{self.method}_batch{self.batch_size}" + ("" if self.threshold is None else f"_t{self.threshold:g}")
+                + ("" if self.tokens_per_pass is None else f"_n{self.tokens_per_pass}"))
 
 
 @dataclass
@@ -68,14 +73,23 @@ def encode_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]
     return batches
 
 
+def decode_config(target: Target, setting: Setting, *, max_new_tokens: int, compile: bool = False) -> DecodeConfig:
+    """The engine settings a grid setting stands for."""
+    m = setting.method
+    return DecodeConfig(mode="ar" if m == "ar" else "diffusion", block_size=target.block_size,
+                        threshold=setting.threshold or 1.0, max_new_tokens=max_new_tokens,
+                        policy="fixed" if setting.tokens_per_pass else "threshold",
+                        tokens_per_pass=setting.tokens_per_pass or 1,
+                        one_token_per_forward=m == "dlm-1tpf", use_cache=m != "dlm-nocache",
+                        early_exit=m != "dlm-v2count", compile=compile, shift=target.shift)
+
+
 def decode_batch(target: Target, setting: Setting, batch: Batch, *, max_new_tokens: int,
-                 eos: int | None) -> GenerationOutput:
-    if setting.method == "ar":
+                 eos: int | None, compile: bool = False) -> GenerationOutput:
+    if setting.method == "ar-hf":
         return ar_generate(target.model, batch.input_ids, attention_mask=batch.attention_mask,
                            max_new_tokens=max_new_tokens, eos_token_id=eos)
-    cfg = DecodeConfig(block_size=target.block_size, threshold=setting.threshold or 1.0, max_new_tokens=max_new_tokens,
-                       one_token_per_forward=setting.method == "dlm-1tpf", use_cache=setting.method != "dlm-nocache",
-                       shift=target.shift)
+    cfg = decode_config(target, setting, max_new_tokens=max_new_tokens, compile=compile)
     return generate(target.model, batch.input_ids, attention_mask=batch.attention_mask,
                     mask_token_id=target.mask_token_id, config=cfg, eos_token_id=eos)
 
@@ -89,6 +103,8 @@ class Measurement:
     nfe_total: int
     num_prompts: int
     exact_match: float | None
+    v2_tokens: int = 0  # Fast-dLLM v2's count: tokens through the end of each row's EOS block ...
+    v2_forwards: int = 0  # ... over its forwards plus one cache-update forward per block
 
     @property
     def tokens_per_sec(self) -> list[float]:
@@ -107,38 +123,42 @@ def _clock(device: torch.device) -> float:
 
 
 def measure(target: Target, setting: Setting, batches: Sequence[Batch], *, max_new_tokens: int, repeats: int = 1,
-            ignore_eos: bool = False, scored: bool = False) -> Measurement:
+            ignore_eos: bool = False, scored: bool = False, compile: bool = False) -> Measurement:
     """Decode every batch `repeats` times, timing each pass over the whole set."""
     eos = None if ignore_eos else target.tokenizer.eos_token_id
     seconds, outs = [], []
     for _ in range(repeats):
         start = _clock(target.device)
-        outs = [decode_batch(target, setting, b, max_new_tokens=max_new_tokens, eos=eos) for b in batches]
+        outs = [decode_batch(target, setting, b, max_new_tokens=max_new_tokens, eos=eos, compile=compile)
+                for b in batches]
         seconds.append(_clock(target.device) - start)
+    blocks = lambda n: -(-n // target.block_size)  # noqa: E731
     return Measurement(
         seconds=seconds, generated=sum(sum(o.num_generated) for o in outs),
-        row_forwards=sum(o.nfe * len(o.num_generated) for o in outs), calls=len(outs),
+        row_forwards=sum(sum(o.row_forwards) for o in outs), calls=len(outs),
         nfe_total=sum(o.nfe for o in outs), num_prompts=sum(len(b.answers) for b in batches),
         exact_match=score(target.tokenizer, [t for o in outs for t in o.tokens],
                           [a for b in batches for a in b.answers])
         if scored else None,
+        v2_tokens=sum(sum(o.raw_lengths) for o in outs),
+        v2_forwards=sum(f + blocks(n) for o in outs for f, n in zip(o.row_forwards, o.raw_lengths)),
     )
 
 
 def measure_grid(grid: dict[Setting, Target], prompts: Sequence[Prompt], *, max_new_tokens: int, repeats: int,
-                 warmup: int, ignore_eos: bool, scored: bool) -> dict[Setting, Measurement]:
+                 warmup: int, ignore_eos: bool, scored: bool, compile: bool = False) -> dict[Setting, Measurement]:
     """All settings warmed up first, then timed round-robin, one repeat of each at a time: a burst of load
     from elsewhere on the machine then hits every setting alike instead of skewing one comparison."""
     batches = {s: encode_batches(t.tokenizer, prompts, s.batch_size, t.device) for s, t in grid.items()}
     for s, t in grid.items():
         for _ in range(warmup):
             decode_batch(t, s, batches[s][0], max_new_tokens=max_new_tokens,
-                         eos=None if ignore_eos else t.tokenizer.eos_token_id)
+                         eos=None if ignore_eos else t.tokenizer.eos_token_id, compile=compile)
     out: dict[Setting, Measurement] = {}
     for _ in range(repeats):
         for s, t in grid.items():
             m = measure(t, s, batches[s], max_new_tokens=max_new_tokens, ignore_eos=ignore_eos,
-                        scored=scored and s not in out)
+                        scored=scored and s not in out, compile=compile)
             out[s] = replace(out[s], seconds=out[s].seconds + m.seconds) if s in out else m
     return out
 
@@ -155,16 +175,21 @@ class BenchRow:
     nfe: float  # decoding forwards per generate call (one batch), mean
     tokens_per_prompt: float  # generated tokens per prompt, mean (EOS stops make it < max_new_tokens)
     exact_match: float | None
-    speedup_vs_ar: float | None = None  # tokens/s over the AR baseline's at the same batch size
-    speedup_cache: float | None = None  # cached over no-cache tokens/s, same threshold and batch size
+    tokens_per_pass: int | None = None
+    speedup_vs_ar: float | None = None  # tokens/s over the lean AR loop's at the same batch size (the headline)
+    speedup_vs_hf: float | None = None  # tokens/s over transformers generate's at the same batch size
+    speedup_cache: float | None = None  # cached over no-cache tokens/s, same policy and batch size
+    tpf_v2: float | None = None  # dlm-v2count only: TPF counted as Fast-dLLM v2 counts it
 
 
 def build_rows(measurements: dict[Setting, Measurement]) -> list[BenchRow]:
     rows = {s: _row(s, m) for s, m in measurements.items()}
     for s, row in rows.items():
-        ar = rows.get(Setting("ar", s.batch_size))
+        ar, hf = rows.get(Setting("ar", s.batch_size)), rows.get(Setting("ar-hf", s.batch_size))
         row.speedup_vs_ar = row.tokens_per_sec / ar.tokens_per_sec if ar else None
-        no_cache = rows.get(Setting("dlm-nocache", s.batch_size, s.threshold)) if s.method == "dlm" else None
+        row.speedup_vs_hf = row.tokens_per_sec / hf.tokens_per_sec if hf else None
+        no_cache = (rows.get(Setting("dlm-nocache", s.batch_size, s.threshold, s.tokens_per_pass))
+                    if s.method in ("dlm", "dlm-fixed") else None)
         row.speedup_cache = row.tokens_per_sec / no_cache.tokens_per_sec if no_cache else None
     return list(rows.values())
 
@@ -172,15 +197,19 @@ def build_rows(measurements: dict[Setting, Measurement]) -> list[BenchRow]:
 def _row(s: Setting, m: Measurement) -> BenchRow:
     tps = m.tokens_per_sec
     return BenchRow(s.method, s.batch_size, s.threshold, statistics.median(tps), min(tps), max(tps), m.tpf,
-                    m.nfe_total / m.calls, m.generated / m.num_prompts, m.exact_match)
+                    m.nfe_total / m.calls, m.generated / m.num_prompts, m.exact_match, s.tokens_per_pass,
+                    tpf_v2=m.v2_tokens / max(m.v2_forwards, 1) if s.method == "dlm-v2count" else None)
 
 
-def settings_grid(batch_sizes: Sequence[int], thresholds: Sequence[float],
-                  no_cache_thresholds: Sequence[float]) -> list[Setting]:
-    """Per batch size: AR baseline, one-token-per-forward reference, cached per threshold, no-cache."""
+def settings_grid(s: BenchConfig) -> list[Setting]:
+    """Per batch size: the AR baselines, the one-token reference, cached per threshold and per fixed count,
+    the no-cache reference, the Fast-dLLM v2 counting rows."""
     grid = []
-    for b in batch_sizes:
-        grid += [Setting("ar", b), Setting("dlm-1tpf", b)]
-        grid += [Setting("dlm", b, t) for t in thresholds]
-        grid += [Setting("dlm-nocache", b, t) for t in no_cache_thresholds]
+    for b in s.batch_sizes:
+        grid += [Setting("ar", b)] + ([Setting("ar-hf", b)] if s.hf_generate else []) + [Setting("dlm-1tpf", b)]
+        grid += [Setting("dlm", b, t) for t in s.thresholds]
+        grid += [Setting("dlm-fixed", b, tokens_per_pass=n) for n in s.tokens_per_pass]
+        grid += [Setting("dlm-nocache", b, t) for t in s.no_cache_thresholds]
+        grid += [Setting("dlm-nocache", b, tokens_per_pass=n) for n in s.no_cache_tokens_per_pass]
+        grid += [Setting("dlm-v2count", b, t) for t in s.v2_count_thresholds]
     return grid

@@ -87,8 +87,8 @@ def _speed_panel(ax: Axes, rows: Sequence[Row], batch_sizes: list[int], colors: 
     """tokens/s vs TPF with min–max bars; AR baseline and the 3× target as horizontal lines."""
     for b in batch_sizes:
         c = colors[b]
-        for method, marker, fill in (("dlm", "o", c), ("dlm-1tpf", "s", c), ("dlm-nocache", "o", "none"),
-                                     ("ar", "*", c)):
+        for method, marker, fill in (("dlm", "o", c), ("dlm-fixed", "D", c), ("dlm-1tpf", "s", c),
+                                     ("dlm-nocache", "o", "none"), ("ar", "*", c), ("ar-hf", "X", c)):
             pts = _by(rows, method, b)
             if not pts:
                 continue
@@ -99,7 +99,8 @@ def _speed_panel(ax: Axes, rows: Sequence[Row], batch_sizes: list[int], colors: 
                         alpha=0.9, capsize=2)
         _annotate_thresholds(ax, _by(rows, "dlm", b), "tokens_per_sec", c, below=batch_sizes.index(b) % 2 == 1)
         for r in _by(rows, "dlm-nocache", b):
-            ax.annotate(f"no cache τ={r['threshold']:g}", (r["tpf"], r["tokens_per_sec"]), textcoords="offset points",
+            policy = f"τ={r['threshold']:g}" if r["threshold"] is not None else f"n={r['tokens_per_pass']}"
+            ax.annotate(f"no cache {policy}", (r["tpf"], r["tokens_per_sec"]), textcoords="offset points",
                         xytext=(-7, -11), ha="right", fontsize=8, color=c)  # left: cached τ labels sit on the right
         for r in _by(rows, "ar", b):
             ax.axhline(r["tokens_per_sec"], color=c, linestyle="--", linewidth=1, alpha=0.7)
@@ -115,8 +116,9 @@ def _legend_handles(batch_sizes: list[int], colors: dict[int, Any]) -> list:
     from matplotlib.lines import Line2D
 
     marks = [Line2D([], [], color=colors[b], marker="o", linestyle="-", label=f"batch {b}") for b in batch_sizes]
-    kinds = [("o", "0.3", "dLM cached (τ = threshold)"), ("s", "0.3", "dLM one token / forward"),
-             ("o", "none", "dLM no cache"), ("*", "0.3", "AR baseline (dashed: its tokens/s)")]
+    kinds = [("o", "0.3", "dLM cached (τ = threshold)"), ("D", "0.3", "dLM cached, fixed n per pass"),
+             ("s", "0.3", "dLM one token / forward"), ("o", "none", "dLM no cache"),
+             ("*", "0.3", "AR, lean loop (dashed: its tokens/s)"), ("X", "0.3", "AR, transformers generate")]
     marks += [Line2D([], [], color="0.3", marker=m, mfc=f, linestyle="none", markersize=8, label=t)
               for m, f, t in kinds]
     return marks

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from dlm.settings.errors import check, check_block_size, check_choices, check_positive_int
-from dlm.settings.experiment import SYNTHETIC, Pattern
+from dlm.settings.experiment import SYNTHETIC, Dtype, Pattern
 
 
 @dataclass
@@ -23,8 +23,25 @@ class BenchConfig:
     """Tokens generated per prompt (fewer where EOS stops it first)."""
     block_size: Optional[int] = None
     """Decode block size; none: the checkpoint's training block size."""
+    tokens_per_pass: List[int] = field(default_factory=list)
+    """Fixed-policy settings: exactly n tokens per pass (a known TPF; times random-weight real shapes)."""
     no_cache_thresholds: List[float] = field(default_factory=lambda: [0.9])
     """Thresholds of the (slow) no-cache reference; empty: none."""
+    no_cache_tokens_per_pass: List[int] = field(default_factory=list)
+    """Fixed-policy counts of the no-cache reference (cache x no-cache at a known TPF)."""
+    v2_count_thresholds: List[float] = field(default_factory=list)
+    """Thresholds run without early exit and counted as Fast-dLLM v2 counts (BENCHMARKS.md)."""
+    hf_generate: bool = True
+    """Also time transformers' `generate` as a second AR row (the lean loop is the headline)."""
+    compile: bool = False
+    """decode.compile for every engine setting (torch.compile of the per-pass forward)."""
+    dtype: Dtype = "float32"
+    """Model weights' dtype for the timing (bfloat16 on a GPU)."""
+    forward_costs: List[int] = field(default_factory=list)
+    """Query-token counts whose single-forward cost is timed against `forward_cost_context` cached tokens
+    (relative to one token: what a block pass costs vs an AR step). Empty: not measured."""
+    forward_cost_context: int = 512
+    """Cached tokens behind each timed forward."""
     repeats: int = 3
     """Timed round-robin passes over the prompt set; tokens/s is their median."""
     warmup: int = 1
@@ -38,7 +55,8 @@ class BenchConfig:
     ignore_eos: bool = False
     """Always generate max_new_tokens (throughput only)."""
     ar_baseline: Optional[str] = None
-    """AR checkpoint for the baseline rows; none: the checkpoint itself under the causal mask."""
+    """AR checkpoint for the baseline rows; none: the one the model was converted from (`base_model` in its
+    dlm.yaml), else the model itself in AR mode."""
     device: str = "auto"
     """auto (CUDA when present) | cpu | cuda | cuda:N."""
     threads: Optional[int] = None
@@ -47,6 +65,7 @@ class BenchConfig:
     """Where bench.json and pareto.png go; none: <checkpoint>/../bench."""
 
     def __post_init__(self) -> None:
+        check_choices(self, "bench.")
         for key in ("thresholds", "no_cache_thresholds"):
             for t in getattr(self, key):
                 check(0 < t <= 1, f"bench.{key}", t, "must be in (0, 1] (1.0 = one token per pass unless certain)")
@@ -59,6 +78,12 @@ class BenchConfig:
         if self.block_size is not None:
             check_block_size(self.block_size, key="bench.block_size")
         check_positive_int("bench.threads", self.threads, optional=True)
+        for key in ("tokens_per_pass", "no_cache_tokens_per_pass", "forward_costs"):
+            for n in getattr(self, key):
+                check_positive_int(f"bench.{key}", n)
+        for t in self.v2_count_thresholds:
+            check(0 < t <= 1, "bench.v2_count_thresholds", t, "must be in (0, 1]")
+        check_positive_int("bench.forward_cost_context", self.forward_cost_context)
         check(self.warmup >= 0, "bench.warmup", self.warmup, "must be >= 0")
 
 

@@ -12,6 +12,9 @@ from dlm.settings.errors import check, check_block_size, check_choices, check_po
 class DecodeConfig:
     """Knobs of the parallel decoder; validated on construction (`decode.<field>` in errors)."""
 
+    mode: Literal["diffusion", "ar"] = "diffusion"
+    """diffusion: block-by-block parallel decoding | ar: the lean greedy AR loop of the same engine (same
+    cache, same compile), one token per forward under the causal mask: the AR baseline."""
     block_size: int = 32
     """Tokens decoded per block; eval block 16-32 in the paper (may differ from the training block)."""
     threshold: float = 0.9
@@ -35,6 +38,15 @@ class DecodeConfig:
     """The non-parallel reference: commit exactly the single most confident position per pass."""
     use_cache: bool = True
     """False: every pass forwards the whole sequence (slow, exact same tokens; a correctness reference)."""
+    cache: Literal["static", "dynamic"] = "static"
+    """static: transformers' StaticCache, preallocated once and written in place | dynamic: DynamicCache
+    (grows by concatenation; the reference the static cache is tested against)."""
+    early_exit: bool = True
+    """Stop a row once its EOS is committed with nothing masked before it (or at a stop string), mid-block,
+    and drop it from the batch. False: finish the block holding EOS first (Fast-dLLM v2's accounting)."""
+    compile: bool = False
+    """torch.compile the per-pass forward (CUDA: mode reduce-overhead, i.e. CUDA graphs). The prefill runs
+    uncompiled. Pays off on a GPU at batch 1; on CPU measure first (BENCHMARKS.md)."""
     shift: bool = False
     """Dream-style checkpoints: the logit at i-1 predicts token i (must match training's `objective.shift`)."""
 

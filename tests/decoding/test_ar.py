@@ -1,4 +1,5 @@
-"""`ar_generate`, the AR baseline: transformers' own greedy `generate`, with the decoders' output and checks."""
+"""AR decoding: `ar_generate` (transformers' own greedy `generate`) and the engine's lean AR mode, which must
+give the same tokens."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from dlm.decoding.ar import ar_generate
+from dlm.decoding.engine import generate
 from dlm.decoding.text import left_pad
 from dlm.settings import ConfigError
 from tests.conftest import make_backbone
@@ -123,3 +125,46 @@ def test_stop_strings_without_a_tokenizer_fail_before_any_forward(qwen, tokenize
     ids, _ = encode(tokenizer, PROMPTS[:1])
     with pytest.raises(ConfigError, match=r"^stop=\['x'\]: stop strings need the tokenizer \(tokenizer=\.\.\.\)$"):
         ar_generate(qwen.model, ids, max_new_tokens=4, stop=["x"])
+
+
+# --- the lean AR mode of dlm's engine: the same tokens as transformers generate ----------------------------------
+
+
+def lean(bb, prompts, **kwargs):
+    ids, mask = encode(bb.tokenizer, prompts)
+    return generate(bb.model, ids, attention_mask=mask, mode="ar", **kwargs)
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_lean_ar_mode_equals_transformers_generate_on_a_left_padded_batch(qwen, cache):
+    ids, mask = encode(qwen.tokenizer, PROMPTS)
+    hf = ar_generate(qwen.model, ids, attention_mask=mask, max_new_tokens=12)
+    ours = lean(qwen, PROMPTS, max_new_tokens=12, cache=cache)
+    assert ours.tokens == hf.tokens and ours.nfe == hf.nfe == 12 and ours.tokens_per_forward == 1.0
+    assert lean(qwen, PROMPTS, max_new_tokens=12, use_cache=False).tokens == hf.tokens
+
+
+def test_lean_ar_rows_leave_at_eos_with_the_tokens_generate_gives(qwen):
+    ids, mask = encode(qwen.tokenizer, PROMPTS)
+    full = ar_generate(qwen.model, ids, attention_mask=mask, max_new_tokens=10)
+    eos = full.tokens[1][2]
+    hf = ar_generate(qwen.model, ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos)
+    ours = lean(qwen, PROMPTS, max_new_tokens=10, eos_token_id=eos)
+    assert ours.tokens == hf.tokens
+    assert ours.row_forwards == [len(t) for t in ours.tokens]  # a row takes part until its EOS, no further
+
+
+def test_lean_ar_stop_strings_cut_like_generate(qwen, tokenizer):
+    ids, _ = encode(tokenizer, PROMPTS[:1])
+    text = tokenizer.decode(ar_generate(qwen.model, ids, max_new_tokens=16).tokens[0])
+    stop = [text[len(text) // 2 : len(text) // 2 + 2]]
+    hf = ar_generate(qwen.model, ids, max_new_tokens=16, stop=stop, tokenizer=tokenizer)
+    ours = generate(qwen.model, ids, mode="ar", max_new_tokens=16, stop=stop, tokenizer=tokenizer)
+    assert ours.tokens == hf.tokens and len(ours.tokens[0]) < 16
+
+
+def test_lean_ar_never_picks_the_excluded_mask_token(qwen):
+    ids, _ = encode(qwen.tokenizer, PROMPTS[:1])
+    free = lean(qwen, PROMPTS[:1], max_new_tokens=6).tokens[0]
+    banned = lean(qwen, PROMPTS[:1], max_new_tokens=6, mask_token_id=free[0]).tokens[0]
+    assert free[0] not in banned[:1] and banned[0] != free[0]

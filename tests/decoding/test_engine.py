@@ -121,15 +121,47 @@ def test_sampling_is_reproducible_with_a_generator(qwen):
 # --- stopping -------------------------------------------------------------------------------------------------
 
 
-def test_eos_ends_the_row_after_its_block(qwen):
+def test_eos_ends_the_row_after_its_block_without_early_exit(qwen):
     full = run(qwen, PROMPTS[2:3], block_size=4, max_new_tokens=16)
     tokens = full.tokens[0]
     eos = tokens[5]  # a token generated in block 1 (positions 4..7); maybe also later
     first = tokens.index(eos)
-    out = run(qwen, PROMPTS[2:3], block_size=4, max_new_tokens=16, eos_token_id=[eos])
+    out = run(qwen, PROMPTS[2:3], block_size=4, max_new_tokens=16, eos_token_id=[eos], early_exit=False)
     assert out.tokens[0] == tokens[: first + 1]  # EOS kept, the rest dropped
     until_block = run(qwen, PROMPTS[2:3], block_size=4, max_new_tokens=4 * (first // 4 + 1))
     assert out.nfe == until_block.nfe < full.nfe  # stopped once that block was complete
+    assert out.raw_lengths == [4 * (first // 4 + 1)]
+
+
+def test_early_exit_stops_mid_block_once_nothing_before_eos_is_masked(qwen):
+    one = dict(block_size=8, max_new_tokens=16, one_token_per_forward=True)  # one commit per pass: countable
+    full = run(qwen, PROMPTS[2:3], **one)
+    tokens = full.tokens[0]
+    eos = tokens[9]  # in block 1 (positions 8..15)
+    first = tokens.index(eos)
+    late = run(qwen, PROMPTS[2:3], eos_token_id=[eos], early_exit=False, **one)
+    early = run(qwen, PROMPTS[2:3], eos_token_id=[eos], **one)
+    assert early.tokens == late.tokens == [tokens[: first + 1]]  # the same answer ...
+    assert late.nfe == 8 * (first // 8 + 1)  # ... where finishing the block costs every pass of it
+    assert early.nfe < late.nfe
+    assert early.raw_lengths[0] == 8 * (first // 8 + 1)  # stopped inside that block
+
+
+def test_finished_rows_leave_the_batch_and_complete_blocks_sit_out(qwen):
+    """A row takes part in exactly the forwards it needs alone: it leaves at EOS, and sits out the passes
+    others still need for a block it has completed. Its tokens are what it decodes alone."""
+    one = dict(block_size=4, max_new_tokens=16, threshold=0.3)
+    alone = [run(qwen, [p], **one).tokens[0] for p in PROMPTS]
+    eos = alone[1][1]  # row 1 ends at its second token
+    batch = run(qwen, PROMPTS, eos_token_id=[eos], **one)
+    singles = [run(qwen, [p], eos_token_id=[eos], **one) for p in PROMPTS]
+    assert batch.tokens == [s.tokens[0] for s in singles]
+    assert batch.row_forwards == [s.nfe for s in singles]
+    assert batch.row_forwards[1] < max(batch.row_forwards) == batch.nfe
+    seen, hook = recorded_inputs(qwen.model)
+    run(qwen, PROMPTS, eos_token_id=[eos], **one)
+    hook.remove()
+    assert min(x.shape[0] for x in seen) < len(PROMPTS)  # later forwards ran without the finished row
 
 
 def test_eos_in_one_row_does_not_stop_the_batch(qwen):
@@ -173,7 +205,7 @@ def test_uneven_max_new_tokens_cuts_the_last_block(qwen):
         (dict(top_p=0.0), r"decode\.top_p=0\.0: must be in \(0, 1\]"),
         (dict(top_p=1.5), r"decode\.top_p=1\.5: must be in \(0, 1\]"),
         (dict(policy="greedy"), r"decode\.policy='greedy': unknown policy; allowed: threshold, factor, fixed$"),
-        (dict(thresold=0.5), r"decode\.thresold: unknown key; allowed: block_size, threshold"),
+        (dict(thresold=0.5), r"decode\.thresold: unknown key; allowed: mode, block_size, threshold"),
         (dict(max_new_tokens=250), r"decode\.max_new_tokens=250: prompt length 9 \+ 250 = 259 exceeds "
                                    r"model\.config\.max_position_embeddings=256"),
         (dict(stop=["x"], max_new_tokens=8), r"stop=\['x'\]: stop strings need the tokenizer"),
@@ -196,3 +228,25 @@ def test_flex_model_is_told_to_load_with_sdpa(tokenizer):
     with pytest.raises(ValueError, match="attn_implementation='flex_attention'.*"
                                          "load the model with attn_implementation='sdpa'"):
         run(bb, PROMPTS[:1])
+
+
+# --- the engine's economies: static cache, logits only where needed ---------------------------------------------
+
+
+@pytest.mark.parametrize("shift", [False, True])
+def test_static_cache_gives_the_tokens_of_the_dynamic_one(qwen, shift):
+    kwargs = dict(block_size=3, shift=shift, max_new_tokens=13, threshold=0.2)
+    static = run(qwen, PROMPTS, cache="static", **kwargs)
+    dynamic = run(qwen, PROMPTS, cache="dynamic", **kwargs)
+    assert static.tokens == dynamic.tokens and static.row_forwards == dynamic.row_forwards
+
+
+def test_lm_head_runs_only_on_positions_still_masked(qwen):
+    rows_in = []
+    hook = qwen.model.lm_head.register_forward_hook(lambda m, args, out: rows_in.append(args[0].shape[1]))
+    try:
+        out = run(qwen, PROMPTS[:1], block_size=4, max_new_tokens=8, one_token_per_forward=True)
+    finally:
+        hook.remove()
+    # prefill: 1; block 1: 4, 3, 2, 1 masked; block 2 (its first pass also folds block 1 in): 4, 3, 2, 1
+    assert rows_in == [1, 4, 3, 2, 1, 4, 3, 2, 1] and out.nfe == 8

@@ -133,37 +133,33 @@ def test_a_row_with_nothing_masked_has_no_candidates():
 def test_factor_rule_on_a_hand_checked_case():
     conf = torch.tensor([[0.7, 0.99, 0.5, 0.9]])
     cand = torch.ones_like(conf, dtype=torch.bool)
-    done = torch.tensor([False])
     # sorted 0.99, 0.9, 0.7, 0.5: (n + 1)(1 - c_n) = 0.02, 0.3, 1.2, 2.5 -> n = 2 with factor 1
-    chosen = choose(conf, cand, done, DecodeConfig(policy="factor", factor=1.0))
+    chosen = choose(conf, cand, DecodeConfig(policy="factor", factor=1.0))
     assert chosen.tolist() == [[False, True, False, True]]
     # threshold: at least the most confident even when none passes; never a non-candidate
     cand = torch.tensor([[True, False, True, True]])
-    chosen = choose(conf, cand, done, DecodeConfig(threshold=0.95))
+    chosen = choose(conf, cand, DecodeConfig(threshold=0.95))
     assert chosen.tolist() == [[False, False, False, True]]
-    # finished rows are filled at once (their output is ignored)
-    chosen = choose(conf, cand, torch.tensor([True]), DecodeConfig(threshold=0.95))
-    assert chosen.tolist() == [[True, False, True, True]]
 
 
 def test_threshold_commits_every_candidate_at_or_above_it_per_row():
     conf = torch.tensor([[0.7, 0.99, 0.5, 0.9], [0.2, 0.1, 0.3, 0.4]])
     cand = torch.tensor([[True, True, True, True], [True, True, False, True]])
-    chosen = choose(conf, cand, torch.tensor([False, False]), DecodeConfig(threshold=0.7))
+    chosen = choose(conf, cand, DecodeConfig(threshold=0.7))
     assert chosen.tolist() == [[True, True, False, True], [False, False, False, True]]
 
 
 def test_one_token_per_forward_commits_only_the_most_confident_candidate():
     conf = torch.tensor([[0.7, 0.99, 0.5, 0.9]])
     cand = torch.tensor([[True, False, True, True]])
-    chosen = choose(conf, cand, torch.tensor([False]), DecodeConfig(threshold=0.1, one_token_per_forward=True))
+    chosen = choose(conf, cand, DecodeConfig(threshold=0.1, one_token_per_forward=True))
     assert chosen.tolist() == [[False, False, False, True]]
 
 
 def test_fixed_policy_commits_exactly_n_most_confident_candidates():
     conf = torch.tensor([[0.7, 0.99, 0.5, 0.9], [0.1, 0.2, 0.3, 0.4]])
     cand = torch.tensor([[True, True, True, True], [True, True, False, False]])
-    chosen = choose(conf, cand, torch.tensor([False, False]), DecodeConfig(policy="fixed", tokens_per_pass=3))
+    chosen = choose(conf, cand, DecodeConfig(policy="fixed", tokens_per_pass=3))
     assert chosen.tolist() == [[True, True, False, True], [True, True, False, False]]  # row 2: all it has
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+import yaml
 
 from dlm.cli.main import main
 from dlm.data.synthetic import format_example, problems
@@ -67,7 +68,7 @@ def _row(result, method, batch_size, threshold=None):
 
 def test_grid_has_every_setting_once_per_batch_size(result):
     settings = [(r.method, r.batch_size, r.threshold) for r in result.rows]
-    per_batch = [("ar", None), ("dlm-1tpf", None), ("dlm", 0.3), ("dlm", 1.0), ("dlm-nocache", 0.9)]
+    per_batch = [("ar", None), ("ar-hf", None), ("dlm-1tpf", None), ("dlm", 0.3), ("dlm", 1.0), ("dlm-nocache", 0.9)]
     assert settings == [(m, b, t) for b in (1, 2) for m, t in per_batch]
     assert all(r.tokens_per_prompt == GEN and r.tokens_per_sec_min <= r.tokens_per_sec <= r.tokens_per_sec_max
                for r in result.rows)
@@ -77,20 +78,23 @@ def test_one_token_per_forward_references_have_tpf_one(result):
     for b in (1, 2):
         assert _row(result, "dlm-1tpf", b).tpf == 1.0 and _row(result, "dlm-1tpf", b).nfe == GEN
         assert _row(result, "ar", b).tpf == 1.0 and _row(result, "ar", b).speedup_vs_ar == 1.0
+        assert _row(result, "ar-hf", b).tpf == 1.0 and _row(result, "ar-hf", b).speedup_vs_hf == 1.0
     assert _row(result, "dlm", 1, 0.3).tpf > 1.0  # the sharpened model commits several tokens in some passes
 
 
 def test_speedups_divide_the_matching_rows(result):
     cached, no_cache, ar = _row(result, "dlm", 2, 0.3), _row(result, "dlm-nocache", 2, 0.9), _row(result, "ar", 2)
     assert cached.speedup_vs_ar == pytest.approx(cached.tokens_per_sec / ar.tokens_per_sec)
+    hf = _row(result, "ar-hf", 2)
+    assert cached.speedup_vs_hf == pytest.approx(cached.tokens_per_sec / hf.tokens_per_sec)
     assert cached.speedup_cache is None  # no no-cache row at threshold 0.3
     assert no_cache.speedup_cache is None and no_cache.exact_match is not None
 
 
 def test_table_json_plot_and_mlflow_record(result, files):
     lines = result.table.splitlines()
-    assert lines[0].startswith("| setting | batch | threshold | tokens/s |") and len(lines) == 2 + 10 + 2
-    assert f"AR baseline: {files['ar']}" in result.table and "EOS ignored" in result.table
+    assert lines[0].startswith("| setting | batch | policy | tokens/s |") and len(lines) == 2 + 12 + 2
+    assert f"AR rows: {files['ar']} (--ar-baseline)" in result.table and "EOS ignored" in result.table
     saved = json.loads(result.json_path.read_text())
     assert saved["meta"]["max_new_tokens"] == GEN and saved["meta"]["block_size"] == 4
     assert [r["tpf"] for r in saved["rows"]] == [r.tpf for r in result.rows]
@@ -109,7 +113,7 @@ def test_cached_and_uncached_decoding_agree_on_tokens_per_forward(files):
     cached, no_cache = _row(out, "dlm", 2, 0.3), _row(out, "dlm-nocache", 2, 0.3)
     assert (cached.tpf, cached.nfe, cached.exact_match) == (no_cache.tpf, no_cache.nfe, no_cache.exact_match)
     assert cached.speedup_cache == pytest.approx(cached.tokens_per_sec / no_cache.tokens_per_sec)
-    assert "the dLM checkpoint under the causal mask" in out.table
+    assert "itself in AR mode (no source AR checkpoint recorded" in out.table
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -121,6 +125,10 @@ def test_cached_and_uncached_decoding_agree_on_tokens_per_forward(files):
     ({"max_new_tokens": 250}, r"^bench.max_new_tokens=250: longest prompt \d+ tokens \+ 250 = \d+ exceeds "
                               r"max_position_embeddings=256"),
     ({"mlflow_run": "nope"}, r"^bench.mlflow_run='nope': no such run"),
+    ({"tokens_per_pass": (2, 0)}, r"^bench.tokens_per_pass=0: must be a positive integer"),
+    ({"forward_costs": (-1,)}, r"^bench.forward_costs=-1: must be a positive integer"),
+    ({"v2_count_thresholds": (2.0,)}, r"^bench.v2_count_thresholds=2.0: must be in \(0, 1\]"),
+    ({"dtype": "float8"}, r"^bench.dtype='float8': .*allowed: float32, bfloat16, float16, float64"),
     ({"scored": True, "prompts": "PLAIN"}, r"scoring needs an 'answer' in every row"),
 ])
 def test_bad_input_fails_in_one_line_before_any_output(files, new_run, tmp_path, kwargs, match):
@@ -148,8 +156,9 @@ def test_command_line_parses_lists_and_prints_the_table(files, capsys):
             "--prompts", str(files["prompts"]), "--output-dir", str(files["tmp"] / "cli")]
     assert main(argv) == 0
     saved = json.loads((files["tmp"] / "cli" / "bench.json").read_text())
-    assert [r["method"] for r in saved["rows"]] == ["ar", "dlm-1tpf", "dlm"] and saved["rows"][0]["exact_match"] is None
-    assert "| dLM cached | 2 | 0.3 |" in capsys.readouterr().out
+    assert [r["method"] for r in saved["rows"]] == ["ar", "ar-hf", "dlm-1tpf", "dlm"]
+    assert saved["rows"][0]["exact_match"] is None
+    assert "| dLM cached | 2 | t 0.3 |" in capsys.readouterr().out
 
 
 def test_mlflow_run_auto_logs_into_the_run_that_trained_the_checkpoint(files, new_run, tmp_path):
@@ -162,3 +171,69 @@ def test_mlflow_run_auto_logs_into_the_run_that_trained_the_checkpoint(files, ne
     assert out.mlflow_run == run and "bench/dlm_batch1_t0.5/tokens_per_sec" in client.get_run(run).data.metrics
     with pytest.raises(ConfigError, match=r"^bench.mlflow_run='auto': no mlflow_run.json beside .*; pass a run id"):
         bench(shutil.copytree(files["dlm"], tmp_path / "copy/final"), mlflow_run="auto")
+
+
+# --- which AR model the AR rows run --------------------------------------------------------------------------
+
+
+def _with_base_model(files, tmp_path, base: str) -> Path:
+    ckpt = shutil.copytree(files["dlm"], tmp_path / "converted")
+    meta = yaml.safe_load((ckpt / "dlm.yaml").read_text()) | {"base_model": base}
+    (ckpt / "dlm.yaml").write_text(yaml.safe_dump(meta))
+    return ckpt
+
+
+def test_ar_rows_default_to_the_model_it_was_converted_from(files, tmp_path):
+    ckpt = _with_base_model(files, tmp_path, str(files["ar"]))
+    kwargs = dict(thresholds=(0.3,), batch_sizes=(1,), no_cache_thresholds=(), max_new_tokens=6, repeats=1, warmup=0,
+                  prompts=files["prompts"], scored=False)
+    default = bench(ckpt, output_dir=tmp_path / "default", **kwargs)
+    explicit = bench(ckpt, ar_baseline=files["ar"], output_dir=tmp_path / "explicit", **kwargs)
+    assert f"AR rows: {files['ar']} (the model it was converted from, dlm.yaml base_model)" in default.table
+    same = [(r.method, r.tpf, r.nfe, r.tokens_per_prompt) for r in default.rows]
+    assert same == [(r.method, r.tpf, r.nfe, r.tokens_per_prompt) for r in explicit.rows]
+
+
+def test_a_recorded_base_model_that_is_gone_fails_in_one_line(files, tmp_path):
+    ckpt = _with_base_model(files, tmp_path, str(tmp_path / "moved_away"))
+    with pytest.raises(ConfigError, match=r"^bench.ar_baseline: the source model '.*moved_away' recorded in .* does "
+                                          r"not exist; pass --ar-baseline PATH$"):
+        bench(ckpt, prompts=files["prompts"], output_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# --- random weights at a given shape: fixed policy and the per-forward cost -----------------------------------
+
+
+def test_an_experiment_yaml_benches_random_weights_at_a_known_tpf(files, tmp_path):
+    shape = tmp_path / "shape.yaml"
+    shape.write_text(yaml.safe_dump({"name": "shape", "model": {
+        "arch": "qwen3", "tokenizer": "builtin:tiny", "config": {
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 256, "vocab_size": 1000}},
+        "attention": {"pattern": "block_clean", "block_size": 4}, "data": {"max_length": 32}}))
+    out = bench(shape, thresholds=(0.9,), tokens_per_pass=(2, 4), no_cache_tokens_per_pass=(2,), batch_sizes=(1,),
+                no_cache_thresholds=(), max_new_tokens=8, repeats=1, warmup=0, prompts=files["prompts"],
+                ignore_eos=True, forward_costs=(1, 4), forward_cost_context=16, output_dir=tmp_path / "out")
+    assert _fixed(out, "dlm-fixed", 2).tpf == 2.0 and _fixed(out, "dlm-fixed", 4).tpf == 4.0
+    assert _fixed(out, "dlm-fixed", 2).speedup_cache == pytest.approx(
+        _fixed(out, "dlm-fixed", 2).tokens_per_sec / _fixed(out, "dlm-nocache", 2).tokens_per_sec)
+    assert out.meta["parameters"] > 1000 * 32  # the config's vocabulary, not the tokenizer's 384
+    costs = out.meta["forward_costs"]
+    assert [c["query_tokens"] for c in costs] == [1, 4] and costs[0]["ratio"] == 1.0
+    assert "| query tokens | ms / forward" in out.table and "against 16 cached tokens" in out.table
+
+
+def _fixed(result, method, n):
+    (row,) = [r for r in result.rows if (r.method, r.tokens_per_pass) == (method, n)]
+    return row
+
+
+def test_v2_counting_rows_count_the_eos_block_and_a_cache_update_forward_per_block(files, tmp_path):
+    out = bench(files["dlm"], thresholds=(0.3,), v2_count_thresholds=(0.3,), batch_sizes=(1,), no_cache_thresholds=(),
+                max_new_tokens=8, repeats=1, warmup=0, prompts=files["prompts"], ignore_eos=True,
+                output_dir=tmp_path / "v2")
+    ours, theirs = _row(out, "dlm", 1, 0.3), _row(out, "dlm-v2count", 1, 0.3)
+    assert theirs.tpf == ours.tpf  # without EOS the decodes are the same ...
+    blocks = 8 // 4
+    assert theirs.tpf_v2 == pytest.approx(8 / (theirs.nfe + blocks))  # ... and v2 charges a forward per block

@@ -22,6 +22,7 @@ from dlm.measurement.grid import (
     measure_grid,
     settings_grid,
 )
+from dlm.settings import BenchConfig
 from tests.conftest import sharp_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,12 +39,14 @@ def target(tokenizer) -> Target:
 
 def direct(target: Target, setting: Setting, batch: Batch, eos: int | None):
     """The decoder `setting` stands for, called directly with the settings it implies."""
-    if setting.method == "ar":
+    if setting.method == "ar-hf":
         return ar_generate(target.model, batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=GEN,
                            eos_token_id=eos)
     return generate(target.model, batch.input_ids, attention_mask=batch.attention_mask,
                     mask_token_id=target.mask_token_id, eos_token_id=eos, block_size=target.block_size,
-                    max_new_tokens=GEN, threshold=setting.threshold or 1.0,
+                    max_new_tokens=GEN, threshold=setting.threshold or 1.0, mode="ar" if setting.method == "ar"
+                    else "diffusion", policy="fixed" if setting.tokens_per_pass else "threshold",
+                    tokens_per_pass=setting.tokens_per_pass or 1, early_exit=setting.method != "dlm-v2count",
                     one_token_per_forward=setting.method == "dlm-1tpf", use_cache=setting.method != "dlm-nocache")
 
 
@@ -60,21 +63,26 @@ def measurement(seconds, generated=120, *, row_forwards=60, calls=3, nfe_total=3
     (Setting("dlm-nocache", 2, 0.35), "dlm-nocache_batch2_t0.35"),
     (Setting("ar", 8), "ar_batch8"),
     (Setting("dlm-1tpf", 1), "dlm-1tpf_batch1"),
+    (Setting("dlm-fixed", 1, tokens_per_pass=3), "dlm-fixed_batch1_n3"),
 ])
 def test_label_names_method_batch_size_and_threshold(setting, label):
     assert setting.label == label
 
 
-def test_settings_grid_per_batch_size_is_ar_then_reference_then_cached_then_no_cache():
-    grid = settings_grid([1, 4], [0.5, 0.9], [0.9])
-    per_batch = lambda b: [Setting("ar", b), Setting("dlm-1tpf", b), Setting("dlm", b, 0.5),  # noqa: E731
-                           Setting("dlm", b, 0.9), Setting("dlm-nocache", b, 0.9)]
+def test_settings_grid_per_batch_size_is_ar_then_reference_then_cached_then_no_cache_then_v2():
+    grid = settings_grid(BenchConfig(batch_sizes=[1, 4], thresholds=[0.5, 0.9], no_cache_thresholds=[0.9],
+                                     tokens_per_pass=[3], no_cache_tokens_per_pass=[3], v2_count_thresholds=[0.9]))
+    per_batch = lambda b: [Setting("ar", b), Setting("ar-hf", b), Setting("dlm-1tpf", b),  # noqa: E731
+                           Setting("dlm", b, 0.5), Setting("dlm", b, 0.9), Setting("dlm-fixed", b, tokens_per_pass=3),
+                           Setting("dlm-nocache", b, 0.9), Setting("dlm-nocache", b, tokens_per_pass=3),
+                           Setting("dlm-v2count", b, 0.9)]
     assert grid == per_batch(1) + per_batch(4)
     assert {s.method for s in grid} == set(METHODS)
 
 
-def test_settings_grid_without_no_cache_thresholds_has_no_no_cache_setting():
-    assert settings_grid([2], [0.7], []) == [Setting("ar", 2), Setting("dlm-1tpf", 2), Setting("dlm", 2, 0.7)]
+def test_settings_grid_without_optional_rows_has_only_ar_the_reference_and_cached():
+    grid = settings_grid(BenchConfig(batch_sizes=[2], thresholds=[0.7], no_cache_thresholds=[], hf_generate=False))
+    assert grid == [Setting("ar", 2), Setting("dlm-1tpf", 2), Setting("dlm", 2, 0.7)]
 
 
 # --- Measurement and build_rows -----------------------------------------------------------------------------------
@@ -128,8 +136,10 @@ def test_encode_batches_left_pads_prompts_without_special_tokens_in_batches_of_t
     assert last.input_ids.tolist() == [rows[2]] and last.attention_mask.tolist() == [[1]]
 
 
-@pytest.mark.parametrize("setting", [Setting("ar", 2), Setting("dlm-1tpf", 2), Setting("dlm", 2, 0.3),
-                                     Setting("dlm-nocache", 2, 0.3)], ids=lambda s: s.label)
+@pytest.mark.parametrize("setting", [Setting("ar", 2), Setting("ar-hf", 2), Setting("dlm-1tpf", 2),
+                                     Setting("dlm", 2, 0.3), Setting("dlm-fixed", 2, tokens_per_pass=2),
+                                     Setting("dlm-nocache", 2, 0.3), Setting("dlm-v2count", 2, 0.3)],
+                         ids=lambda s: s.label)
 def test_decode_batch_gives_the_same_tokens_as_the_decoder_called_directly(target, setting):
     for batch in encode_batches(target.tokenizer, PROMPTS, 2, target.device):
         out = decode_batch(target, setting, batch, max_new_tokens=GEN, eos=target.tokenizer.eos_token_id)
@@ -143,7 +153,7 @@ def test_measure_counts_what_generate_called_directly_produces(target, ignore_eo
     outs = [direct(target, setting, b, None if ignore_eos else target.tokenizer.eos_token_id) for b in batches]
     m = measure(target, setting, batches, max_new_tokens=GEN, repeats=2, ignore_eos=ignore_eos)
     assert m.generated == sum(sum(o.num_generated) for o in outs)
-    assert m.nfe_total == sum(o.nfe for o in outs) and m.row_forwards == outs[0].nfe * 2 + outs[1].nfe
+    assert m.nfe_total == sum(o.nfe for o in outs) and m.row_forwards == sum(sum(o.row_forwards) for o in outs)
     assert (m.calls, m.num_prompts, len(m.seconds), m.exact_match) == (2, 3, 2, None)
     assert all(s > 0 for s in m.seconds)
     if ignore_eos:
@@ -153,7 +163,7 @@ def test_measure_counts_what_generate_called_directly_produces(target, ignore_eo
 
 def test_one_token_per_forward_and_ar_measure_one_token_per_forward(target):
     batches = encode_batches(target.tokenizer, PROMPTS, 1, target.device)
-    for setting in (Setting("ar", 1), Setting("dlm-1tpf", 1)):
+    for setting in (Setting("ar", 1), Setting("ar-hf", 1), Setting("dlm-1tpf", 1)):
         m = measure(target, setting, batches, max_new_tokens=GEN, ignore_eos=True)
         assert (m.tpf, m.nfe_total, m.generated) == (1.0, GEN * len(PROMPTS), GEN * len(PROMPTS))
 

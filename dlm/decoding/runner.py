@@ -1,0 +1,106 @@
+"""Model forwards over a slice of the sequence against the KV cache: what every decode mode shares.
+
+The cache is transformers' own: `StaticCache` (preallocated once per generate call, written in place: no
+copy per append, static shapes for `torch.compile` / CUDA graphs) or `DynamicCache`. A block's mask is
+built once and sliced by its later passes; the LM head runs only on the positions asked for
+(`logits_to_keep`), so committed positions and the folded-in block cost no logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, PreTrainedModel, StaticCache
+
+from dlm.decoding.layout import Layout
+from dlm.settings.decode import DecodeConfig
+from dlm.tensor.attention import additive_mask
+
+_COMPILED = "_dlm_compiled"
+
+
+def compiled(model: PreTrainedModel):
+    """`torch.compile` of the model, made once per model and kept on it (CUDA: CUDA graphs)."""
+    if _COMPILED not in model.__dict__:
+        mode = "reduce-overhead" if model.device.type == "cuda" else None
+        model.__dict__[_COMPILED] = torch.compile(model, mode=mode, dynamic=None)
+    return model.__dict__[_COMPILED]
+
+
+class Runner:
+    """Forwards of `seq[:, start:end]`; the cache holds `:start` (or nothing: `use_cache=False`)."""
+
+    def __init__(self, model: PreTrainedModel, layout: Layout, cfg: DecodeConfig):
+        self.model, self.layout = model, layout
+        self.eager = model.config._attn_implementation == "eager"
+        self.static = cfg.use_cache and cfg.cache == "static"
+        self.cache = None
+        if cfg.use_cache:
+            self.cache = (StaticCache(config=model.config, max_cache_len=layout.total) if self.static
+                          else DynamicCache(config=model.config))
+        self.step = compiled(model) if cfg.compile else model
+        self.length = 0  # tokens held by the cache
+        self._mask: tuple[int, int, Tensor] | None = None  # (start, end, mask) of the current block
+
+    @property
+    def cached(self) -> bool:
+        return self.cache is not None
+
+    def mask(self, start: int, end: int) -> Tensor:
+        """Queries `start:end`; reused (sliced) while later passes stay inside the last mask built."""
+        keys = self.layout.total if self.static else end
+        if self._mask is not None:
+            lo, hi, mask = self._mask
+            if hi == end and lo <= start:
+                return mask[:, :, start - lo:]
+        mask = self.layout.mask(start, end, keys)
+        if self.eager:
+            mask = additive_mask(mask, self.model.dtype)
+        self._mask = (start, end, mask)
+        return mask
+
+    def __call__(self, seq: Tensor, start: int, end: int, keep: int | Tensor, *, first: bool = False) -> Tensor:
+        """Logits `(B, K, V)` for `keep` (the last `keep` inputs, or input-relative indices).
+
+        `first` marks the prefill, which runs uncompiled (its shape is the prompt's).
+        """
+        step = self.model if first else self.step
+        out = step(input_ids=seq[:, start:end], attention_mask=self.mask(start, end),
+                   position_ids=self.layout.position_ids[:, start:end], cache=self.cache,
+                   use_cache=self.cached, logits_to_keep=keep)
+        self.length = end if self.cached else 0
+        return out.logits
+
+    def subset(self, rows: Tensor, seq: Tensor, start: int, end: int, keep: int | Tensor) -> Tensor:
+        """Logits of `rows` only, for a later pass of a block (the others have nothing left to commit).
+
+        The cache holds `:start` and stays as it is: the block's KV is recomputed every pass, so the
+        forward runs on a copy of those rows' cache, dropped afterwards.
+        """
+        lo = start if self.cached else 0
+        cache = None
+        if self.cached:
+            data = [(layer.keys[rows, :, :start], layer.values[rows, :, :start]) for layer in self.cache.layers]
+            cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
+        out = self.step(input_ids=seq[rows, lo:end], attention_mask=self.mask(lo, end)[rows][..., :end],
+                        position_ids=self.layout.position_ids[rows, lo:end], cache=cache, use_cache=self.cached,
+                        logits_to_keep=keep)
+        return out.logits
+
+    def keep_until(self, end: int) -> int:
+        """Drop cached KV past `end` (repeated passes must not append); where the next input starts."""
+        if not self.cached:
+            return 0  # no cache: every pass forwards the whole sequence
+        if self.length > end:
+            self.cache.crop(end - self.length)  # transformers crops by a negative count
+        self.length = min(self.length, end)
+        return end
+
+    def select(self, rows: Tensor) -> None:
+        """Keep only `rows` of the batch (the others finished): cache rows, layout and mask follow."""
+        self.layout = self.layout.select(rows)
+        if self.cached and self.length:
+            self.cache.reorder_cache(rows)
+        if self._mask is not None:
+            lo, hi, mask = self._mask
+            self._mask = (lo, hi, mask[rows])

@@ -1,0 +1,72 @@
+"""The runner: static and dynamic caches give the same logits as no cache, the block mask is built once and
+sliced, logits only where asked, and forwards of a subset of rows equal the full batch's rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dlm.decoding.layout import Layout
+from dlm.decoding.runner import Runner
+from dlm.settings import DecodeConfig
+from tests.conftest import make_backbone
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return make_backbone("qwen3", tokenizer, dtype=torch.float64).model.eval()
+
+
+def setup(model, cache="static", use_cache=True):
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    layout = Layout.build(torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6]), max_new_tokens=4, block_size=2)
+    return ids, Runner(model, layout, DecodeConfig(block_size=2, max_new_tokens=4, cache=cache, use_cache=use_cache))
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_cached_block_passes_give_the_logits_of_a_full_forward(model, cache):
+    ids, run = setup(model, cache)
+    _, full = setup(model, use_cache=False)
+    with torch.inference_mode():
+        reference = full(ids, 0, 10, 0)
+        run(ids, 0, 6, 1, first=True)
+        first = run(ids, 6, 8, 2)  # block 1
+        assert run.keep_until(6) == 6 and run.length == 6
+        again = run(ids, 6, 8, 2)  # a second pass over the same block
+        run.keep_until(6)
+        fold_in = run(ids, 6, 10, torch.tensor([2, 3]))  # the completed block enters with the next one
+    torch.testing.assert_close(first, reference[:, 6:8])
+    torch.testing.assert_close(again, first)
+    torch.testing.assert_close(fold_in, reference[:, 8:10])
+
+
+def test_the_block_mask_is_built_once_and_sliced_by_later_passes(model):
+    ids, run = setup(model)
+    first = run.mask(6, 10)
+    later = run.mask(8, 10)
+    assert later.data_ptr() == first[:, :, 2:].data_ptr()  # a view, not a new mask
+    assert first.shape == (2, 1, 4, 10)  # static cache: queries over every key slot
+
+
+def test_logits_only_for_the_positions_asked(model):
+    ids, run = setup(model)
+    with torch.inference_mode():
+        run(ids, 0, 6, 1, first=True)
+        out = run(ids, 6, 10, torch.tensor([3]))
+    assert out.shape[:2] == (2, 1)
+
+
+def test_a_subset_of_rows_gets_the_logits_the_whole_batch_gives_it(model):
+    ids, run = setup(model)
+    with torch.inference_mode():
+        run(ids, 0, 6, 1, first=True)
+        both = run(ids, 6, 8, 2)
+        run.keep_until(6)
+        one = run.subset(torch.tensor([1]), ids, 6, 8, 2)
+        assert run.length == 6  # the shared cache is untouched
+        run.select(torch.tensor([1]))
+        after = run(ids[1:], 6, 8, 2)
+    torch.testing.assert_close(one, both[1:])
+    torch.testing.assert_close(after, both[1:])
