@@ -56,7 +56,7 @@ class DiffusionCollator:
     def finish(self, stacked: dict[str, torch.Tensor], block_size: int | None = None,
                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Noise (diffusion patterns, from `generator`, at `block_size`) and position ids for stacked rows."""
-        block_size = block_size or self.block_size
+        stage, block_size = block_size, block_size or self.block_size
         ids, eligible, docs = stacked["input_ids"], stacked["eligible"], stacked.get("document_ids")
         batch = {"input_ids": ids, "eligible": eligible}
         if self.pattern != "causal":
@@ -65,8 +65,8 @@ class DiffusionCollator:
             batch["document_ids"] = docs = docs.repeat(batch["input_ids"].shape[0] // ids.shape[0], 1)
         restart = docs if self.restart_positions else None
         batch["position_ids"] = position_ids(self.pattern, *batch["input_ids"].shape, document_ids=restart)
-        if block_size != self.block_size:
-            batch["block_size"] = block_size  # a schedule's stage: the loss must use the size the noise was drawn at
+        if stage is not None:
+            batch["block_size"] = stage  # a schedule's stage: the loss must use the size the noise was drawn at
         return batch
 
     def _noise(self, ids: torch.Tensor, eligible: torch.Tensor, block_size: int,
@@ -176,7 +176,9 @@ class DiffusionDataModule(L.LightningDataModule):
         runs ahead (prefetch, workers), so only here is the step known: a block-size schedule's stage."""
         if "noised_ids" in batch or "position_ids" in batch:  # noised already (a loader built without a Trainer)
             return batch
-        block = self.cfg.attention.block_size_at(self.trainer.global_step if self.trainer is not None else 0)
+        a = self.cfg.attention
+        block = a.block_size_at(self.trainer.global_step if self.trainer is not None else 0) \
+            if a.block_size_schedule else None
         if self.trainer is not None and self.trainer.training:
             self._val_index = 0
             self._record_stream_position()

@@ -128,7 +128,7 @@ def _load_target(path: str | Path, block_size: int | None, device: torch.device,
 def _source_meta(checkpoint: str | Path) -> CheckpointMeta:
     if Path(checkpoint).suffix in (".yaml", ".yml"):
         cfg = load_config(checkpoint)
-        return CheckpointMeta(cfg.attention.pattern, cfg.attention.block_size, cfg.model.mask_token, -1)
+        return CheckpointMeta(cfg.attention.pattern, cfg.attention.block_size, cfg.model.mask_token, 0)
     return read_meta(checkpoint)
 
 

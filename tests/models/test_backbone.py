@@ -78,7 +78,7 @@ def test_remote_code_checkpoint_needs_explicit_opt_in(qwen3, tmp_path):
 
 
 def test_missing_checkpoint_is_one_line(tmp_path):
-    with pytest.raises(ConfigError, match=r"^model.tokenizer='.*nothing': cannot load") as info:
+    with pytest.raises(ConfigError, match=r"^model.name_or_path='.*nothing': cannot load") as info:
         load_backbone(ModelConfig(name_or_path=str(tmp_path / "nothing")))
     assert "\n" not in str(info.value)
 

@@ -155,7 +155,8 @@ def test_read_meta_fills_optional_fields_with_defaults(tmp_path):
 
 def test_meta_from_config_takes_pattern_block_size_mask_token_shift_and_name():
     cfg = load_config("experiments/tiny.yaml", overrides=["name=conv", "attention.block_size=8", "objective.shift=true",
-                                                          "model.mask_token=<|m|>"])
-    assert CheckpointMeta.from_config(cfg, 7) == CheckpointMeta("block_clean", 8, "<|m|>", 7, True, "conv")
+                                                          "model.mask_token=<|m|>", "model.name_or_path=org/ar-model"])
+    assert CheckpointMeta.from_config(cfg, 7) == CheckpointMeta("block_clean", 8, "<|m|>", 7, True, "conv",
+                                                                "org/ar-model")  # a hub id, as given
     ar = load_config("experiments/tiny_ar.yaml")
     assert CheckpointMeta.from_config(ar, 2) == CheckpointMeta("causal", 4, "<|mask|>", 2, False, "tiny_ar")

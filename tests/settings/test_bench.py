@@ -101,7 +101,7 @@ def test_bench_cli_help_shows_the_dataclass_defaults():
     assert helps["batch_sizes"].endswith("(default: 1,4)")
     for f in dataclasses.fields(BenchConfig):
         default = getattr(BenchConfig(), f.name)
-        shown = ",".join(map(str, default)) if isinstance(default, list) else str(default)
+        shown = (",".join(map(str, default)) or "none") if isinstance(default, list) else str(default)
         assert helps[f.name].endswith(f"(default: {shown})"), f.name
 
 

@@ -19,7 +19,7 @@ from tests.experiments.test_sweep import REPO, write_sweep
     ({"evall": {}}, r"evall: unknown key \(did you mean 'eval'\?\); allowed: name, experiment"),
     ({"bench": {"max_new_tokenz": 8}}, r"bench.max_new_tokenz: unknown key \(did you mean 'max_new_tokens'\?\)"),
     ({"bench": {"thresholds": [0.5, 1.5]}}, r"bench.thresholds=1.5: must be in \(0, 1\]"),
-    ({"eval": {"decode": {"treshold": 0.5}}}, r"eval.decode.treshold: unknown key; allowed: block_size, threshold"),
+    ({"eval": {"decode": {"treshold": 0.5}}}, r"eval.decode.treshold: unknown key; allowed: mode, block_size"),
     ({"launcher": "kubernetes"}, r"launcher='kubernetes': unknown launcher; allowed: local, slurm"),
     ({"grid": {"output_dir": ["a", "b"]}}, r"^output_dir: set by the sweep for every point"),
     ({"grid": {"attention.pattern": []}}, r"grid.attention.pattern=\[\]: needs at least one value"),
