@@ -180,6 +180,7 @@ class BenchRow:
     speedup_vs_hf: float | None = None  # tokens/s over transformers generate's at the same batch size
     speedup_cache: float | None = None  # cached over no-cache tokens/s, same policy and batch size
     tpf_v2: float | None = None  # dlm-v2count only: TPF counted as Fast-dLLM v2 counts it
+    forward_vs_ar: float | None = None  # seconds per forward a prompt takes part in, over the lean AR step's
 
 
 def build_rows(measurements: dict[Setting, Measurement]) -> list[BenchRow]:
@@ -188,6 +189,7 @@ def build_rows(measurements: dict[Setting, Measurement]) -> list[BenchRow]:
         ar, hf = rows.get(Setting("ar", s.batch_size)), rows.get(Setting("ar-hf", s.batch_size))
         row.speedup_vs_ar = row.tokens_per_sec / ar.tokens_per_sec if ar else None
         row.speedup_vs_hf = row.tokens_per_sec / hf.tokens_per_sec if hf else None
+        row.forward_vs_ar = row.tpf * ar.tokens_per_sec / (ar.tpf * row.tokens_per_sec) if ar else None
         no_cache = (rows.get(Setting("dlm-nocache", s.batch_size, s.threshold, s.tokens_per_pass))
                     if s.method in ("dlm", "dlm-fixed") else None)
         row.speedup_cache = row.tokens_per_sec / no_cache.tokens_per_sec if no_cache else None
@@ -206,7 +208,8 @@ def settings_grid(s: BenchConfig) -> list[Setting]:
     the no-cache reference, the Fast-dLLM v2 counting rows."""
     grid = []
     for b in s.batch_sizes:
-        grid += [Setting("ar", b)] + ([Setting("ar-hf", b)] if s.hf_generate else []) + [Setting("dlm-1tpf", b)]
+        grid += [Setting("ar", b)] + ([Setting("ar-hf", b)] if s.hf_generate else [])
+        grid += [Setting("dlm-1tpf", b)] if s.one_token_reference else []
         grid += [Setting("dlm", b, t) for t in s.thresholds]
         grid += [Setting("dlm-fixed", b, tokens_per_pass=n) for n in s.tokens_per_pass]
         grid += [Setting("dlm-nocache", b, t) for t in s.no_cache_thresholds]

@@ -31,6 +31,8 @@ class BenchConfig:
     """Fixed-policy counts of the no-cache reference (cache x no-cache at a known TPF)."""
     v2_count_thresholds: List[float] = field(default_factory=list)
     """Thresholds run without early exit and counted as Fast-dLLM v2 counts (BENCHMARKS.md)."""
+    one_token_reference: bool = True
+    """Also time the dLM at one token per forward (the non-parallel reference)."""
     hf_generate: bool = True
     """Also time transformers' `generate` as a second AR row (the lean loop is the headline)."""
     compile: bool = False
@@ -69,7 +71,8 @@ class BenchConfig:
         for key in ("thresholds", "no_cache_thresholds"):
             for t in getattr(self, key):
                 check(0 < t <= 1, f"bench.{key}", t, "must be in (0, 1] (1.0 = one token per pass unless certain)")
-        check(bool(self.thresholds), "bench.thresholds", self.thresholds, "need at least one threshold")
+        check(bool(self.thresholds or self.tokens_per_pass), "bench.thresholds", self.thresholds,
+              "need at least one threshold (or bench.tokens_per_pass)")
         check(bool(self.batch_sizes), "bench.batch_sizes", self.batch_sizes, "need at least one batch size")
         for b in self.batch_sizes:
             check_positive_int("bench.batch_sizes", b)

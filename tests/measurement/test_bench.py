@@ -85,6 +85,7 @@ def test_one_token_per_forward_references_have_tpf_one(result):
 def test_speedups_divide_the_matching_rows(result):
     cached, no_cache, ar = _row(result, "dlm", 2, 0.3), _row(result, "dlm-nocache", 2, 0.9), _row(result, "ar", 2)
     assert cached.speedup_vs_ar == pytest.approx(cached.tokens_per_sec / ar.tokens_per_sec)
+    assert cached.forward_vs_ar == pytest.approx(cached.tpf / cached.speedup_vs_ar)  # seconds per forward, over AR's
     hf = _row(result, "ar-hf", 2)
     assert cached.speedup_vs_hf == pytest.approx(cached.tokens_per_sec / hf.tokens_per_sec)
     assert cached.speedup_cache is None  # no no-cache row at threshold 0.3
@@ -128,6 +129,7 @@ def test_cached_and_uncached_decoding_agree_on_tokens_per_forward(files):
     ({"tokens_per_pass": (2, 0)}, r"^bench.tokens_per_pass=0: must be a positive integer"),
     ({"forward_costs": (-1,)}, r"^bench.forward_costs=-1: must be a positive integer"),
     ({"v2_count_thresholds": (2.0,)}, r"^bench.v2_count_thresholds=2.0: must be in \(0, 1\]"),
+    ({"thresholds": ()}, r"^bench.thresholds=\[\]: need at least one threshold \(or bench.tokens_per_pass\)"),
     ({"dtype": "float8"}, r"^bench.dtype='float8': .*allowed: float32, bfloat16, float16, float64"),
     ({"scored": True, "prompts": "PLAIN"}, r"scoring needs an 'answer' in every row"),
 ])

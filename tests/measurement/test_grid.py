@@ -83,6 +83,9 @@ def test_settings_grid_per_batch_size_is_ar_then_reference_then_cached_then_no_c
 def test_settings_grid_without_optional_rows_has_only_ar_the_reference_and_cached():
     grid = settings_grid(BenchConfig(batch_sizes=[2], thresholds=[0.7], no_cache_thresholds=[], hf_generate=False))
     assert grid == [Setting("ar", 2), Setting("dlm-1tpf", 2), Setting("dlm", 2, 0.7)]
+    grid = settings_grid(BenchConfig(batch_sizes=[1], thresholds=[], tokens_per_pass=[2], no_cache_thresholds=[],
+                                     hf_generate=False, one_token_reference=False))
+    assert grid == [Setting("ar", 1), Setting("dlm-fixed", 1, tokens_per_pass=2)]
 
 
 # --- Measurement and build_rows -----------------------------------------------------------------------------------
