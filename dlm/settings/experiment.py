@@ -22,12 +22,14 @@ __all__ = ["ConfigError", "ExperimentConfig", "flatten", "load_config", "save_co
 """ConfigError, flatten and to_yaml are re-exported: the experiment config's API in one import."""
 
 Pattern = Literal["causal", "bidirectional", "block", "block_clean"]
+CleanContext = Literal["block", "causal"]
 Backend = Literal["auto", "sdpa", "flex", "flash", "eager"]
 MaskingStrategy = Literal["uniform", "position"]
 Weighting = Literal["elbo", "none"]
 Dtype = Literal["float32", "bfloat16", "float16", "float64"]
 Precision = Literal["32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"]
 PATTERNS = typing.get_args(Pattern)
+CLEAN_CONTEXTS = typing.get_args(CleanContext)
 BACKENDS = typing.get_args(Backend)
 STRATEGIES = typing.get_args(MaskingStrategy)
 WEIGHTINGS = typing.get_args(Weighting)
@@ -65,6 +67,9 @@ class AttentionConfig:
     """Diffusion block length L' in tokens (paper: 16 for 1.5B, 64 for 4B/8B)."""
     backend: Backend = "auto"
     """auto (CPU: sdpa, CUDA: flex) | sdpa | flex | flash | eager."""
+    clean_context: CleanContext = "block"
+    """block_clean's clean half x_0: block (BD3-LM, block-causal) | causal (token-causal, so the clean KV cache
+    is a causal LM's: joint AR + diffusion training with `objective.ar_weight`, speculative decoding)."""
     block_size_schedule: List[List[int]] = field(default_factory=list)
     """Training block-size stages [[step, block_size], ...] from step 0 (LLaDA 2.0 warm-up, SDAR / TDAR
     progressive blocks), e.g. [[0, 2], [400, 4], [800, 8]]; replaces `block_size` in training, and the
@@ -215,6 +220,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check_positive_int("data.max_length", d.max_length)
     check_block_size(a.block_size, d.max_length)
     check_schedule(a, d.max_length)
+    check(a.clean_context == "block" or a.pattern == "block_clean", "attention.clean_context", a.clean_context,
+          f"only block_clean has a clean half (attention.pattern={a.pattern!r}); allowed: block")
     check(m.half_life > 0, "masking.half_life", m.half_life, "must be > 0 (large = uniform)")
     check(0 < m.eps < 1, "masking.eps", m.eps, "must be in (0, 1)")
     check(cfg.model.name_or_path is not None or cfg.model.arch is not None, "model.name_or_path", None,

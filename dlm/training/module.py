@@ -78,7 +78,8 @@ class DiffusionLM(L.LightningModule):
                                       seq_len=sequence_length(a.pattern, input_ids.shape[1]),
                                       block_size=block_size or a.block_size, backend=self.kernel,
                                       device=input_ids.device, dtype=self.model.dtype, document_ids=document_ids,
-                                      restart_positions=self.cfg.data.restart_positions)
+                                      restart_positions=self.cfg.data.restart_positions,
+                                      clean_context=a.clean_context)
         self.flops_per_batch = self._training_flops(input_ids)
         return self.model(input_ids=input_ids, **attn.as_kwargs(), use_cache=False).logits
 

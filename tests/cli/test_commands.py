@@ -69,7 +69,7 @@ def test_config_with_an_unknown_key_suggests_the_near_match_in_one_line(capsys):
     assert status == 2 and out == ""
     assert err.splitlines() == [
         "error: attention.blok_size: unknown key (did you mean 'block_size'?); allowed: pattern, block_size, backend, "
-        "block_size_schedule"]
+        "clean_context, block_size_schedule"]
 
 
 # -- the parser -----------------------------------------------------------------------------------------------

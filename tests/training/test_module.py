@@ -58,7 +58,7 @@ def test_built_from_config_has_the_configured_model_in_train_mode(tmp_path):
     assert module.mask_token_id == module.tokenizer.mask_token_id == module.tokenizer.convert_tokens_to_ids("<|mask|>")
     assert module.kernel == "sdpa"  # CPU
     assert module.hparams["config"]["attention"] == {"pattern": "block_clean", "block_size": 4, "backend": "auto",
-                                                     "block_size_schedule": []}
+                                                     "clean_context": "block", "block_size_schedule": []}
 
 
 def test_given_backbone_is_used_and_put_in_train_mode(tmp_path, tokenizer):
