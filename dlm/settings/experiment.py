@@ -108,6 +108,11 @@ class ObjectiveConfig:
     """elbo (1/t, or L'/k for exact-k masking) | none."""
     shift: bool = False
     """Dream-style: the logit at i-1 predicts token i. The paper finds no shift better."""
+    ar_weight: float = 0.0
+    """Weight of the next-token AR loss on block_clean's clean half (its causal logits predict x_0 shifted by
+    one), added in the same forward; needs `attention.clean_context: causal`. 0 = diffusion only. NLD: 1.0."""
+    diffusion_weight: float = 1.0
+    """Weight of the diffusion loss (NLD's joint objective: 0.3 with ar_weight 1.0)."""
 
 
 @dataclass
@@ -237,8 +242,22 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check(cfg.trainer.max_steps > 0, "trainer.max_steps", cfg.trainer.max_steps, "must be a positive integer")
     check(len(cfg.optim.betas) == 2, "optim.betas", cfg.optim.betas, "must be two numbers, e.g. [0.9, 0.95]")
     _validate_optim(cfg.optim)
+    _validate_objective(cfg)
     _validate_run_knobs(cfg)
     return cfg
+
+
+def _validate_objective(cfg: ExperimentConfig) -> None:
+    """The joint AR + diffusion weights: the AR term reads the clean half's logits, which predict the next
+    token only when that half is token-causal."""
+    o, a = cfg.objective, cfg.attention
+    check(o.ar_weight >= 0, "objective.ar_weight", o.ar_weight, "must be >= 0 (0 = diffusion only)")
+    check(o.diffusion_weight >= 0, "objective.diffusion_weight", o.diffusion_weight, "must be >= 0")
+    check(o.ar_weight > 0 or o.diffusion_weight > 0 or a.pattern == "causal", "objective.diffusion_weight",
+          o.diffusion_weight, "must be > 0 when objective.ar_weight is 0 (nothing would train)")
+    check(o.ar_weight == 0 or (a.pattern == "block_clean" and a.clean_context == "causal"), "objective.ar_weight",
+          o.ar_weight, f"needs attention.pattern=block_clean with attention.clean_context=causal (got "
+          f"{a.pattern}, clean_context {a.clean_context}: its clean half is not token-causal)")
 
 
 def _validate_optim(o: OptimConfig) -> None:

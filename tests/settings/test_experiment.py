@@ -51,6 +51,12 @@ def test_saved_config_reloads_exactly(tmp_path):
         ("attention.pattern=causal attention.block_size_schedule=[[0,2]]", r"the causal pattern has no blocks"),
         ("attention.clean_context=token", r"^attention.clean_context='token': unknown clean_context; "
                                            r"allowed: block, causal$"),
+        ("objective.ar_weight=-1", r"^objective.ar_weight=-1.0: must be >= 0"),
+        ("objective.ar_weight=1", r"^objective.ar_weight=1.0: needs attention.pattern=block_clean with "
+                                  r"attention.clean_context=causal"),
+        ("objective.diffusion_weight=0", r"^objective.diffusion_weight=0.0: must be > 0 when"),
+        ("objective.diffusion_weight=-0.5 attention.clean_context=causal objective.ar_weight=1",
+         r"^objective.diffusion_weight=-0.5: must be >= 0"),
         ("attention.pattern=block attention.clean_context=causal", r"^attention.clean_context='causal': only "
                                                                    r"block_clean has a clean half"),
     ],
