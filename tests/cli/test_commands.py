@@ -181,6 +181,32 @@ def test_generate_checks_the_sub_block_against_the_checkpoints_block_size_before
     assert seconds < 5
 
 
+def test_speculative_generate_with_a_block_clean_context_checkpoint_is_one_error_line(meta_only_ckpt, capsys):
+    status, out, err, seconds = run_main(["generate", meta_only_ckpt, "--prompt", "hi", "--mode", "speculative"],
+                                         capsys)
+    assert status == 2 and out == ""
+    assert err.splitlines() == [
+        "error: decode.mode='speculative': needs a checkpoint trained with attention.clean_context=causal "
+        "(this one: pattern block_clean, clean_context block); allowed: diffusion, ar"]
+    assert seconds < 5
+
+
+def test_speculative_generate_on_a_causal_clean_context_checkpoint_matches_ar_mode(tokenizer, tmp_path, capsys):
+    from dlm.models.checkpoint import save_checkpoint
+
+    bb = make_backbone("qwen3", tokenizer)
+    meta = CheckpointMeta("block_clean", 4, "<|mask|>", bb.mask_token_id, clean_context="causal")
+    ckpt = str(save_checkpoint(bb.model, bb.tokenizer, meta, tmp_path / "joint"))
+    texts = {}
+    for mode in ("ar", "speculative"):
+        status, out, err, _ = run_main(["generate", ckpt, "--prompt", "Tom has 3 apples", "--mode", mode,
+                                        "--max-new-tokens", "9"], capsys)
+        assert status == 0, err
+        texts[mode] = out.split("--- stats")[0]
+    assert texts["ar"] == texts["speculative"]
+    assert "speculative, drafts of 3" in out
+
+
 def test_a_bad_flag_fails_without_importing_torch():
     code = ("import sys; from dlm.cli.main import main; "
             f"status = main(['bench', {MISSING_CKPT!r}, '--thresholds', '1.5']); print(status, 'torch' in sys.modules)")
