@@ -31,6 +31,9 @@ class BenchConfig:
     """Fixed-policy counts of the no-cache reference (cache x no-cache at a known TPF)."""
     v2_count_thresholds: List[float] = field(default_factory=list)
     """Thresholds run without early exit and counted as Fast-dLLM v2 counts (BENCHMARKS.md)."""
+    speculative: bool = False
+    """Also a self-speculative row (decode.mode=speculative: drafts of block_size - 1, lossless); needs a
+    checkpoint trained with attention.clean_context=causal."""
     hf_generate: bool = True
     """Also time transformers' `generate` as a second AR row (the lean loop is the headline)."""
     compile: bool = False

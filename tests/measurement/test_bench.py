@@ -130,6 +130,8 @@ def test_cached_and_uncached_decoding_agree_on_tokens_per_forward(files):
     ({"v2_count_thresholds": (2.0,)}, r"^bench.v2_count_thresholds=2.0: must be in \(0, 1\]"),
     ({"dtype": "float8"}, r"^bench.dtype='float8': .*allowed: float32, bfloat16, float16, float64"),
     ({"scored": True, "prompts": "PLAIN"}, r"scoring needs an 'answer' in every row"),
+    ({"speculative": True}, r"^decode.mode='speculative': needs a checkpoint trained with "
+                            r"attention.clean_context=causal"),
 ])
 def test_bad_input_fails_in_one_line_before_any_output(files, new_run, tmp_path, kwargs, match):
     if kwargs.get("prompts") == "PLAIN":
