@@ -45,7 +45,8 @@ def direct(target: Target, setting: Setting, batch: Batch, eos: int | None):
     return generate(target.model, batch.input_ids, attention_mask=batch.attention_mask,
                     mask_token_id=target.mask_token_id, eos_token_id=eos, block_size=target.block_size,
                     max_new_tokens=GEN, threshold=setting.threshold or 1.0,
-                    mode={"ar": "ar", "spec": "speculative"}.get(setting.method, "diffusion"), policy="fixed" if setting.tokens_per_pass else "threshold",
+                    mode={"ar": "ar", "spec": "speculative"}.get(setting.method, "diffusion"),
+                    policy="fixed" if setting.tokens_per_pass else "threshold",
                     tokens_per_pass=setting.tokens_per_pass or 1, early_exit=setting.method != "dlm-v2count",
                     one_token_per_forward=setting.method == "dlm-1tpf", use_cache=setting.method != "dlm-nocache")
 
