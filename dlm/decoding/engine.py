@@ -33,6 +33,7 @@ from dlm.decoding.layout import Layout
 from dlm.decoding.output import GenerationOutput
 from dlm.decoding.policies import candidates, choose, propose
 from dlm.decoding.runner import Runner
+from dlm.decoding.speculative import speculative
 from dlm.decoding.stopping import Stopper, check_inputs
 from dlm.settings.decode import DecodeConfig
 from dlm.settings.errors import ConfigError
@@ -148,7 +149,8 @@ def generate(model: PreTrainedModel, input_ids: Tensor, *, mask_token_id: int | 
              eos_token_id: int | Sequence[int] | None = None, stop: Sequence[str] | None = None,
              tokenizer: PreTrainedTokenizerBase | None = None, generator: torch.Generator | None = None,
              **overrides) -> GenerationOutput:
-    """Decode left-padded prompts `input_ids` `(B, P)`: block-parallel (`mode=diffusion`) or lean AR.
+    """Decode left-padded prompts `input_ids` `(B, P)`: block-parallel (`mode=diffusion`), lean AR, or
+    self-speculative (`mode=speculative`: diffusion drafts, causal verify; the AR mode's greedy output).
 
     `overrides` are `DecodeConfig` fields (`threshold=0.5`) applied over `config`. `eos_token_id=None`
     means no EOS stop. The model must run sdpa or eager attention: the decoder passes a dense 4-D mask.
@@ -159,8 +161,8 @@ def generate(model: PreTrainedModel, input_ids: Tensor, *, mask_token_id: int | 
     if impl not in MASK_IMPLEMENTATIONS:
         raise ConfigError(f"model attn_implementation={impl!r}: decoding passes a dense 4-D mask; load the model with "
                           "attn_implementation='sdpa' (or 'eager') for decoding")
-    if cfg.mode == "diffusion" and mask_token_id is None:
-        raise ConfigError("mask_token_id=None: decode.mode=diffusion needs the [MASK] token id (or use mode=ar)")
+    if cfg.mode != "ar" and mask_token_id is None:
+        raise ConfigError(f"mask_token_id=None: decode.mode={cfg.mode} needs the [MASK] token id (or use mode=ar)")
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
     check_inputs(model, input_ids, attention_mask, cfg.max_new_tokens, stop, tokenizer)
     stopper = Stopper(eos_token_id, stop, tokenizer, input_ids.device)
@@ -168,6 +170,9 @@ def generate(model: PreTrainedModel, input_ids: Tensor, *, mask_token_id: int | 
         if cfg.mode == "ar":
             rows = greedy_ar(Runner(model, Layout.build(attention_mask, cfg.max_new_tokens, 1), cfg), input_ids,
                              cfg.max_new_tokens, stopper, exclude=mask_token_id)
+        elif cfg.mode == "speculative":  # the token-causal layout: the clean cache is an AR model's
+            rows = speculative(Runner(model, Layout.build(attention_mask, cfg.max_new_tokens, 1), cfg), input_ids,
+                               cfg.max_new_tokens, cfg.block_size - 1, mask_token_id, stopper, cfg.shift)
         else:
             rows = _decode(model, input_ids, attention_mask, cfg, mask_token_id, stopper, generator)
     return stopper.output(rows.tokens, rows.nfe, rows.forwards)

@@ -36,7 +36,9 @@ class Completions:
 def decode_config_for(meta: CheckpointMeta, **overrides) -> DecodeConfig:
     """Decoder settings that match how the checkpoint was trained (block size, shift), then overrides."""
     base = DecodeConfig(block_size=meta.block_size, shift=meta.shift)
-    return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    meta.check_decode_mode(cfg.mode)
+    return cfg
 
 
 def encode_prompts(backbone: Backbone, prompts: list[str],

@@ -292,7 +292,9 @@ def _decode_config(meta: CheckpointMeta, decode: DecodeConfig | dict | None, kno
         base = DecodeConfig(block_size=meta.block_size, shift=meta.shift)
         knobs = {**(decode or {}), **knobs}
     overrides = {ALIASES.get(k, k): _coerce(k, v, getattr(base, ALIASES.get(k, k))) for k, v in knobs.items()}
-    return dataclasses.replace(base, **overrides)
+    cfg = dataclasses.replace(base, **overrides)
+    meta.check_decode_mode(cfg.mode)
+    return cfg
 
 
 def _check_keys(knobs: dict[str, Any]) -> None:

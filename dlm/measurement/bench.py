@@ -129,7 +129,8 @@ def _load_target(path: str | Path, block_size: int | None, device: torch.device,
 def _source_meta(checkpoint: str | Path) -> CheckpointMeta:
     if Path(checkpoint).suffix in (".yaml", ".yml"):
         cfg = load_config(checkpoint)
-        return CheckpointMeta(cfg.attention.pattern, cfg.attention.block_size, cfg.model.mask_token, 0)
+        return CheckpointMeta(cfg.attention.pattern, cfg.attention.block_size, cfg.model.mask_token, 0,
+                              clean_context=cfg.attention.clean_context)
     return read_meta(checkpoint)
 
 
@@ -157,8 +158,11 @@ def run_bench(checkpoint: str | Path, settings: BenchConfig | None = None, *,
     Everything that can be checked without loading a model is checked first (ConfigError, one line).
     """
     s = settings or BenchConfig()
-    if _source_meta(checkpoint).pattern == "causal":
+    source = _source_meta(checkpoint)
+    if source.pattern == "causal":
         raise ConfigError(f"checkpoint={str(checkpoint)!r}: pattern=causal is an AR model; pass it as --ar-baseline")
+    if s.speculative:
+        source.check_decode_mode("speculative")
     ar_path, ar_name = ar_baseline_for(checkpoint, s)
     run = runs.resolve_run(log.mlflow_run, log.tracking_uri, checkpoint=checkpoint,
                            key="bench.mlflow_run") if log else None

@@ -24,7 +24,7 @@ from dlm.settings import BenchConfig, DecodeConfig
 
 METHODS = {"ar": "AR, lean loop (same engine)", "ar-hf": "AR, transformers generate", "dlm-1tpf": "dLM 1 token/forward",
            "dlm": "dLM cached", "dlm-fixed": "dLM cached, fixed", "dlm-nocache": "dLM no cache",
-           "dlm-v2count": "dLM cached, Fast-dLLM v2 counting"}
+           "dlm-v2count": "dLM cached, Fast-dLLM v2 counting", "spec": "dLM self-speculative (causal verify)"}
 AR_METHODS = ("ar", "ar-hf")
 
 
@@ -76,7 +76,8 @@ def encode_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]
 def decode_config(target: Target, setting: Setting, *, max_new_tokens: int, compile: bool = False) -> DecodeConfig:
     """The engine settings a grid setting stands for."""
     m = setting.method
-    return DecodeConfig(mode="ar" if m == "ar" else "diffusion", block_size=target.block_size,
+    mode = {"ar": "ar", "spec": "speculative"}.get(m, "diffusion")
+    return DecodeConfig(mode=mode, block_size=target.block_size,
                         threshold=setting.threshold or 1.0, max_new_tokens=max_new_tokens,
                         policy="fixed" if setting.tokens_per_pass else "threshold",
                         tokens_per_pass=setting.tokens_per_pass or 1,
@@ -205,7 +206,7 @@ def _row(s: Setting, m: Measurement) -> BenchRow:
 
 def settings_grid(s: BenchConfig) -> list[Setting]:
     """Per batch size: the AR baselines, the one-token reference, cached per threshold and per fixed count,
-    the no-cache reference, the Fast-dLLM v2 counting rows."""
+    the no-cache reference, the Fast-dLLM v2 counting rows, self-speculative decoding."""
     grid = []
     for b in s.batch_sizes:
         grid += [Setting("ar", b)] + ([Setting("ar-hf", b)] if s.hf_generate else [])
@@ -215,4 +216,5 @@ def settings_grid(s: BenchConfig) -> list[Setting]:
         grid += [Setting("dlm-nocache", b, t) for t in s.no_cache_thresholds]
         grid += [Setting("dlm-nocache", b, tokens_per_pass=n) for n in s.no_cache_tokens_per_pass]
         grid += [Setting("dlm-v2count", b, t) for t in s.v2_count_thresholds]
+        grid += [Setting("spec", b)] if s.speculative else []
     return grid

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlm.models.backbone import Backbone, check_weight_files, load_backbone
 from dlm.models.lora import is_adapter_folder, load_adapter
-from dlm.settings import PATTERNS, ConfigError, ExperimentConfig, ModelConfig, check
+from dlm.settings import CLEAN_CONTEXTS, PATTERNS, ConfigError, ExperimentConfig, ModelConfig, check
 from dlm.settings.errors import check_positive_int
 from dlm.settings.loading import read_yaml_mapping
 
@@ -39,6 +39,9 @@ class CheckpointMeta:
     """The `model.name_or_path` this model was trained from (absolute folder, or hub id): the AR checkpoint a
     conversion started from (`dlm bench`'s default AR baseline) and the base a LoRA adapter-only export applies
     to. Empty for a model built from scratch."""
+    clean_context: str = "block"
+    """`attention.clean_context` of training: `causal` makes the clean KV cache an AR model's, which
+    `decode.mode=speculative` verifies with."""
 
     def __post_init__(self) -> None:
         """Validated like a config: a checkpoint whose dlm.yaml says `pattern: bogus` must not decode as if valid."""
@@ -51,6 +54,14 @@ class CheckpointMeta:
         check(isinstance(self.shift, bool), "shift", self.shift, "must be true or false")
         check(isinstance(self.source_experiment, str), "source_experiment", self.source_experiment, "must be a string")
         check(isinstance(self.base_model, str), "base_model", self.base_model, "must be a string")
+        check(self.clean_context in CLEAN_CONTEXTS, "clean_context", self.clean_context, "unknown clean context",
+              CLEAN_CONTEXTS)
+
+    def check_decode_mode(self, mode: str) -> None:
+        """Speculative decoding verifies with the causal clean path, which only a causal clean context trains."""
+        check(mode != "speculative" or self.clean_context == "causal", "decode.mode", mode,
+              f"needs a checkpoint trained with attention.clean_context=causal (this one: pattern {self.pattern}, "
+              f"clean_context {self.clean_context}); allowed: diffusion, ar")
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig, mask_token_id: int) -> "CheckpointMeta":
@@ -60,7 +71,7 @@ class CheckpointMeta:
             base = str(local.resolve()) if local.exists() else cfg.model.name_or_path
         block_size = cfg.attention.block_size_at(cfg.trainer.max_steps)  # a schedule's last stage
         return cls(cfg.attention.pattern, block_size, cfg.model.mask_token, mask_token_id,
-                   cfg.objective.shift, cfg.name, base)
+                   cfg.objective.shift, cfg.name, base, cfg.attention.clean_context)
 
 
 def save_checkpoint(

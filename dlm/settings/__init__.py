@@ -12,6 +12,7 @@ from dlm.settings.errors import ConfigError, check
 from dlm.settings.eval import EvalConfig
 from dlm.settings.experiment import (
     BACKENDS,
+    CLEAN_CONTEXTS,
     PATTERNS,
     STRATEGIES,
     SYNTHETIC,
@@ -33,7 +34,8 @@ from dlm.settings.lora import LoraConfig
 from dlm.settings.tracking import LogTarget, TrackingConfig
 
 __all__ = [
-    "BACKENDS", "PATTERNS", "STRATEGIES", "SYNTHETIC", "WEIGHTINGS", "AttentionConfig", "BenchConfig", "ConfigError",
+    "BACKENDS", "CLEAN_CONTEXTS", "PATTERNS",
+    "STRATEGIES", "SYNTHETIC", "WEIGHTINGS", "AttentionConfig", "BenchConfig", "ConfigError",
     "DataConfig", "DecodeConfig", "DriftConfig", "EvalConfig", "ExperimentConfig", "LogTarget", "LoraConfig",
     "MaskingConfig",
     "ModelConfig", "ObjectiveConfig", "OptimConfig", "TrackingConfig", "TrainBenchConfig", "TrainerConfig", "check",

@@ -33,6 +33,9 @@ class BenchConfig:
     """Thresholds run without early exit and counted as Fast-dLLM v2 counts (BENCHMARKS.md)."""
     one_token_reference: bool = True
     """Also time the dLM at one token per forward (the non-parallel reference)."""
+    speculative: bool = False
+    """Also a self-speculative row (decode.mode=speculative: drafts of block_size - 1, lossless); needs a
+    checkpoint trained with attention.clean_context=causal."""
     hf_generate: bool = True
     """Also time transformers' `generate` as a second AR row (the lean loop is the headline)."""
     compile: bool = False

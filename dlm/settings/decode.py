@@ -12,9 +12,11 @@ from dlm.settings.errors import check, check_block_size, check_choices, check_po
 class DecodeConfig:
     """Knobs of the parallel decoder; validated on construction (`decode.<field>` in errors)."""
 
-    mode: Literal["diffusion", "ar"] = "diffusion"
+    mode: Literal["diffusion", "ar", "speculative"] = "diffusion"
     """diffusion: block-by-block parallel decoding | ar: the lean greedy AR loop of the same engine (same
-    cache, same compile), one token per forward under the causal mask: the AR baseline."""
+    cache, same compile), one token per forward under the causal mask: the AR baseline | speculative: the
+    diffusion path drafts `block_size - 1` tokens, the causal path verifies them (lossless: the AR mode's
+    greedy output; needs a checkpoint trained with `attention.clean_context: causal`)."""
     block_size: int = 32
     """Tokens decoded per block; eval block 16-32 in the paper (may differ from the training block)."""
     threshold: float = 0.9
@@ -62,3 +64,10 @@ class DecodeConfig:
         check(0 < self.top_p <= 1, "decode.top_p", self.top_p, "must be in (0, 1]")
         check(self.factor > 0, "decode.factor", self.factor, "must be > 0")
         check_positive_int("decode.tokens_per_pass", self.tokens_per_pass)
+        if self.mode == "speculative":
+            check(self.block_size >= 2, "decode.block_size", self.block_size,
+                  "must be >= 2 with decode.mode=speculative (it drafts block_size - 1 tokens)")
+            check(self.use_cache, "decode.use_cache", self.use_cache,
+                  "decode.mode=speculative verifies over the KV cache; allowed: true")
+            check(self.temperature == 0, "decode.temperature", self.temperature,
+                  "decode.mode=speculative is greedy (its output is the AR mode's argmax); allowed: 0")

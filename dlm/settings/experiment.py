@@ -22,12 +22,14 @@ __all__ = ["ConfigError", "ExperimentConfig", "flatten", "load_config", "save_co
 """ConfigError, flatten and to_yaml are re-exported: the experiment config's API in one import."""
 
 Pattern = Literal["causal", "bidirectional", "block", "block_clean"]
+CleanContext = Literal["block", "causal"]
 Backend = Literal["auto", "sdpa", "flex", "flash", "eager"]
 MaskingStrategy = Literal["uniform", "position"]
 Weighting = Literal["elbo", "none"]
 Dtype = Literal["float32", "bfloat16", "float16", "float64"]
 Precision = Literal["32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"]
 PATTERNS = typing.get_args(Pattern)
+CLEAN_CONTEXTS = typing.get_args(CleanContext)
 BACKENDS = typing.get_args(Backend)
 STRATEGIES = typing.get_args(MaskingStrategy)
 WEIGHTINGS = typing.get_args(Weighting)
@@ -65,6 +67,9 @@ class AttentionConfig:
     """Diffusion block length L' in tokens (paper: 16 for 1.5B, 64 for 4B/8B)."""
     backend: Backend = "auto"
     """auto (CPU: sdpa, CUDA: flex) | sdpa | flex | flash | eager."""
+    clean_context: CleanContext = "block"
+    """block_clean's clean half x_0: block (BD3-LM, block-causal) | causal (token-causal, so the clean KV cache
+    is a causal LM's: joint AR + diffusion training with `objective.ar_weight`, speculative decoding)."""
     block_size_schedule: List[List[int]] = field(default_factory=list)
     """Training block-size stages [[step, block_size], ...] from step 0 (LLaDA 2.0 warm-up, SDAR / TDAR
     progressive blocks), e.g. [[0, 2], [400, 4], [800, 8]]; replaces `block_size` in training, and the
@@ -103,6 +108,11 @@ class ObjectiveConfig:
     """elbo (1/t, or L'/k for exact-k masking) | none."""
     shift: bool = False
     """Dream-style: the logit at i-1 predicts token i. The paper finds no shift better."""
+    ar_weight: float = 0.0
+    """Weight of the next-token AR loss on block_clean's clean half (its causal logits predict x_0 shifted by
+    one), added in the same forward; needs `attention.clean_context: causal`. 0 = diffusion only. NLD: 1.0."""
+    diffusion_weight: float = 1.0
+    """Weight of the diffusion loss (NLD's joint objective: 0.3 with ar_weight 1.0)."""
 
 
 @dataclass
@@ -215,6 +225,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check_positive_int("data.max_length", d.max_length)
     check_block_size(a.block_size, d.max_length)
     check_schedule(a, d.max_length)
+    check(a.clean_context == "block" or a.pattern == "block_clean", "attention.clean_context", a.clean_context,
+          f"only block_clean has a clean half (attention.pattern={a.pattern!r}); allowed: block")
     check(m.half_life > 0, "masking.half_life", m.half_life, "must be > 0 (large = uniform)")
     check(0 < m.eps < 1, "masking.eps", m.eps, "must be in (0, 1)")
     check(cfg.model.name_or_path is not None or cfg.model.arch is not None, "model.name_or_path", None,
@@ -230,8 +242,22 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check(cfg.trainer.max_steps > 0, "trainer.max_steps", cfg.trainer.max_steps, "must be a positive integer")
     check(len(cfg.optim.betas) == 2, "optim.betas", cfg.optim.betas, "must be two numbers, e.g. [0.9, 0.95]")
     _validate_optim(cfg.optim)
+    _validate_objective(cfg)
     _validate_run_knobs(cfg)
     return cfg
+
+
+def _validate_objective(cfg: ExperimentConfig) -> None:
+    """The joint AR + diffusion weights: the AR term reads the clean half's logits, which predict the next
+    token only when that half is token-causal."""
+    o, a = cfg.objective, cfg.attention
+    check(o.ar_weight >= 0, "objective.ar_weight", o.ar_weight, "must be >= 0 (0 = diffusion only)")
+    check(o.diffusion_weight >= 0, "objective.diffusion_weight", o.diffusion_weight, "must be >= 0")
+    check(o.ar_weight > 0 or o.diffusion_weight > 0 or a.pattern == "causal", "objective.diffusion_weight",
+          o.diffusion_weight, "must be > 0 when objective.ar_weight is 0 (nothing would train)")
+    check(o.ar_weight == 0 or (a.pattern == "block_clean" and a.clean_context == "causal"), "objective.ar_weight",
+          o.ar_weight, f"needs attention.pattern=block_clean with attention.clean_context=causal (got "
+          f"{a.pattern}, clean_context {a.clean_context}: its clean half is not token-causal)")
 
 
 def _validate_optim(o: OptimConfig) -> None:

@@ -10,6 +10,8 @@ Patterns (DESIGN.md §1), with ``blk(i) = i // block_size``:
 - ``bidirectional``: everything.
 - ``block``: ``blk(k) <= blk(q)`` over the noisy sequence alone.
 - ``block_clean``: input ``x_t ⊕ x_0`` of length 2L (BD3-LM vectorised training); see :func:`block_clean_mask_fn`.
+  ``clean_context="causal"`` makes its clean half token-causal (joint AR + diffusion training): the clean KV
+  cache is then exactly a causal LM's, so the causal path can verify what the diffusion path drafts.
 
 Document masking (``data.document_mask``, LLaDA 2.0 / SDAR "neat packing"): packed rows carry per-token
 document ids ``(B, L)``, and any pattern's function is wrapped by :func:`document_mask_fn` so a token also
@@ -26,7 +28,7 @@ from typing import Callable, Union
 import torch
 from torch import Tensor
 
-from dlm.settings import BACKENDS, PATTERNS, ConfigError, check
+from dlm.settings import BACKENDS, CLEAN_CONTEXTS, PATTERNS, ConfigError, check
 from dlm.settings.errors import check_block_size, check_positive_int
 
 MaskFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -56,21 +58,24 @@ def block_mask_fn(block_size: int) -> MaskFn:
     return fn
 
 
-def block_clean_mask_fn(seq_len: int, block_size: int) -> MaskFn:
+def block_clean_mask_fn(seq_len: int, block_size: int, clean_context: str = "block") -> MaskFn:
     """Mask over ``x_t ⊕ x_0`` (length 2L): noisy half first, clean half second.
 
     With f(i) = i >= L (clean half) and b(i) its block inside its half, q may attend k iff one of
-    three sub-masks holds (BD3-LM's block-diagonal / offset-block-causal / block-causal split).
+    three sub-masks holds (BD3-LM's block-diagonal / offset-block-causal / block-causal split). With
+    `clean_context="causal"` the clean half attends token-causally (k <= q) instead of block-causally;
+    the noisy half is unchanged.
     """
+    causal_clean = clean_context == "causal"
 
     def fn(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         q_clean, k_clean = q >= seq_len, k >= seq_len
         q_block = torch.where(q_clean, q - seq_len, q) // block_size
         k_block = torch.where(k_clean, k - seq_len, k) // block_size
-        block_diagonal = (q_block == k_block) & (q_clean == k_clean)
+        noisy_diagonal = ~q_clean & ~k_clean & (q_block == k_block)
         noisy_sees_earlier_clean = ~q_clean & k_clean & (k_block < q_block)
-        clean_block_causal = q_clean & k_clean & block_causal(q_block, k_block)
-        return block_diagonal | noisy_sees_earlier_clean | clean_block_causal
+        clean_rule = (k <= q) if causal_clean else block_causal(q_block, k_block)
+        return noisy_diagonal | noisy_sees_earlier_clean | (q_clean & k_clean & clean_rule)
 
     return fn
 
@@ -100,22 +105,24 @@ def document_positions(document_ids: Tensor) -> Tensor:
     return idx - first
 
 
-def check_pattern(pattern: str, block_size: int) -> None:
-    """The settings' rules for the two values every mask needs (for callers that build masks directly)."""
+def check_pattern(pattern: str, block_size: int, clean_context: str = "block") -> None:
+    """The settings' rules for the values every mask needs (for callers that build masks directly)."""
     check(pattern in PATTERNS, "attention.pattern", pattern, "unknown pattern", PATTERNS)
+    check(clean_context in CLEAN_CONTEXTS, "attention.clean_context", clean_context, "unknown clean context",
+          CLEAN_CONTEXTS)
     check_block_size(block_size)
 
 
-def mask_fn(pattern: str, *, seq_len: int, block_size: int) -> MaskFn:
+def mask_fn(pattern: str, *, seq_len: int, block_size: int, clean_context: str = "block") -> MaskFn:
     """The mask function of `pattern` for noisy length `seq_len` (block_clean indexes 2 * seq_len)."""
-    check_pattern(pattern, block_size)
+    check_pattern(pattern, block_size, clean_context)
     if pattern == "causal":
         return causal_mask_fn
     if pattern == "bidirectional":
         return bidirectional_mask_fn
     if pattern == "block":
         return block_mask_fn(block_size)
-    return block_clean_mask_fn(seq_len, block_size)
+    return block_clean_mask_fn(seq_len, block_size, clean_context)
 
 
 def total_length(pattern: str, seq_len: int) -> int:
@@ -133,12 +140,13 @@ def diffusion_input(pattern: str, noised: Tensor, clean: Tensor) -> Tensor:
     return torch.cat([noised, clean], dim=1) if pattern == "block_clean" else noised
 
 
-def dense_mask(pattern: str, seq_len: int, block_size: int, *, device: torch.device | str = "cpu") -> Tensor:
+def dense_mask(pattern: str, seq_len: int, block_size: int, *, device: torch.device | str = "cpu",
+               clean_context: str = "block") -> Tensor:
     """The pattern's mask as a `[q_len, kv_len]` bool tensor (True = may attend).
 
     For `block_clean`, `seq_len` is L and the result is `[2L, 2L]`.
     """
-    fn = mask_fn(pattern, seq_len=seq_len, block_size=block_size)
+    fn = mask_fn(pattern, seq_len=seq_len, block_size=block_size, clean_context=clean_context)
     n = total_length(pattern, seq_len)
     idx = torch.arange(n, device=device)
     zero = torch.zeros((), dtype=torch.long, device=device)
@@ -146,18 +154,20 @@ def dense_mask(pattern: str, seq_len: int, block_size: int, *, device: torch.dev
 
 
 @functools.lru_cache(maxsize=32)
-def flex_block_mask(pattern: str, seq_len: int, block_size: int, device: str = "cpu"):
+def flex_block_mask(pattern: str, seq_len: int, block_size: int, device: str = "cpu", clean_context: str = "block"):
     """The pattern as a flex-attention ``BlockMask`` (batch- and head-broadcast), cached per shape."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     n = total_length(pattern, seq_len)
-    fn = mask_fn(pattern, seq_len=seq_len, block_size=block_size)
+    fn = mask_fn(pattern, seq_len=seq_len, block_size=block_size, clean_context=clean_context)
     return create_block_mask(fn, B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
 
 
-def dense_document_mask(pattern: str, seq_len: int, block_size: int, document_ids: Tensor) -> Tensor:
+def dense_document_mask(pattern: str, seq_len: int, block_size: int, document_ids: Tensor,
+                        clean_context: str = "block") -> Tensor:
     """`(B, 1, T, T)` bool: the pattern's mask and same-document, for `document_ids` `(B, L)`."""
-    fn = document_mask_fn(mask_fn(pattern, seq_len=seq_len, block_size=block_size), document_ids,
+    fn = document_mask_fn(mask_fn(pattern, seq_len=seq_len, block_size=block_size, clean_context=clean_context),
+                          document_ids,
                           pattern=pattern, seq_len=seq_len)
     n, device = total_length(pattern, seq_len), document_ids.device
     idx = torch.arange(n, device=device)
@@ -166,12 +176,14 @@ def dense_document_mask(pattern: str, seq_len: int, block_size: int, document_id
     return fn(b, zero, idx[None, None, :, None], idx[None, None, None, :])
 
 
-def flex_document_mask(pattern: str, seq_len: int, block_size: int, document_ids: Tensor):
+def flex_document_mask(pattern: str, seq_len: int, block_size: int, document_ids: Tensor,
+                       clean_context: str = "block"):
     """A per-row flex ``BlockMask`` of the pattern and same-document (rebuilt per batch: the ids change)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     n = total_length(pattern, seq_len)
-    fn = document_mask_fn(mask_fn(pattern, seq_len=seq_len, block_size=block_size), document_ids,
+    fn = document_mask_fn(mask_fn(pattern, seq_len=seq_len, block_size=block_size, clean_context=clean_context),
+                          document_ids,
                           pattern=pattern, seq_len=seq_len)
     return create_block_mask(fn, B=document_ids.shape[0], H=None, Q_LEN=n, KV_LEN=n, device=str(document_ids.device))
 
@@ -265,14 +277,16 @@ def build_attention_inputs(
     dtype: torch.dtype = torch.float32,
     document_ids: Tensor | None = None,
     restart_positions: bool = True,
+    clean_context: str = "block",
 ) -> AttentionInputs:
     """Mask object + position ids for a batch of packed sequences of noisy length `seq_len`.
 
     Without `document_ids` every row shares one mask (packing gives fixed lengths), so it is batch-broadcast.
     With `document_ids` `(B, L)` the mask is per row (pattern and same-document) and, if `restart_positions`,
-    position ids restart at each document.
+    position ids restart at each document. `clean_context` shapes block_clean's clean half (block | causal).
     """
-    check_pattern(pattern, block_size)
+    check_pattern(pattern, block_size, clean_context)
+    cc = clean_context
     device = torch.device(device)
     kernel = resolve_backend(backend, pattern, device)
     docs = None if document_ids is None else document_ids.to(device)
@@ -282,23 +296,23 @@ def build_attention_inputs(
             raise ConfigError("data.document_mask=true: flash attention takes no mask; "
                               "use attention.backend=flex or sdpa")
         if kernel == "flex":
-            return AttentionInputs(flex_document_mask(pattern, seq_len, block_size, docs), pos, kernel)
-        mask = dense_document_mask(pattern, seq_len, block_size, docs)
+            return AttentionInputs(flex_document_mask(pattern, seq_len, block_size, docs, cc), pos, kernel)
+        mask = dense_document_mask(pattern, seq_len, block_size, docs, cc)
         return AttentionInputs(additive_mask(mask, dtype) if kernel == "eager" else mask, pos, kernel)
     if kernel == "flash":
         return AttentionInputs(None, pos, kernel, is_causal=pattern == "causal")
     if kernel == "flex":
-        return AttentionInputs(flex_block_mask(pattern, seq_len, block_size, str(device)), pos, kernel)
-    mask = dense_mask(pattern, seq_len, block_size, device=device)[None, None]
+        return AttentionInputs(flex_block_mask(pattern, seq_len, block_size, str(device), cc), pos, kernel)
+    mask = dense_mask(pattern, seq_len, block_size, device=device, clean_context=cc)[None, None]
     if kernel == "eager":
         mask = additive_mask(mask, dtype)
     return AttentionInputs(mask, pos, kernel)
 
 
-def describe(pattern: str, seq_len: int, block_size: int) -> str:
+def describe(pattern: str, seq_len: int, block_size: int, clean_context: str = "block") -> str:
     """The mask as text rows ('#' = may attend), for `dlm attention-demo`."""
     check_positive_int("seq_len", seq_len)
-    mask = dense_mask(pattern, seq_len, block_size)
+    mask = dense_mask(pattern, seq_len, block_size, clean_context=clean_context)
     n = mask.shape[0]
     label = lambda i: ("c" if pattern == "block_clean" and i >= seq_len else "n") + str(i % seq_len)  # noqa: E731
     width = max(len(label(i)) for i in range(n))

@@ -49,6 +49,7 @@ class DiffusionLM(L.LightningModule):
         self.train_acc, self.val_acc = MeanMetric(), MeanMetric()
         self.flops_per_batch = 0  # read by Lightning's ThroughputMonitor for MFU; set per batch in forward
         self._n_params = sum(p.numel() for p in self.model.parameters())  # before any sharding; once
+        self.loss_terms: dict[str, Tensor] = {}  # objective.ar_weight > 0: the joint objective's terms, per step
 
     def configure_model(self) -> None:
         """`trainer.strategy: fsdp2` (Lightning's ModelParallelStrategy): shard per decoder layer with FSDP2."""
@@ -78,7 +79,8 @@ class DiffusionLM(L.LightningModule):
                                       seq_len=sequence_length(a.pattern, input_ids.shape[1]),
                                       block_size=block_size or a.block_size, backend=self.kernel,
                                       device=input_ids.device, dtype=self.model.dtype, document_ids=document_ids,
-                                      restart_positions=self.cfg.data.restart_positions)
+                                      restart_positions=self.cfg.data.restart_positions,
+                                      clean_context=a.clean_context)
         self.flops_per_batch = self._training_flops(input_ids)
         return self.model(input_ids=input_ids, **attn.as_kwargs(), use_cache=False).logits
 
@@ -90,9 +92,21 @@ class DiffusionLM(L.LightningModule):
         noised = batch["noised_ids"]
         inputs = diffusion_input(a.pattern, noised, batch["input_ids"])
         weights = block_weights(batch["num_masked"], batch["num_eligible"], bs, o.weighting)
-        return diffusion_loss(self(inputs, docs, bs), batch["input_ids"], batch["mask"], weights=weights,
-                              eligible=batch["eligible"], pattern=a.pattern, seq_len=noised.shape[1],
-                              block_size=bs, shift=o.shift)
+        logits = self(inputs, docs, bs)
+        diffusion = diffusion_loss(logits, batch["input_ids"], batch["mask"], weights=weights,
+                                   eligible=batch["eligible"], pattern=a.pattern, seq_len=noised.shape[1],
+                                   block_size=bs, shift=o.shift)
+        if o.ar_weight == 0:
+            return diffusion._replace(loss=o.diffusion_weight * diffusion.loss)
+        return self._joint(diffusion, logits[:, noised.shape[1]:], batch)
+
+    def _joint(self, diffusion: LossOutput, clean_logits: Tensor, batch: dict[str, Tensor]) -> LossOutput:
+        """NLD's joint objective: the causal clean half's next-token loss on x_0, added to the diffusion loss of
+        the same forward; both terms kept in `loss_terms` for logging (accuracy stays the masked tokens')."""
+        o = self.cfg.objective
+        ar = ar_loss(clean_logits, batch["input_ids"], batch["eligible"])
+        self.loss_terms = {"ar_loss": ar.loss.detach(), "diffusion_loss": diffusion.loss.detach()}
+        return diffusion._replace(loss=o.diffusion_weight * diffusion.loss + o.ar_weight * ar.loss)
 
     def on_train_epoch_start(self) -> None:
         """A stream (`data.streaming`) reshuffles per epoch only when told the epoch (Lightning tells samplers)."""
@@ -114,6 +128,8 @@ class DiffusionLM(L.LightningModule):
         out = self.loss(batch)
         self.train_acc.update(out.correct[out.scored].float())
         self.log("train/loss", out.loss, prog_bar=True)
+        for name, value in self.loss_terms.items():  # objective.ar_weight > 0: the joint objective's two terms
+            self.log(f"train/{name}", value)
         self.log("train/masked_acc", self.train_acc, prog_bar=True)
         if "block_size" in batch:  # attention.block_size_schedule: the stage in force at this step
             self._log_stage(batch["block_size"])

@@ -69,7 +69,7 @@ def test_config_with_an_unknown_key_suggests_the_near_match_in_one_line(capsys):
     assert status == 2 and out == ""
     assert err.splitlines() == [
         "error: attention.blok_size: unknown key (did you mean 'block_size'?); allowed: pattern, block_size, backend, "
-        "block_size_schedule"]
+        "clean_context, block_size_schedule"]
 
 
 # -- the parser -----------------------------------------------------------------------------------------------
@@ -179,6 +179,32 @@ def test_generate_checks_the_sub_block_against_the_checkpoints_block_size_before
     assert status == 2 and out == ""
     assert err.splitlines() == ["error: decode.sub_block_size=3: must divide decode.block_size=4; allowed: 1, 2, 4"]
     assert seconds < 5
+
+
+def test_speculative_generate_with_a_block_clean_context_checkpoint_is_one_error_line(meta_only_ckpt, capsys):
+    status, out, err, seconds = run_main(["generate", meta_only_ckpt, "--prompt", "hi", "--mode", "speculative"],
+                                         capsys)
+    assert status == 2 and out == ""
+    assert err.splitlines() == [
+        "error: decode.mode='speculative': needs a checkpoint trained with attention.clean_context=causal "
+        "(this one: pattern block_clean, clean_context block); allowed: diffusion, ar"]
+    assert seconds < 5
+
+
+def test_speculative_generate_on_a_causal_clean_context_checkpoint_matches_ar_mode(tokenizer, tmp_path, capsys):
+    from dlm.models.checkpoint import save_checkpoint
+
+    bb = make_backbone("qwen3", tokenizer)
+    meta = CheckpointMeta("block_clean", 4, "<|mask|>", bb.mask_token_id, clean_context="causal")
+    ckpt = str(save_checkpoint(bb.model, bb.tokenizer, meta, tmp_path / "joint"))
+    texts = {}
+    for mode in ("ar", "speculative"):
+        status, out, err, _ = run_main(["generate", ckpt, "--prompt", "Tom has 3 apples", "--mode", mode,
+                                        "--max-new-tokens", "9"], capsys)
+        assert status == 0, err
+        texts[mode] = out.split("--- stats")[0]
+    assert texts["ar"] == texts["speculative"]
+    assert "speculative, drafts of 3" in out
 
 
 def test_a_bad_flag_fails_without_importing_torch():

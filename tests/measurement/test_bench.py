@@ -132,6 +132,8 @@ def test_cached_and_uncached_decoding_agree_on_tokens_per_forward(files):
     ({"thresholds": ()}, r"^bench.thresholds=\[\]: need at least one threshold \(or bench.tokens_per_pass\)"),
     ({"dtype": "float8"}, r"^bench.dtype='float8': .*allowed: float32, bfloat16, float16, float64"),
     ({"scored": True, "prompts": "PLAIN"}, r"scoring needs an 'answer' in every row"),
+    ({"speculative": True}, r"^decode.mode='speculative': needs a checkpoint trained with "
+                            r"attention.clean_context=causal"),
 ])
 def test_bad_input_fails_in_one_line_before_any_output(files, new_run, tmp_path, kwargs, match):
     if kwargs.get("prompts") == "PLAIN":

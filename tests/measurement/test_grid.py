@@ -44,8 +44,9 @@ def direct(target: Target, setting: Setting, batch: Batch, eos: int | None):
                            eos_token_id=eos)
     return generate(target.model, batch.input_ids, attention_mask=batch.attention_mask,
                     mask_token_id=target.mask_token_id, eos_token_id=eos, block_size=target.block_size,
-                    max_new_tokens=GEN, threshold=setting.threshold or 1.0, mode="ar" if setting.method == "ar"
-                    else "diffusion", policy="fixed" if setting.tokens_per_pass else "threshold",
+                    max_new_tokens=GEN, threshold=setting.threshold or 1.0,
+                    mode={"ar": "ar", "spec": "speculative"}.get(setting.method, "diffusion"),
+                    policy="fixed" if setting.tokens_per_pass else "threshold",
                     tokens_per_pass=setting.tokens_per_pass or 1, early_exit=setting.method != "dlm-v2count",
                     one_token_per_forward=setting.method == "dlm-1tpf", use_cache=setting.method != "dlm-nocache")
 
@@ -71,11 +72,12 @@ def test_label_names_method_batch_size_and_threshold(setting, label):
 
 def test_settings_grid_per_batch_size_is_ar_then_reference_then_cached_then_no_cache_then_v2():
     grid = settings_grid(BenchConfig(batch_sizes=[1, 4], thresholds=[0.5, 0.9], no_cache_thresholds=[0.9],
-                                     tokens_per_pass=[3], no_cache_tokens_per_pass=[3], v2_count_thresholds=[0.9]))
+                                     tokens_per_pass=[3], no_cache_tokens_per_pass=[3], v2_count_thresholds=[0.9],
+                                     speculative=True))
     per_batch = lambda b: [Setting("ar", b), Setting("ar-hf", b), Setting("dlm-1tpf", b),  # noqa: E731
                            Setting("dlm", b, 0.5), Setting("dlm", b, 0.9), Setting("dlm-fixed", b, tokens_per_pass=3),
                            Setting("dlm-nocache", b, 0.9), Setting("dlm-nocache", b, tokens_per_pass=3),
-                           Setting("dlm-v2count", b, 0.9)]
+                           Setting("dlm-v2count", b, 0.9), Setting("spec", b)]
     assert grid == per_batch(1) + per_batch(4)
     assert {s.method for s in grid} == set(METHODS)
 
@@ -141,7 +143,8 @@ def test_encode_batches_left_pads_prompts_without_special_tokens_in_batches_of_t
 
 @pytest.mark.parametrize("setting", [Setting("ar", 2), Setting("ar-hf", 2), Setting("dlm-1tpf", 2),
                                      Setting("dlm", 2, 0.3), Setting("dlm-fixed", 2, tokens_per_pass=2),
-                                     Setting("dlm-nocache", 2, 0.3), Setting("dlm-v2count", 2, 0.3)],
+                                     Setting("dlm-nocache", 2, 0.3), Setting("dlm-v2count", 2, 0.3),
+                                     Setting("spec", 2)],
                          ids=lambda s: s.label)
 def test_decode_batch_gives_the_same_tokens_as_the_decoder_called_directly(target, setting):
     for batch in encode_batches(target.tokenizer, PROMPTS, 2, target.device):
@@ -169,6 +172,13 @@ def test_one_token_per_forward_and_ar_measure_one_token_per_forward(target):
     for setting in (Setting("ar", 1), Setting("ar-hf", 1), Setting("dlm-1tpf", 1)):
         m = measure(target, setting, batches, max_new_tokens=GEN, ignore_eos=True)
         assert (m.tpf, m.nfe_total, m.generated) == (1.0, GEN * len(PROMPTS), GEN * len(PROMPTS))
+
+
+def test_speculative_row_generates_the_ar_rows_tokens(target):
+    batches = encode_batches(target.tokenizer, PROMPTS, 2, target.device)
+    for batch in batches:
+        ar = decode_batch(target, Setting("ar", 2), batch, max_new_tokens=GEN, eos=None)
+        assert decode_batch(target, Setting("spec", 2), batch, max_new_tokens=GEN, eos=None).tokens == ar.tokens
 
 
 def test_scored_measure_reports_exact_match_of_the_answers(target):

@@ -72,6 +72,7 @@ def test_three_exports_within_one_second_keep_every_earlier_one(qwen3, tmp_path,
     ({"block_size": "4"}, r"dlm\.yaml block_size='4': must be a positive integer"),
     ({"shift": 1}, r"dlm\.yaml shift=1: must be true or false"),
     ({"extra": 1}, r"dlm\.yaml extra: unknown key; allowed: pattern, block_size"),
+    ({"clean_context": "tokens"}, r"dlm\.yaml clean_context='tokens': unknown clean context; allowed: block, causal"),
 ])
 def test_read_meta_validates_dlm_yaml_like_a_config(qwen3, tmp_path, change, match):
     out = save_checkpoint(qwen3.model, qwen3.tokenizer, _meta(qwen3), tmp_path / "final")
@@ -160,3 +161,17 @@ def test_meta_from_config_takes_pattern_block_size_mask_token_shift_and_name():
                                                                 "org/ar-model")  # a hub id, as given
     ar = load_config("experiments/tiny_ar.yaml")
     assert CheckpointMeta.from_config(ar, 2) == CheckpointMeta("causal", 4, "<|mask|>", 2, False, "tiny_ar")
+
+
+def test_meta_records_the_clean_context_and_speculative_decoding_needs_the_causal_one():
+    cfg = load_config("experiments/tiny.yaml", overrides=["attention.clean_context=causal", "objective.ar_weight=1"])
+    meta = CheckpointMeta.from_config(cfg, 7)
+    assert meta.clean_context == "causal"
+    meta.check_decode_mode("speculative")
+    block = CheckpointMeta.from_config(load_config("experiments/tiny.yaml"), 7)
+    assert block.clean_context == "block"
+    block.check_decode_mode("diffusion")
+    with pytest.raises(ConfigError, match=r"^decode.mode='speculative': needs a checkpoint trained with "
+                                          r"attention.clean_context=causal \(this one: pattern block_clean, "
+                                          r"clean_context block\); allowed: diffusion, ar$"):
+        block.check_decode_mode("speculative")

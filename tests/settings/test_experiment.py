@@ -27,7 +27,8 @@ def test_saved_config_reloads_exactly(tmp_path):
     "override,match",
     [
         ("attention.patern=block", r"^attention.patern: unknown key \(did you mean 'pattern'\?\); "
-                                   r"allowed: pattern, block_size, backend, block_size_schedule$"),
+                                   r"allowed: pattern, block_size, backend, clean_context, "
+                                   r"block_size_schedule$"),
         ("attention.block_size=abc", r"^attention.block_size='abc': Value 'abc' of type 'str' "
                                      r"could not be converted to Integer"),
         ("attention.pattern=blok", r"^attention.pattern='blok': unknown pattern; "
@@ -48,6 +49,16 @@ def test_saved_config_reloads_exactly(tmp_path):
         ("attention.block_size_schedule=[[0,2,3]]", r"^attention.block_size_schedule=\[\[0, 2, 3\]\]: each stage is "
                                                     r"\[step, block_size\]"),
         ("attention.pattern=causal attention.block_size_schedule=[[0,2]]", r"the causal pattern has no blocks"),
+        ("attention.clean_context=token", r"^attention.clean_context='token': unknown clean_context; "
+                                           r"allowed: block, causal$"),
+        ("objective.ar_weight=-1", r"^objective.ar_weight=-1.0: must be >= 0"),
+        ("objective.ar_weight=1", r"^objective.ar_weight=1.0: needs attention.pattern=block_clean with "
+                                  r"attention.clean_context=causal"),
+        ("objective.diffusion_weight=0", r"^objective.diffusion_weight=0.0: must be > 0 when"),
+        ("objective.diffusion_weight=-0.5 attention.clean_context=causal objective.ar_weight=1",
+         r"^objective.diffusion_weight=-0.5: must be >= 0"),
+        ("attention.pattern=block attention.clean_context=causal", r"^attention.clean_context='causal': only "
+                                                                   r"block_clean has a clean half"),
     ],
 )
 def test_bad_values_fail_at_load_in_one_line(override, match):

@@ -289,3 +289,77 @@ def test_document_positions_restart_per_document():
     pos = position_ids("block_clean", 2, 12, document_ids=DOCS)
     assert pos.shape == (2, 24) and pos[1, 12:].tolist() == document_positions(DOCS)[1].tolist()
 
+
+
+# --- attention.clean_context: causal (joint AR + diffusion) ---------------------------------------------------
+
+
+def test_literal_causal_clean_context_l4_block2():
+    # rows/cols: noisy n0..n3, clean c0..c3; the clean half is token-causal, the noisy half as block_clean
+    assert dense_mask("block_clean", 4, 2, clean_context="causal").int().tolist() == [
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 0, 0],
+        [0, 0, 1, 1, 1, 1, 0, 0],
+        [0, 0, 1, 1, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 0, 0, 0],
+        [0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 0, 1, 1, 1, 0],
+        [0, 0, 0, 0, 1, 1, 1, 1],
+    ]
+
+
+@pytest.mark.parametrize("block_size", [3, 4])
+def test_causal_clean_context_halves(block_size):
+    L = 12
+    causal, block = (dense_mask("block_clean", L, block_size, clean_context=c) for c in ("causal", "block"))
+    assert torch.equal(causal[L:, L:], dense_mask("causal", L, 1))  # the clean half is a causal LM
+    assert torch.equal(causal[:L], block[:L])  # noisy rows unchanged
+    assert not causal[L:, :L].any()  # clean never sees noisy
+
+
+@pytest.mark.parametrize("block_size", [3, 4])
+def test_causal_clean_context_flex_equals_dense_and_sdpa_kernel(block_size):
+    torch.manual_seed(0)
+    dense = dense_mask("block_clean", 12, block_size, clean_context="causal")
+    block_mask = flex_block_mask("block_clean", 12, block_size, "cpu", "causal")
+    assert torch.equal(_flex_dense_form(block_mask, dense.shape[0]), dense)
+    q, k, v = (torch.randn(2, 4, 24, 16) for _ in range(3))
+    expected = scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    assert_close(flex_attention(q, k, v, block_mask=block_mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_causal_clean_context_flex_document_mask_equals_dense():
+    dense = dense_document_mask("block_clean", 12, 4, DOCS, clean_context="causal")
+    block_mask = flex_document_mask("block_clean", 12, 4, DOCS, clean_context="causal")
+    out = flex_attention(torch.zeros(2, 1, 24, 8), torch.zeros(2, 1, 24, 8), torch.eye(24).expand(2, 1, 24, 24),
+                         block_mask=block_mask)
+    assert torch.equal(out[:, 0] > 0, dense[:, 0])
+
+
+def _clean_logits(model, ids, block_size):
+    attn = build_attention_inputs("block_clean", batch_size=1, seq_len=ids.shape[1] // 2, block_size=block_size,
+                                  dtype=model.dtype, clean_context="causal")
+    with torch.no_grad():
+        return model(input_ids=ids, **attn.as_kwargs()).logits
+
+
+def test_causal_clean_token_changes_only_later_clean_tokens_and_later_noisy_blocks(backbone):
+    L, bs = 12, 4
+    ids = torch.randint(5, 300, (1, 2 * L))
+    changed = ids.clone()
+    changed[0, L + 5] += 1  # clean token 5, inside block 1
+    diff = (_clean_logits(backbone.model, ids, bs) - _clean_logits(backbone.model, changed, bs)).abs().amax(-1)[0]
+    assert diff[L:L + 5].max() == 0 and diff[L + 5:].min() > 0  # token-causal inside the clean half
+    assert diff[:8].max() == 0 and diff[8:L].min() > 0  # the noisy blocks after block 1 only
+
+
+def test_causal_clean_half_equals_the_model_run_causally(backbone):
+    L = 12
+    ids = torch.randint(5, 300, (1, 2 * L))
+    clean = _clean_logits(backbone.model, ids, 4)[:, L:]
+    assert_close(clean, _logits(backbone.model, ids[:, L:], "causal", 4), atol=1e-5, rtol=1e-5)
+
+
+def test_bad_clean_context_fails_in_one_line():
+    with pytest.raises(ConfigError, match=r"attention.clean_context='tokens': unknown clean context"):
+        dense_mask("block_clean", 4, 2, clean_context="tokens")

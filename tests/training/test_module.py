@@ -58,7 +58,7 @@ def test_built_from_config_has_the_configured_model_in_train_mode(tmp_path):
     assert module.mask_token_id == module.tokenizer.mask_token_id == module.tokenizer.convert_tokens_to_ids("<|mask|>")
     assert module.kernel == "sdpa"  # CPU
     assert module.hparams["config"]["attention"] == {"pattern": "block_clean", "block_size": 4, "backend": "auto",
-                                                     "block_size_schedule": []}
+                                                     "clean_context": "block", "block_size_schedule": []}
 
 
 def test_given_backbone_is_used_and_put_in_train_mode(tmp_path, tokenizer):
@@ -200,3 +200,53 @@ def test_document_mask_run_trains_under_the_per_row_document_mask(tmp_path):
         warnings.filterwarnings("ignore", message=r".*self\.log\(\)")
         loss = module.training_step(batch, 0)
     assert torch.isfinite(loss) and loss.requires_grad
+
+
+@pytest.fixture(scope="module")
+def joint(tmp_path_factory):
+    """A causal-clean-context block_clean module with the AR term only (diffusion weight 0), and one batch."""
+    torch.manual_seed(0)
+    cfg = _cfg(tmp_path_factory.mktemp("joint"), **{"attention.clean_context": "causal", "objective.ar_weight": 1.0,
+                                                    "objective.diffusion_weight": 0.0})
+    module = DiffusionLM(cfg).eval()
+    return module, _batch(module)
+
+
+def test_joint_ar_term_equals_hf_causal_lm_loss_on_x0(joint):
+    module, batch = joint
+    with torch.no_grad():
+        got = module.loss(batch).loss
+        labels = batch["input_ids"].masked_fill(~batch["eligible"], -100)  # prompt tokens are not scored
+        expected = module.model(input_ids=batch["input_ids"], labels=labels).loss  # HF's own loss, run causally
+    assert not batch["eligible"].all() and batch["eligible"].any()
+    assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert_close(module.loss_terms["ar_loss"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_joint_loss_is_the_weighted_sum_of_both_terms(joint):
+    module, batch = joint
+    cfg = module.cfg
+    cfg.objective.ar_weight, cfg.objective.diffusion_weight = 1.0, 0.3
+    try:
+        with torch.no_grad():
+            total = module.loss(batch).loss
+    finally:
+        cfg.objective.ar_weight, cfg.objective.diffusion_weight = 1.0, 0.0
+    terms = module.loss_terms
+    assert terms["diffusion_loss"] > 0 and terms["ar_loss"] > 0
+    assert_close(total, 0.3 * terms["diffusion_loss"] + terms["ar_loss"])
+
+
+def test_joint_training_step_logs_both_terms(tmp_path):
+    import lightning as L
+
+    cfg = _cfg(tmp_path, **{"attention.clean_context": "causal", "objective.ar_weight": 1.0,
+                            "objective.diffusion_weight": 0.3})
+    module = DiffusionLM(cfg)
+    data = DiffusionDataModule(cfg, module.tokenizer, module.mask_token_id)
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, log_every_n_steps=1)
+    trainer.fit(module, datamodule=data)
+    logged = trainer.callback_metrics
+    assert {"train/ar_loss", "train/diffusion_loss", "train/loss"} <= set(logged)
+    assert torch.isfinite(logged["train/ar_loss"]) and logged["train/ar_loss"] > 0
