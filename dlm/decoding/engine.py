@@ -172,7 +172,8 @@ def generate(model: PreTrainedModel, input_ids: Tensor, *, mask_token_id: int | 
                              cfg.max_new_tokens, stopper, exclude=mask_token_id)
         elif cfg.mode == "speculative":  # the token-causal layout: the clean cache is an AR model's
             rows = speculative(Runner(model, Layout.build(attention_mask, cfg.max_new_tokens, 1), cfg), input_ids,
-                               cfg.max_new_tokens, cfg.block_size - 1, mask_token_id, stopper, cfg.shift)
+                               cfg.max_new_tokens, cfg.block_size - 1, mask_token_id, stopper, cfg.shift,
+                               fused=cfg.speculative_form == "fused")
         else:
             rows = _decode(model, input_ids, attention_mask, cfg, mask_token_id, stopper, generator)
     return stopper.output(rows.tokens, rows.nfe, rows.forwards)

@@ -44,7 +44,8 @@ def _fmt(value: float | None, spec: str) -> str:
 def format_table(rows: Sequence[BenchRow], meta: dict[str, Any]) -> str:
     """A Markdown table (pastes into BENCHMARKS.md) and a line saying what was measured and how."""
     head = ["setting", "batch", "policy", "tokens/s", "min–max", "TPF", "NFE", "tokens/prompt", "exact match",
-            "× AR (lean)", "× HF generate", "forward / AR step", "cache × no-cache", "TPF (v2 count)"]
+            "× AR (lean)", "× HF generate", "forward / AR step", "cache × no-cache", "TPF (v2 count)",
+            "= AR mode"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     times = lambda v: _fmt(v, ".2f") + ("×" if v else "")  # noqa: E731
     for r in rows:
@@ -53,7 +54,8 @@ def format_table(rows: Sequence[BenchRow], meta: dict[str, Any]) -> str:
         cells = [METHODS[r.method], str(r.batch_size), policy, f"{r.tokens_per_sec:.1f}",
                  f"{r.tokens_per_sec_min:.1f}–{r.tokens_per_sec_max:.1f}", f"{r.tpf:.2f}", f"{r.nfe:.1f}",
                  f"{r.tokens_per_prompt:.1f}", _fmt(r.exact_match, ".3f"), times(r.speedup_vs_ar),
-                 times(r.speedup_vs_hf), times(r.forward_vs_ar), times(r.speedup_cache), _fmt(r.tpf_v2, ".2f")]
+                 times(r.speedup_vs_hf), times(r.forward_vs_ar), times(r.speedup_cache), _fmt(r.tpf_v2, ".2f"),
+                 _fmt(r.same_as_ar_mode, ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
     m = meta
     eos = "EOS ignored: every prompt runs the full length" if m["ignore_eos"] else "EOS stops a prompt early"
@@ -86,7 +88,7 @@ def write_json(rows: Sequence[BenchRow], meta: dict[str, Any], path: str | Path)
 def bench_metrics(rows: Sequence[BenchRow]) -> dict[str, float]:
     """`bench/<setting>/<metric>`, e.g. `bench/dlm_batch1_t0.9/tokens_per_sec`."""
     keys = ("tokens_per_sec", "tpf", "nfe", "exact_match", "speedup_vs_ar", "speedup_vs_hf", "forward_vs_ar",
-            "speedup_cache", "tpf_v2")
+            "speedup_cache", "tpf_v2", "same_as_ar_mode")
     label = lambda r: Setting(r.method, r.batch_size, r.threshold, r.tokens_per_pass).label  # noqa: E731
     return {f"bench/{label(r)}/{key}": float(getattr(r, key)) for r in rows for key in keys
             if getattr(r, key) is not None}

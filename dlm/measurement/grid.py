@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple, Sequence
 
 import torch
@@ -24,7 +24,10 @@ from dlm.settings import BenchConfig, DecodeConfig
 
 METHODS = {"ar": "AR, lean loop (same engine)", "ar-hf": "AR, transformers generate", "dlm-1tpf": "dLM 1 token/forward",
            "dlm": "dLM cached", "dlm-fixed": "dLM cached, fixed", "dlm-nocache": "dLM no cache",
-           "dlm-v2count": "dLM cached, Fast-dLLM v2 counting", "spec": "dLM self-speculative (causal verify)"}
+           "dlm-v2count": "dLM cached, Fast-dLLM v2 counting", "ar-self": "AR mode of the dLM (its causal path)",
+           "spec": "dLM self-speculative, fused", "spec-sep": "dLM self-speculative, separate verify"}
+MODES = {"ar": "ar", "ar-self": "ar", "spec": "speculative", "spec-sep": "speculative"}
+SPECULATIVE = ("spec", "spec-sep")
 AR_METHODS = ("ar", "ar-hf")
 
 
@@ -76,8 +79,8 @@ def encode_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]
 def decode_config(target: Target, setting: Setting, *, max_new_tokens: int, compile: bool = False) -> DecodeConfig:
     """The engine settings a grid setting stands for."""
     m = setting.method
-    mode = {"ar": "ar", "spec": "speculative"}.get(m, "diffusion")
-    return DecodeConfig(mode=mode, block_size=target.block_size,
+    return DecodeConfig(mode=MODES.get(m, "diffusion"), block_size=target.block_size,
+                        speculative_form="separate" if m == "spec-sep" else "fused",
                         threshold=setting.threshold or 1.0, max_new_tokens=max_new_tokens,
                         policy="fixed" if setting.tokens_per_pass else "threshold",
                         tokens_per_pass=setting.tokens_per_pass or 1,
@@ -106,6 +109,7 @@ class Measurement:
     exact_match: float | None
     v2_tokens: int = 0  # Fast-dLLM v2's count: tokens through the end of each row's EOS block ...
     v2_forwards: int = 0  # ... over its forwards plus one cache-update forward per block
+    tokens: list[list[int]] = field(default_factory=list)  # every prompt's generated ids (the last repeat)
 
     @property
     def tokens_per_sec(self) -> list[float]:
@@ -143,6 +147,7 @@ def measure(target: Target, setting: Setting, batches: Sequence[Batch], *, max_n
         if scored else None,
         v2_tokens=sum(sum(o.raw_lengths) for o in outs),
         v2_forwards=sum(f + blocks(n) for o in outs for f, n in zip(o.row_forwards, o.raw_lengths)),
+        tokens=[t for o in outs for t in o.tokens],
     )
 
 
@@ -182,11 +187,16 @@ class BenchRow:
     speedup_cache: float | None = None  # cached over no-cache tokens/s, same policy and batch size
     tpf_v2: float | None = None  # dlm-v2count only: TPF counted as Fast-dLLM v2 counts it
     forward_vs_ar: float | None = None  # seconds per forward a prompt takes part in, over the lean AR step's
+    same_as_ar_mode: float | None = None  # speculative only: share of prompts whose tokens equal the AR mode's
 
 
 def build_rows(measurements: dict[Setting, Measurement]) -> list[BenchRow]:
     rows = {s: _row(s, m) for s, m in measurements.items()}
     for s, row in rows.items():
+        own_ar = measurements.get(Setting("ar-self", s.batch_size))
+        if s.method in SPECULATIVE and own_ar:
+            same = [a == b for a, b in zip(measurements[s].tokens, own_ar.tokens)]
+            row.same_as_ar_mode = sum(same) / len(same)
         ar, hf = rows.get(Setting("ar", s.batch_size)), rows.get(Setting("ar-hf", s.batch_size))
         row.speedup_vs_ar = row.tokens_per_sec / ar.tokens_per_sec if ar else None
         row.speedup_vs_hf = row.tokens_per_sec / hf.tokens_per_sec if hf else None
@@ -206,7 +216,8 @@ def _row(s: Setting, m: Measurement) -> BenchRow:
 
 def settings_grid(s: BenchConfig) -> list[Setting]:
     """Per batch size: the AR baselines, the one-token reference, cached per threshold and per fixed count,
-    the no-cache reference, the Fast-dLLM v2 counting rows, self-speculative decoding."""
+    the no-cache reference, the Fast-dLLM v2 counting rows, self-speculative decoding (both forms, beside the
+    checkpoint's own AR mode, whose tokens they must equal)."""
     grid = []
     for b in s.batch_sizes:
         grid += [Setting("ar", b)] + ([Setting("ar-hf", b)] if s.hf_generate else [])
@@ -216,5 +227,5 @@ def settings_grid(s: BenchConfig) -> list[Setting]:
         grid += [Setting("dlm-nocache", b, t) for t in s.no_cache_thresholds]
         grid += [Setting("dlm-nocache", b, tokens_per_pass=n) for n in s.no_cache_tokens_per_pass]
         grid += [Setting("dlm-v2count", b, t) for t in s.v2_count_thresholds]
-        grid += [Setting("spec", b)] if s.speculative else []
+        grid += [Setting(m, b) for m in ("ar-self", *SPECULATIVE)] if s.speculative else []
     return grid

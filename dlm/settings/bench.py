@@ -34,8 +34,9 @@ class BenchConfig:
     one_token_reference: bool = True
     """Also time the dLM at one token per forward (the non-parallel reference)."""
     speculative: bool = False
-    """Also a self-speculative row (decode.mode=speculative: drafts of block_size - 1, lossless); needs a
-    checkpoint trained with attention.clean_context=causal."""
+    """Also the self-speculative rows (decode.mode=speculative, fused and separate: drafts of block_size - 1,
+    lossless) and the checkpoint's own AR mode, whose tokens they must equal (the `= AR mode` column: share of
+    prompts token for token); needs a checkpoint trained with attention.clean_context=causal."""
     hf_generate: bool = True
     """Also time transformers' `generate` as a second AR row (the lean loop is the headline)."""
     compile: bool = False

@@ -14,6 +14,7 @@ from tests.conftest import sharp_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+FORMS = ["fused", "separate"]
 PROMPTS = ["Tom has 3 apples and", "Q: 12 + 7 =", "Sara buys 4 pens. She gives 2 away. How many", "x"]
 
 
@@ -51,42 +52,50 @@ def test_rows_accept_their_longest_common_prefix_and_the_batch_its_minimum():
     assert n == 1 and tokens.tolist() == [[5, 6], [1, 2]]  # row 0's 2nd token: its draft == its causal token
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("block_size", [2, 4, 8])
-def test_speculative_equals_ar_mode_on_mixed_length_prompts(bb, tokenizer, block_size):
+def test_speculative_equals_ar_mode_on_mixed_length_prompts(bb, tokenizer, block_size, form):
     ids, mask = _batch(tokenizer)
     ar = _decode(bb, ids, mask, "ar")
-    spec = _decode(bb, ids, mask, "speculative", block_size=block_size)
+    spec = _decode(bb, ids, mask, "speculative", block_size=block_size, speculative_form=form)
     assert spec.tokens == ar.tokens and all(len(t) == 19 for t in spec.tokens)
-    steps = (spec.nfe - 1) // 2
-    assert spec.nfe == 1 + 2 * steps and steps <= 18  # prefill + draft and verify per step, >= 1 token each
+    if form == "separate":
+        steps = (spec.nfe - 1) // 2
+        assert spec.nfe == 1 + 2 * steps and steps <= 18  # prefill + draft and verify per step, >= 1 token each
+    else:
+        assert spec.nfe <= 19  # prefill + one forward per step, >= 1 token each
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
-def test_speculative_equals_ar_with_eos_and_stop_strings(bb, tokenizer, cache):
+def test_speculative_equals_ar_with_eos_and_stop_strings(bb, tokenizer, cache, form):
     ids, mask = _batch(tokenizer)
     ar = _decode(bb, ids, mask, "ar")
     eos = ar.tokens[0][6]
     stop = tokenizer.decode(ar.tokens[2][8:10])
     kw = dict(eos_token_id=eos, stop=[stop], tokenizer=tokenizer, cache=cache)
     expected = _decode(bb, ids, mask, "ar", **kw)
-    got = _decode(bb, ids, mask, "speculative", block_size=4, **kw)
+    got = _decode(bb, ids, mask, "speculative", block_size=4, speculative_form=form, **kw)
     assert got.tokens == expected.tokens
     assert len(got.tokens[0]) <= 7 and got.tokens[0][-1] == eos
     assert stop not in tokenizer.decode(got.tokens[2])
     assert max(got.row_forwards) == got.nfe and min(got.row_forwards) < got.nfe  # finished rows left early
 
 
-def test_one_prompt_alone_equals_its_row_in_the_batch(bb, tokenizer):
+@pytest.mark.parametrize("form", FORMS)
+def test_one_prompt_alone_equals_its_row_in_the_batch(bb, tokenizer, form):
     ids, mask = _batch(tokenizer)
-    batch = _decode(bb, ids, mask, "speculative", block_size=4)
+    batch = _decode(bb, ids, mask, "speculative", block_size=4, speculative_form=form)
     one_ids, one_mask = _batch(tokenizer, PROMPTS[1:2])
-    assert _decode(bb, one_ids, one_mask, "speculative", block_size=4).tokens[0] == batch.tokens[1]
+    alone = _decode(bb, one_ids, one_mask, "speculative", block_size=4, speculative_form=form)
+    assert alone.tokens[0] == batch.tokens[1]
 
 
 @pytest.mark.parametrize("kw,match", [
     (dict(block_size=1), r"^decode.block_size=1: must be >= 2 with decode.mode=speculative"),
     (dict(use_cache=False), r"^decode.use_cache=False: decode.mode=speculative verifies over the KV cache"),
     (dict(temperature=0.5), r"^decode.temperature=0.5: decode.mode=speculative is greedy"),
+    (dict(speculative_form="both"), r"^decode.speculative_form='both': .*allowed: fused, separate"),
 ])
 def test_bad_speculative_settings_fail_in_one_line(kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -112,6 +121,21 @@ def _oracle(ar_seq: torch.Tensor, wrong_every: int):
     return draft
 
 
+def _fused_oracle(ar_seq: torch.Tensor, wrong_every: int):
+    """The same oracle in place of the fused form's noisy-block draft (for positions `first..`); with
+    `wrong_every == 1` every draft token is wrong."""
+
+    def draft(logits, first, mask_token_id):
+        guess = ar_seq[:, first:first + logits.shape[1]].clone()
+        if wrong_every == 1:
+            guess[:] = mask_token_id
+        elif first % wrong_every == 0 and guess.shape[1]:
+            guess[:, guess.shape[1] // 2] = mask_token_id
+        return guess
+
+    return draft
+
+
 @pytest.mark.parametrize("wrong_every", [1, 2, 10**6])
 def test_accepted_drafts_keep_the_output_and_cut_the_forwards(bb, tokenizer, monkeypatch, wrong_every):
     import dlm.decoding.speculative as speculative
@@ -120,7 +144,7 @@ def test_accepted_drafts_keep_the_output_and_cut_the_forwards(bb, tokenizer, mon
     ar = _decode(bb, ids, mask, "ar", max_new_tokens=21)
     ar_seq = torch.cat([ids, torch.tensor(ar.tokens)], dim=1)
     monkeypatch.setattr(speculative, "draft_tokens", _oracle(ar_seq, wrong_every))
-    spec = _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21)
+    spec = _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21, speculative_form="separate")
     assert spec.tokens == ar.tokens
     if wrong_every == 10**6:  # always right: k + 1 = 5 tokens per verify, 20 after the prefill's first one
         assert spec.nfe == 1 + 2 * 4
@@ -128,12 +152,40 @@ def test_accepted_drafts_keep_the_output_and_cut_the_forwards(bb, tokenizer, mon
         assert 1 + 2 * 4 < spec.nfe < 1 + 2 * 20
 
 
-def test_a_context_free_model_drafts_right_and_accepts_k_plus_one_per_verify(tokenizer):
+@pytest.mark.parametrize("wrong_every", [1, 2, 10**6])
+def test_fused_form_accepts_a_whole_block_per_forward_when_the_drafts_are_right(bb, tokenizer, monkeypatch,
+                                                                              wrong_every):
+    import dlm.decoding.speculative as speculative
+
+    ids, mask = _batch(tokenizer)
+    ar = _decode(bb, ids, mask, "ar", max_new_tokens=21)
+    ar_seq = torch.cat([ids, torch.tensor(ar.tokens)], dim=1)
+    monkeypatch.setattr(speculative, "noisy_draft", _fused_oracle(ar_seq, wrong_every))
+    spec = _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21, speculative_form="fused")
+    assert spec.tokens == ar.tokens
+    if wrong_every == 10**6:  # prefill: token 1; a draft-only step: token 2; then 5 a forward (19 in 4)
+        assert spec.nfe == 1 + 1 + 4
+    elif wrong_every == 1:  # every draft all wrong: still one token per forward, as AR
+        assert spec.nfe == 21
+    else:
+        assert 6 < spec.nfe < 21
+
+
+
+@pytest.mark.parametrize("form,nfe", [("separate", 1 + 2 * 3), ("fused", 1 + 1 + 3)])
+def test_a_context_free_model_drafts_right_and_accepts_k_plus_one_per_verify(tokenizer, form, nfe):
     bb = sharp_backbone("qwen3", tokenizer)
     with torch.no_grad():  # every token embeds alike: every position predicts the same token, drafts included
         emb = bb.model.get_input_embeddings().weight
         emb.copy_(emb[:1].expand_as(emb))
     ids, mask = _batch(tokenizer)
-    spec = _decode(bb, ids, mask, "speculative", block_size=4, max_new_tokens=13)
+    spec = _decode(bb, ids, mask, "speculative", block_size=4, max_new_tokens=13, speculative_form=form)
     assert spec.tokens == _decode(bb, ids, mask, "ar", max_new_tokens=13).tokens
-    assert spec.nfe == 1 + 2 * 3 and spec.tokens_per_forward == pytest.approx(13 / 7)
+    assert spec.nfe == nfe and spec.tokens_per_forward == pytest.approx(13 / nfe)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_shifted_checkpoints_draft_from_the_previous_row_and_still_equal_ar(bb, tokenizer, form):
+    ids, mask = _batch(tokenizer)
+    spec = _decode(bb, ids, mask, "speculative", block_size=4, shift=True, speculative_form=form)
+    assert spec.tokens == _decode(bb, ids, mask, "ar").tokens

@@ -11,6 +11,7 @@ from dlm.decoding.ar import ar_generate
 from dlm.decoding.engine import generate
 from dlm.measurement.grid import (
     METHODS,
+    SPECULATIVE,
     Batch,
     Measurement,
     Setting,
@@ -45,7 +46,9 @@ def direct(target: Target, setting: Setting, batch: Batch, eos: int | None):
     return generate(target.model, batch.input_ids, attention_mask=batch.attention_mask,
                     mask_token_id=target.mask_token_id, eos_token_id=eos, block_size=target.block_size,
                     max_new_tokens=GEN, threshold=setting.threshold or 1.0,
-                    mode={"ar": "ar", "spec": "speculative"}.get(setting.method, "diffusion"),
+                    mode={"ar": "ar", "ar-self": "ar", "spec": "speculative",
+                          "spec-sep": "speculative"}.get(setting.method, "diffusion"),
+                    speculative_form="separate" if setting.method == "spec-sep" else "fused",
                     policy="fixed" if setting.tokens_per_pass else "threshold",
                     tokens_per_pass=setting.tokens_per_pass or 1, early_exit=setting.method != "dlm-v2count",
                     one_token_per_forward=setting.method == "dlm-1tpf", use_cache=setting.method != "dlm-nocache")
@@ -77,7 +80,8 @@ def test_settings_grid_per_batch_size_is_ar_then_reference_then_cached_then_no_c
     per_batch = lambda b: [Setting("ar", b), Setting("ar-hf", b), Setting("dlm-1tpf", b),  # noqa: E731
                            Setting("dlm", b, 0.5), Setting("dlm", b, 0.9), Setting("dlm-fixed", b, tokens_per_pass=3),
                            Setting("dlm-nocache", b, 0.9), Setting("dlm-nocache", b, tokens_per_pass=3),
-                           Setting("dlm-v2count", b, 0.9), Setting("spec", b)]
+                           Setting("dlm-v2count", b, 0.9), Setting("ar-self", b), Setting("spec", b),
+                           Setting("spec-sep", b)]
     assert grid == per_batch(1) + per_batch(4)
     assert {s.method for s in grid} == set(METHODS)
 
@@ -174,11 +178,21 @@ def test_one_token_per_forward_and_ar_measure_one_token_per_forward(target):
         assert (m.tpf, m.nfe_total, m.generated) == (1.0, GEN * len(PROMPTS), GEN * len(PROMPTS))
 
 
-def test_speculative_row_generates_the_ar_rows_tokens(target):
+def test_speculative_rows_generate_the_ar_rows_tokens(target):
     batches = encode_batches(target.tokenizer, PROMPTS, 2, target.device)
     for batch in batches:
         ar = decode_batch(target, Setting("ar", 2), batch, max_new_tokens=GEN, eos=None)
-        assert decode_batch(target, Setting("spec", 2), batch, max_new_tokens=GEN, eos=None).tokens == ar.tokens
+        for method in SPECULATIVE:
+            assert decode_batch(target, Setting(method, 2), batch, max_new_tokens=GEN, eos=None).tokens == ar.tokens
+
+
+def test_speculative_rows_report_the_share_of_prompts_equal_to_the_checkpoints_own_ar_mode(target):
+    grid = {Setting(m, 1): target for m in ("ar", "ar-self", *SPECULATIVE)}
+    rows = build_rows(measure_grid(grid, PROMPTS, max_new_tokens=GEN, repeats=1, warmup=0, ignore_eos=True,
+                                   scored=False))
+    same = {r.method: r.same_as_ar_mode for r in rows}
+    assert same == {"ar": None, "ar-self": None, "spec": 1.0, "spec-sep": 1.0}
+    assert build_rows({Setting("spec", 1): measurement([1.0])})[0].same_as_ar_mode is None  # no AR mode row
 
 
 def test_scored_measure_reports_exact_match_of_the_answers(target):
