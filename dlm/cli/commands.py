@@ -98,9 +98,9 @@ def run_generate(args: argparse.Namespace) -> None:
     for prompt, text in zip(prompts, result.texts):
         print(f"--- prompt\n{prompt}\n--- completion\n{text}")
     out = result.output
-    mode = ("AR baseline" if args.ar or meta.pattern == "causal"
-            else f"speculative, drafts of {decode.block_size - 1}" if decode.mode == "speculative"
-            else f"parallel, block {decode.block_size}, threshold {decode.threshold}")
+    mode = ("AR baseline" if args.ar or meta.pattern == "causal" else "AR mode of the dLM" if decode.mode == "ar"
+            else f"speculative ({decode.speculative_form}), drafts of {decode.block_size - 1}"
+            if decode.mode == "speculative" else f"parallel, block {decode.block_size}, threshold {decode.threshold}")
     print(f"--- stats ({mode}): generated {sum(out.num_generated)} tokens, NFE {out.nfe}, "
           f"TPF {out.tokens_per_forward:.2f}, {result.tokens_per_sec:.1f} tokens/s")
 

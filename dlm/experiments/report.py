@@ -30,12 +30,13 @@ if TYPE_CHECKING:
     import pandas as pd
 
 DESCRIBE = {"pattern": "attention.pattern", "block_size": "attention.block_size", "shift": "objective.shift",
-            "strategy": "masking.strategy", "half_life": "masking.half_life", "lr": "optim.lr"}
+            "strategy": "masking.strategy", "half_life": "masking.half_life", "lr": "optim.lr",
+            "clean_context": "attention.clean_context", "ar_weight": "objective.ar_weight"}
 """Columns every points frame carries (plot axes and labels), whatever was swept."""
 EVAL_RE = re.compile(r"^metrics\.eval/(?:decode_block_(?P<bs>\d+)/)?(?P<task>[^/]+)/(?P<metric>[^/]+)$")
 BENCH_RE = re.compile(r"^metrics\.bench/(?P<method>[^_/]+)_batch(?P<bs>\d+)(?:_t(?P<t>[^/]+))?/(?P<key>[^/]+)$")
 DRIFT_RE = re.compile(r"^metrics\.drift/layer_(?P<layer>\d+)/(?P<group>attention|mlp)$")
-PLOTS = ("accuracy_vs_block_size.png", "accuracy_vs_tpf.png", "drift_per_layer.png")
+PLOTS = ("accuracy_vs_block_size.png", "accuracy_vs_tpf.png", "drift_per_layer.png", "speculative.png")
 
 
 @dataclass
@@ -166,7 +167,7 @@ def bench_frame(runs: pd.DataFrame) -> pd.DataFrame:
                 cells.setdefault(key, {})[m["key"]] = float(value)
     rows = [dict(zip(("point", "method", "batch_size", "threshold"), k), **v) for k, v in cells.items()]
     return pd.DataFrame(rows, columns=["point", "method", "batch_size", "threshold", "tpf", "exact_match",
-                                       "tokens_per_sec", "nfe", "speedup_vs_ar", "speedup_cache"])
+                                       "tokens_per_sec", "nfe", "speedup_vs_ar", "speedup_cache", "same_as_ar_mode"])
 
 
 def drift_frame(runs: pd.DataFrame) -> pd.DataFrame:
@@ -201,6 +202,26 @@ def summary_table(points: pd.DataFrame, evals: pd.DataFrame, bench: pd.DataFrame
         row = cached[cached["threshold"] == nearest].set_index("point")
         table[f"tpf@{nearest:g}"] = table["point"].map(row["tpf"])
         table[f"tok/s@{nearest:g}"] = table["point"].map(row["tokens_per_sec"])
+        if any(m in set(bench["method"]) for m in SPEC_COLUMNS) and row["exact_match"].notna().any():
+            table[f"em@{nearest:g}"] = table["point"].map(row["exact_match"])
+    return _speculative_columns(table, bench)
+
+
+SPEC_COLUMNS = {"ar-self": {"exact_match": "ar_mode_em"},
+                "spec": {"tpf": "spec_tpf", "speedup_vs_ar": "spec_x_ar", "same_as_ar_mode": "spec_same"},
+                "spec-sep": {"tpf": "spec_sep_tpf", "speedup_vs_ar": "spec_sep_x_ar"}}
+"""Joint-objective sweeps: the dLM's own AR mode and self-speculative decoding, per point (smallest batch)."""
+
+
+def _speculative_columns(table: pd.DataFrame, bench: pd.DataFrame) -> pd.DataFrame:
+    for method, columns in SPEC_COLUMNS.items():
+        rows = bench[bench["method"] == method]
+        if rows.empty:
+            continue
+        rows = rows[rows["batch_size"] == rows["batch_size"].min()].set_index("point")
+        for key, name in columns.items():
+            if rows[key].notna().any():
+                table[name] = table["point"].map(rows[key])
     return table
 
 
@@ -236,6 +257,7 @@ def report(sweep_name: str, settings: ReportConfig | None = None, *, echo: bool 
         PLOTS[0]: sweep_plots.accuracy_vs_block_size(points, evals, task=task, metric=data.metric),
         PLOTS[1]: sweep_plots.accuracy_vs_tpf(points, bench),
         PLOTS[2]: sweep_plots.drift_per_layer(drift),
+        PLOTS[3]: sweep_plots.speculative(points, bench),
     }
     plots = [sweep_plots.save(fig, out / name) for name, fig in figures.items() if fig is not None]
     tracking.log_artifacts(data.parent.info.run_id, s.tracking_uri,

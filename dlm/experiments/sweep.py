@@ -140,7 +140,10 @@ def bench_point(checkpoint: Path, settings: SweepBench, cfg: ExperimentConfig, r
     prompts = settings.prompts
     if prompts == SYNTHETIC and cfg.data.path == SYNTHETIC:
         prompts = str(synthetic_dir(cfg.data) / "test.jsonl")  # the split held out from this point's training
-    bench = dataclasses.replace(settings, prompts=prompts, output_dir=str(Path(cfg.output_dir) / "bench"))
+    bench = dataclasses.replace(settings, prompts=prompts, output_dir=str(Path(cfg.output_dir) / "bench"),
+                                # speculative rows where the point's clean half is causal; its AR mode everywhere
+                                speculative=settings.speculative and cfg.attention.clean_context == "causal",
+                                ar_mode=settings.ar_mode or settings.speculative)
     run_bench(checkpoint, bench, log=LogTarget(run_id, cfg.tracking.tracking_uri))
 
 

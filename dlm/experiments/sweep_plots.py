@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-LINE_KEYS = ("pattern", "shift", "block_size", "strategy", "half_life", "lr")
+LINE_KEYS = ("pattern", "shift", "block_size", "strategy", "half_life", "lr", "clean_context", "ar_weight")
 """Point descriptors (`dlm.experiments.report.DESCRIBE`) that name a line when they vary across the sweep."""
 
 
@@ -122,6 +122,38 @@ def accuracy_vs_tpf(points: pd.DataFrame, bench: pd.DataFrame) -> Figure | None:
            title=f"Accuracy vs TPF, cached decoder, batch {int(rows['batch_size'].iloc[0])}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def speculative(points: pd.DataFrame, bench: pd.DataFrame) -> Figure | None:
+    """Joint-objective sweeps, per point (smallest bench batch): left, exact match of the dLM's own AR mode
+    and of threshold decoding (is the converted model still a good AR model, and a good dLM?); right, tokens
+    per forward of threshold decoding and of both self-speculative forms (lossless)."""
+    if bench.empty or "ar-self" not in set(bench["method"]):
+        return None
+    rows = bench[bench["batch_size"] == bench["batch_size"].min()]
+    names = [label(r, varying(points)) for _, r in points.iterrows()]
+    threshold = rows.loc[rows["method"] == "dlm", "threshold"].max()
+    pick = {"AR mode": ("ar-self", None), f"threshold {threshold:g}": ("dlm", threshold),
+            "speculative, fused": ("spec", None), "speculative, separate": ("spec-sep", None)}
+    fig = _figure(11, 4.2)
+    for panel, (key, title, shown) in enumerate([("exact_match", "Exact match", list(pick)[:2]),
+                                                 ("tpf", "Tokens per forward", list(pick)[1:])]):
+        ax = fig.add_subplot(1, 2, panel + 1)
+        width = 0.8 / len(shown)
+        for i, series in enumerate(shown):
+            method, t = pick[series]
+            sel = rows[(rows["method"] == method) & ((rows["threshold"] == t) if t is not None else True)]
+            values = points["point"].map(sel.set_index("point")[key]) if not sel.empty else None
+            if values is not None:
+                ax.bar([x + i * width for x in range(len(names))], values.fillna(0), width, label=series,
+                       color=f"C{list(pick).index(series)}")
+        ax.set_xticks([x + width * (len(shown) - 1) / 2 for x in range(len(names))], names, rotation=20,
+                      ha="right", fontsize=8)
+        ax.set(title=title)
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -227,5 +227,6 @@ def settings_grid(s: BenchConfig) -> list[Setting]:
         grid += [Setting("dlm-nocache", b, t) for t in s.no_cache_thresholds]
         grid += [Setting("dlm-nocache", b, tokens_per_pass=n) for n in s.no_cache_tokens_per_pass]
         grid += [Setting("dlm-v2count", b, t) for t in s.v2_count_thresholds]
-        grid += [Setting(m, b) for m in ("ar-self", *SPECULATIVE)] if s.speculative else []
+        grid += [Setting("ar-self", b)] if s.ar_mode or s.speculative else []
+        grid += [Setting(m, b) for m in SPECULATIVE] if s.speculative else []
     return grid

@@ -37,6 +37,9 @@ class BenchConfig:
     """Also the self-speculative rows (decode.mode=speculative, fused and separate: drafts of block_size - 1,
     lossless) and the checkpoint's own AR mode, whose tokens they must equal (the `= AR mode` column: share of
     prompts token for token); needs a checkpoint trained with attention.clean_context=causal."""
+    ar_mode: bool = False
+    """Also the checkpoint's own AR mode (decode.mode=ar on the dLM: is it still a good AR model?); on
+    whenever `speculative` is."""
     hf_generate: bool = True
     """Also time transformers' `generate` as a second AR row (the lean loop is the headline)."""
     compile: bool = False

@@ -197,14 +197,16 @@ def test_speculative_generate_on_a_causal_clean_context_checkpoint_matches_ar_mo
     bb = make_backbone("qwen3", tokenizer)
     meta = CheckpointMeta("block_clean", 4, "<|mask|>", bb.mask_token_id, clean_context="causal")
     ckpt = str(save_checkpoint(bb.model, bb.tokenizer, meta, tmp_path / "joint"))
-    texts = {}
-    for mode in ("ar", "speculative"):
+    texts, stats = {}, {}
+    for mode, form in (("ar", "fused"), ("speculative", "fused"), ("speculative", "separate")):
         status, out, err, _ = run_main(["generate", ckpt, "--prompt", "Tom has 3 apples", "--mode", mode,
-                                        "--max-new-tokens", "9"], capsys)
+                                        "--speculative-form", form, "--max-new-tokens", "9"], capsys)
         assert status == 0, err
-        texts[mode] = out.split("--- stats")[0]
-    assert texts["ar"] == texts["speculative"]
-    assert "speculative, drafts of 3" in out
+        texts[mode, form], stats[mode, form] = out.split("--- stats")
+    assert texts["ar", "fused"] == texts["speculative", "fused"] == texts["speculative", "separate"]
+    assert stats["ar", "fused"].startswith(" (AR mode of the dLM)")
+    assert stats["speculative", "fused"].startswith(" (speculative (fused), drafts of 3)")
+    assert stats["speculative", "separate"].startswith(" (speculative (separate), drafts of 3)")
 
 
 def test_a_bad_flag_fails_without_importing_torch():

@@ -105,3 +105,22 @@ def test_report_of_an_unknown_sweep_fails_in_one_line(swept):
     with pytest.raises(ConfigError, match=r"^sweep='nope': no parent run in tracking URI sqlite:///.*; "
                                           r"run `dlm sweep` first$"):
         report("nope", ReportConfig(tracking_uri=swept.tracking_uri))
+
+
+def test_summary_table_of_a_joint_objective_sweep_shows_ar_mode_and_speculative_columns():
+    spec = {"metrics.bench/dlm_batch1_t0.9/tpf": 3.0, "metrics.bench/dlm_batch1_t0.9/exact_match": 0.9,
+            "metrics.bench/dlm_batch1_t0.9/tokens_per_sec": 50.0, "metrics.bench/ar-self_batch1/exact_match": 0.95}
+    runs = pd.DataFrame([
+        _run("block", 0, 1, **{"params.attention.clean_context": "block", "params.objective.ar_weight": "0.0"}, **spec),
+        _run("joint", 1, 2, **{"params.attention.clean_context": "causal", "params.objective.ar_weight": "1.0",
+                               "metrics.bench/spec_batch1/tpf": 2.75, "metrics.bench/spec_batch1/speedup_vs_ar": 2.5,
+                               "metrics.bench/spec_batch1/same_as_ar_mode": 1.0,
+                               "metrics.bench/spec-sep_batch1/tpf": 1.5, "metrics.bench/spec_batch4/tpf": 9.0}, **spec),
+    ])
+    points = points_frame(runs, ["objective.ar_weight"])
+    assert points["clean_context"].tolist() == ["block", "causal"]
+    table = summary_table(points, eval_frame(runs), bench_frame(runs), swept=["ar_weight"], metric="m")
+    assert list(table.columns) == ["point", "ar_weight", "status", "val_loss", "tpf@0.9", "tok/s@0.9", "em@0.9",
+                                   "ar_mode_em", "spec_tpf", "spec_x_ar", "spec_same", "spec_sep_tpf"]
+    assert table["spec_tpf"].tolist()[1] == 2.75 and pd.isna(table["spec_tpf"].tolist()[0])
+    assert table["ar_mode_em"].tolist() == [0.95, 0.95] and table["spec_same"].tolist()[1] == 1.0

@@ -133,3 +133,25 @@ def test_save_writes_a_png_creating_parent_folders(tmp_path):
     drift = pd.DataFrame([("a", 0, "mlp", 0.02)], columns=["point", "layer", "group", "drift"])
     path = sweep_plots.save(sweep_plots.drift_per_layer(drift), tmp_path / "report" / "nested" / "drift.png")
     assert path == tmp_path / "report" / "nested" / "drift.png" and path.read_bytes().startswith(PNG)
+
+
+# -- joint objective: AR mode and self-speculative decoding ----------------------------------------------------
+def test_speculative_plot_shows_exact_match_and_tokens_per_forward_per_point():
+    points = points_of({"point": "blk", "clean_context": "block", "ar_weight": 0.0},
+                       {"point": "joint", "clean_context": "causal", "ar_weight": 1.0})
+    bench = bench_of(("blk", "ar-self", 1, None, 1.0, 0.5), ("blk", "dlm", 1, 0.9, 3.0, 0.75),
+                     ("joint", "ar-self", 1, None, 1.0, 1.0), ("joint", "dlm", 1, 0.9, 2.5, 0.875),
+                     ("joint", "spec", 1, None, 3.5, 1.0), ("joint", "spec-sep", 1, None, 1.75, 1.0),
+                     ("joint", "spec", 4, None, 9.0, 1.0))
+    left, right = sweep_plots.speculative(points, bench).axes
+    assert [bar.get_height() for bar in left.patches] == [0.5, 1.0, 0.75, 0.875]  # AR mode, then threshold
+    assert [bar.get_height() for bar in right.patches] == [3.0, 2.5, 0, 3.5, 0, 1.75]  # blk has no speculative
+    assert [t.get_text() for t in right.get_xticklabels()] == ["clean_context=block, ar_weight=0",
+                                                               "clean_context=causal, ar_weight=1"]
+    assert [t.get_text() for t in right.get_legend().get_texts()] == ["threshold 0.9", "speculative, fused",
+                                                                     "speculative, separate"]
+
+
+def test_speculative_plot_without_an_ar_mode_row_is_none():
+    points = points_of({"point": "a"})
+    assert sweep_plots.speculative(points, bench_of(("a", "dlm", 1, 0.9, 2.0, 0.5))) is None
