@@ -17,10 +17,6 @@ class DecodeConfig:
     cache, same compile), one token per forward under the causal mask: the AR baseline | speculative: the
     diffusion path drafts `block_size - 1` tokens, the causal path verifies them (lossless: the AR mode's
     greedy output; needs a checkpoint trained with `attention.clean_context: causal`)."""
-    speculative_form: Literal["fused", "separate"] = "fused"
-    """mode=speculative only. fused: one forward per step verifies the last draft (causal) and drafts the next
-    block (its [MASK]s after the drafts), up to block_size tokens per forward | separate: a diffusion draft
-    forward, then a causal verify forward (two per step, up to block_size / 2 tokens per forward)."""
     block_size: int = 32
     """Tokens decoded per block; eval block 16-32 in the paper (may differ from the training block)."""
     threshold: float = 0.9
@@ -55,6 +51,10 @@ class DecodeConfig:
     uncompiled. Pays off on a GPU at batch 1; on CPU measure first (BENCHMARKS.md)."""
     shift: bool = False
     """Dream-style checkpoints: the logit at i-1 predicts token i (must match training's `objective.shift`)."""
+    speculative_form: Literal["fused", "separate"] = "fused"
+    """mode=speculative only. fused: one forward per step verifies the last draft (causal) and drafts the next
+    block (its [MASK]s after the drafts), up to block_size tokens per forward | separate: a diffusion draft
+    forward, then a causal verify forward (two per step, up to block_size / 2 tokens per forward)."""
 
     def __post_init__(self) -> None:
         check_choices(self, "decode.")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import types
 import typing
@@ -99,19 +100,28 @@ def literal_choices(kind: Any) -> tuple[Any, ...] | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _field_choices(cls: type) -> dict[str, tuple[tuple[Any, ...] | None, bool]]:
+    """Per field of the dataclass `cls`: its `Literal` values (or None) and whether it is a list. Cached:
+    resolving the string annotations costs ~0.4 ms, and a DecodeConfig is built on every generate call."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        is_list = typing.get_origin(kind) is list
+        out[f.name] = (literal_choices(typing.get_args(kind)[0] if is_list else kind), is_list)
+    return out
+
+
 def check_choices(obj: Any, prefix: str = "") -> None:
     """Every `Literal` field of the dataclass `obj` (and of the dataclasses nested in it) holds one of its values;
     omegaconf checks this at merge time, this covers objects built in code."""
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
+    for name, (choices, is_list) in _field_choices(type(obj)).items():
+        value = getattr(obj, name)
         if dataclasses.is_dataclass(value):
-            check_choices(value, f"{prefix}{f.name}.")
+            check_choices(value, f"{prefix}{name}.")
             continue
-        kind = hints[f.name]
-        is_list = typing.get_origin(kind) is list
-        choices = literal_choices(typing.get_args(kind)[0] if is_list else kind)
         for item in (value if is_list else [value]):
             if choices is not None and item is not None:
-                check(item in choices, prefix + f.name, item,
-                      f"unknown {f.name.removesuffix('s') if is_list else f.name}", choices)
+                check(item in choices, prefix + name, item,
+                      f"unknown {name.removesuffix('s') if is_list else name}", choices)
