@@ -55,8 +55,7 @@ def greedy_ar(run: Runner, input_ids: Tensor, max_new_tokens: int, stopper: Stop
         rows.seq[:, pos] = logits.argmax(dim=-1)
         rows.count_forward()
         if stopper.active:  # the one sync per token, and only when something can end a row
-            no_mask = torch.zeros_like(rows.seq[:, :1], dtype=torch.bool)
-            finished = stopper.done_in_block(rows.seq, no_mask, pos, prompt_len).tolist()
+            finished = stopper.done_in_block(rows.seq, rows.seq[:, pos:pos + 1].tolist(), None, pos, prompt_len)
             if any(finished):
                 run.select(rows.drop(finished, pos + 1))
         if not rows.active or pos + 1 == prompt_len + max_new_tokens:

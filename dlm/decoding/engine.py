@@ -91,10 +91,7 @@ def _denoise_block(run: Runner, rows: ActiveRows, span: tuple[int, int, int], cf
         a = run.keep_until(start)
         _commit(rows, logits, cols, masked, (start, end), sub, cfg, mask_token_id, generator)
         rows.count_forward(None if sub is None else sub.tolist())
-        done = stopper.done_in_block(rows.seq, masked, start, rows.prompt_len) if cfg.early_exit else None
-        state = (masked if done is None else torch.cat([masked, done[:, None]], dim=1)).tolist()  # the one sync
-        masked_host = [s[: end - start] for s in state]
-        finished = [bool(s[-1]) for s in state] if done is not None else [False] * len(state)
+        masked_host, finished = _sync(rows, masked, stopper, (start, end), cfg.early_exit)
         if not any(any(row) for row in masked_host):
             finished = _at_block_end(rows, finished, stopper, end, cfg)
         if any(finished):
@@ -106,6 +103,21 @@ def _denoise_block(run: Runner, rows: ActiveRows, span: tuple[int, int, int], cf
         if not waiting:
             return
         sub = None if len(waiting) == len(masked_host) else torch.tensor(waiting, device=masked.device)
+
+
+def _sync(rows: ActiveRows, masked: Tensor, stopper: Stopper, span: tuple[int, int],
+          early_exit: bool) -> tuple[list[list[bool]], list[bool]]:
+    """The pass's one host sync: what is still masked, and (early exit) the block's tokens, from which the rows
+    that finished are read on the host."""
+    start, end = span
+    if not (early_exit and stopper.active):
+        state = masked.tolist()
+        return state, [False] * len(state)
+    state = torch.cat([masked.long(), rows.seq[:, start:end]], dim=1).tolist()
+    width = end - start
+    masked_host = [[bool(m) for m in row[:width]] for row in state]
+    return masked_host, stopper.done_in_block(rows.seq, [row[width:] for row in state], masked_host, start,
+                                              rows.prompt_len)
 
 
 def _at_block_end(rows: ActiveRows, finished: list[bool], stopper: Stopper, end: int,

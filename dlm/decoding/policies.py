@@ -46,6 +46,8 @@ def candidates(masked: Tensor, sub_block_size: int | None) -> Tensor:
 
 def choose(conf: Tensor, cand: Tensor, cfg: DecodeConfig) -> Tensor:
     """`(B, L)` bool: the positions to commit this pass, the top-n candidates by confidence per row."""
+    if cfg.policy == "threshold" and not cfg.one_token_per_forward:
+        return _above_threshold(conf, cand, cfg.threshold)
     sorted_conf, order = conf.masked_fill(~cand, -1.0).sort(dim=-1, descending=True, stable=True)
     n_cand = cand.sum(dim=-1)
     if cfg.one_token_per_forward:
@@ -61,3 +63,11 @@ def choose(conf: Tensor, cand: Tensor, cfg: DecodeConfig) -> Tensor:
     rank_of = torch.empty_like(order).scatter_(1, order,
                                                torch.arange(conf.shape[1], device=conf.device).expand_as(order))
     return cand & (rank_of < n.clamp(max=n_cand)[:, None])
+
+
+def _above_threshold(conf: Tensor, cand: Tensor, threshold: float) -> Tensor:
+    """The threshold rule without a sort (a third of the ops: it runs every pass): every candidate at or above
+    `threshold`, and at least the most confident one (the first on ties, as the stable sort's top-1)."""
+    conf = conf.masked_fill(~cand, -1.0)
+    best = torch.zeros_like(cand).scatter_(1, conf.argmax(dim=1, keepdim=True), True)
+    return cand & ((conf >= threshold) | best)

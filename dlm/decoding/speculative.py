@@ -125,8 +125,7 @@ def _stop(run: Runner, rows: ActiveRows, stopper: Stopper, start: int, end: int)
     (None: all kept)."""
     if not stopper.active:
         return None
-    settled = torch.zeros_like(rows.seq[:, start:end], dtype=torch.bool)
-    finished = stopper.done_in_block(rows.seq, settled, start, rows.prompt_len).tolist()
+    finished = stopper.done_in_block(rows.seq, rows.seq[:, start:end].tolist(), None, start, rows.prompt_len)
     if not any(finished):
         return None
     keep = rows.drop(finished, end)

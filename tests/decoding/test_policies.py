@@ -173,3 +173,22 @@ def test_fixed_policy_decodes_at_a_known_tokens_per_forward(tokenizer):
         out = generate(bb.model, ids, mask_token_id=bb.mask_token_id, block_size=4, max_new_tokens=16, policy="fixed",
                        tokens_per_pass=n)
         assert out.nfe == nfe and out.num_generated == [16]
+
+
+def test_the_threshold_rule_equals_the_top_n_rule_it_shortcuts():
+    """`choose` takes a sort-free path for the threshold policy; it must pick what the general top-n rule picks
+    (n = candidates at or above the threshold, at least one), ties and empty rows included."""
+    from dlm.decoding.policies import _above_threshold
+
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        conf = torch.randint(0, 5, (6, 7), generator=gen).double() / 4  # coarse values: many ties
+        cand = torch.rand(6, 7, generator=gen) < 0.6
+        cand[0] = False  # a row with nothing left
+        for t in (0.25, 0.5, 1.0):
+            sorted_conf, order = conf.masked_fill(~cand, -1.0).sort(dim=-1, descending=True, stable=True)
+            n = (sorted_conf >= t).sum(dim=-1).clamp(min=1).clamp(max=cand.sum(dim=-1))
+            rank = torch.empty_like(order).scatter_(1, order, torch.arange(7).expand_as(order))
+            expected = cand & (rank < n[:, None])  # the general rule's top-n, written out
+            assert torch.equal(choose(conf, cand, DecodeConfig(threshold=t)), expected)
+            assert torch.equal(_above_threshold(conf, cand, t), expected)
