@@ -136,15 +136,23 @@ def _fused_oracle(ar_seq: torch.Tensor, wrong_every: int):
     return draft
 
 
-@pytest.mark.parametrize("wrong_every", [1, 2, 10**6])
-def test_accepted_drafts_keep_the_output_and_cut_the_forwards(bb, tokenizer, monkeypatch, wrong_every):
+def _with_oracle(bb, tokenizer, monkeypatch, form: str, wrong_every: int):
+    """(speculative, AR) outputs, 21 tokens at block 5, with the drafts of `form` replaced by the oracle."""
     import dlm.decoding.speculative as speculative
 
     ids, mask = _batch(tokenizer)
     ar = _decode(bb, ids, mask, "ar", max_new_tokens=21)
     ar_seq = torch.cat([ids, torch.tensor(ar.tokens)], dim=1)
-    monkeypatch.setattr(speculative, "draft_tokens", _oracle(ar_seq, wrong_every))
-    spec = _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21, speculative_form="separate")
+    if form == "separate":
+        monkeypatch.setattr(speculative, "draft_tokens", _oracle(ar_seq, wrong_every))
+    else:
+        monkeypatch.setattr(speculative, "noisy_draft", _fused_oracle(ar_seq, wrong_every))
+    return _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21, speculative_form=form), ar
+
+
+@pytest.mark.parametrize("wrong_every", [1, 2, 10**6])
+def test_accepted_drafts_keep_the_output_and_cut_the_forwards(bb, tokenizer, monkeypatch, wrong_every):
+    spec, ar = _with_oracle(bb, tokenizer, monkeypatch, "separate", wrong_every)
     assert spec.tokens == ar.tokens
     if wrong_every == 10**6:  # always right: k + 1 = 5 tokens per verify, 20 after the prefill's first one
         assert spec.nfe == 1 + 2 * 4
@@ -155,13 +163,7 @@ def test_accepted_drafts_keep_the_output_and_cut_the_forwards(bb, tokenizer, mon
 @pytest.mark.parametrize("wrong_every", [1, 2, 10**6])
 def test_fused_form_accepts_a_whole_block_per_forward_when_the_drafts_are_right(bb, tokenizer, monkeypatch,
                                                                               wrong_every):
-    import dlm.decoding.speculative as speculative
-
-    ids, mask = _batch(tokenizer)
-    ar = _decode(bb, ids, mask, "ar", max_new_tokens=21)
-    ar_seq = torch.cat([ids, torch.tensor(ar.tokens)], dim=1)
-    monkeypatch.setattr(speculative, "noisy_draft", _fused_oracle(ar_seq, wrong_every))
-    spec = _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21, speculative_form="fused")
+    spec, ar = _with_oracle(bb, tokenizer, monkeypatch, "fused", wrong_every)
     assert spec.tokens == ar.tokens
     if wrong_every == 10**6:  # prefill: token 1; a draft-only step: token 2; then 5 a forward (19 in 4)
         assert spec.nfe == 1 + 1 + 4
@@ -169,7 +171,6 @@ def test_fused_form_accepts_a_whole_block_per_forward_when_the_drafts_are_right(
         assert spec.nfe == 21
     else:
         assert 6 < spec.nfe < 21
-
 
 
 @pytest.mark.parametrize("form,nfe", [("separate", 1 + 2 * 3), ("fused", 1 + 1 + 3)])
