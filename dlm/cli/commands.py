@@ -133,7 +133,8 @@ def run_bench(args: argparse.Namespace) -> Any:
     settings, log = dataclass_from_args(args, BenchConfig), dataclass_from_args(args, LogTarget)
     from dlm.models.checkpoint import check_checkpoint
 
-    check_checkpoint(args.checkpoint)  # before the prompt set is read or generated
+    if Path(args.checkpoint).suffix not in (".yaml", ".yml"):  # an experiment YAML: random weights, real shape
+        check_checkpoint(args.checkpoint)  # before the prompt set is read or generated
     from dlm.measurement.bench import run_bench as bench
 
     result = bench(args.checkpoint, settings, log=log)

@@ -181,6 +181,24 @@ def test_generate_checks_the_sub_block_against_the_checkpoints_block_size_before
     assert seconds < 5
 
 
+def test_bench_takes_an_experiment_yaml_and_times_random_weights_at_its_shape(tmp_path, capsys):
+    shape = tmp_path / "shape.yaml"
+    shape.write_text(yaml.safe_dump({"name": "shape", "model": {
+        "arch": "qwen3", "tokenizer": "builtin:tiny", "config": {
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 256}},
+        "attention": {"pattern": "block_clean", "block_size": 4}, "data": {"max_length": 32}}))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "Tom has 3 apples", "answer": "3"}\n')
+    status, out, err, _ = run_main(["bench", str(shape), "--tokens-per-pass", "2", "--thresholds", "",
+                                    "--batch-sizes", "1", "--no-cache-thresholds", "", "--max-new-tokens", "8",
+                                    "--ignore-eos", "--repeats", "1", "--warmup", "0", "--prompts", str(prompts),
+                                    "--no-hf-generate", "--no-one-token-reference",
+                                    "--output-dir", str(tmp_path / "out")], capsys)
+    assert status == 0, err
+    assert "| dLM cached, fixed | 1 | n 2 |" in out
+
+
 def test_speculative_generate_with_a_block_clean_context_checkpoint_is_one_error_line(meta_only_ckpt, capsys):
     status, out, err, seconds = run_main(["generate", meta_only_ckpt, "--prompt", "hi", "--mode", "speculative"],
                                          capsys)
