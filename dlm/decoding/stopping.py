@@ -51,8 +51,7 @@ class Stopper:
 
     def truncate(self, tokens: list[int]) -> list[int]:
         """Cut after the first EOS (kept), then before the token where the first stop string starts."""
-        eos = set(self.eos.tolist())
-        tokens = tokens[: next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))]
+        tokens = tokens[: next((i + 1 for i, t in enumerate(tokens) if t in self.eos_ids), len(tokens))]
         return self._cut_stop(tokens) if self.stop else tokens
 
     def _cut_stop(self, tokens: list[int]) -> list[int]:

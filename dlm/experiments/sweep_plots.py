@@ -145,10 +145,11 @@ def speculative(points: pd.DataFrame, bench: pd.DataFrame) -> Figure | None:
         for i, series in enumerate(shown):
             method, t = pick[series]
             sel = rows[(rows["method"] == method) & ((rows["threshold"] == t) if t is not None else True)]
-            values = points["point"].map(sel.set_index("point")[key]) if not sel.empty else None
-            if values is not None:
-                ax.bar([x + i * width for x in range(len(names))], values.fillna(0), width, label=series,
-                       color=f"C{list(pick).index(series)}")
+            if sel.empty:
+                continue
+            values = points["point"].map(sel.set_index("point")[key]).fillna(0)
+            ax.bar([x + i * width for x in range(len(names))], values, width, label=series,
+                   color=f"C{list(pick).index(series)}")
         ax.set_xticks([x + width * (len(shown) - 1) / 2 for x in range(len(names))], names, rotation=20,
                       ha="right", fontsize=8)
         ax.set(title=title)
