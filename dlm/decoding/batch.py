@@ -31,11 +31,13 @@ class ActiveRows:
         for k in range(len(self.ids)) if rows is None else rows:
             self.forwards[self.ids[k]] += 1
 
-    def drop(self, finished: list[bool], end: int) -> Tensor:
-        """Record the finished rows' tokens `seq[:, P:end]`, keep the rest; returns the kept row indices."""
+    def drop(self, finished: list[bool], end: int, tokens: list[list[int]] | None = None) -> Tensor:
+        """Record the finished rows' tokens `seq[:, P:end]` (or row k's `tokens[k]`, for a layout with holes),
+        keep the rest; returns the kept row indices."""
         done = [k for k, f in enumerate(finished) if f]
         if done:
-            for k, row in zip(done, self.seq[done, self.prompt_len:end].tolist()):
+            got = [tokens[k] for k in done] if tokens is not None else self.seq[done, self.prompt_len:end].tolist()
+            for k, row in zip(done, got):
                 self.tokens[self.ids[k]] = row
         keep = torch.tensor([k for k, f in enumerate(finished) if not f], dtype=torch.long, device=self.seq.device)
         if done:

@@ -33,7 +33,7 @@ from dlm.decoding.layout import Layout
 from dlm.decoding.output import GenerationOutput
 from dlm.decoding.policies import candidates, choose, propose
 from dlm.decoding.runner import Runner
-from dlm.decoding.speculative import speculative
+from dlm.decoding.speculative import slots_needed, speculative
 from dlm.decoding.stopping import Stopper, check_inputs
 from dlm.settings.decode import DecodeConfig
 from dlm.settings.errors import ConfigError
@@ -183,7 +183,8 @@ def generate(model: PreTrainedModel, input_ids: Tensor, *, mask_token_id: int | 
             rows = greedy_ar(Runner(model, Layout.build(attention_mask, cfg.max_new_tokens, 1), cfg), input_ids,
                              cfg.max_new_tokens, stopper, exclude=mask_token_id)
         elif cfg.mode == "speculative":  # the token-causal layout: the clean cache is an AR model's
-            rows = speculative(Runner(model, Layout.build(attention_mask, cfg.max_new_tokens, 1), cfg), input_ids,
+            slots = slots_needed(cfg.max_new_tokens, cfg.block_size - 1)
+            rows = speculative(Runner(model, Layout.build(attention_mask, slots, 1), cfg), input_ids,
                                cfg.max_new_tokens, cfg.block_size - 1, mask_token_id, stopper, cfg.shift,
                                fused=cfg.speculative_form == "fused")
         else:

@@ -33,7 +33,7 @@ class Runner:
     def __init__(self, model: PreTrainedModel, layout: Layout, cfg: DecodeConfig):
         self.model, self.layout = model, layout
         self.eager = model.config._attn_implementation == "eager"
-        self.static = cfg.use_cache and cfg.cache == "static"
+        self.static = cfg.static_cache
         self.cache = None
         if cfg.use_cache:
             self.cache = (StaticCache(config=model.config, max_cache_len=layout.total) if self.static

@@ -2,27 +2,30 @@
 
 A checkpoint trained with `attention.clean_context: causal` (and the joint objective) has a clean half that is
 a causal LM, so its clean KV cache is exactly an AR model's cache (the token-causal layout, as the lean AR
-mode uses). With the cache holding `:pos` and the next token `g` at `pos` known, two forms:
+mode uses). With the cache holding the committed prefix and each row's next token `g` known, two forms:
 
-- separate (two forwards a step): a draft forward of `[g, MASK x k]` at `pos..pos+k`, bidirectional among
-  themselves over the cache (the noisy block of training), gives the drafts `d_1..d_k` (the cache is cropped
-  back to `pos`); a causal forward of `[g, d_1..d_k]` gives the causal greedy tokens `v_1..v_{k+1}`.
+- separate (two forwards a step): a draft forward of `[g, MASK x k]`, bidirectional among themselves over the
+  cache (the noisy block of training), gives the drafts `d_1..d_k` (its KV is dropped); a causal forward of
+  `[g, d_1..d_k]` gives the causal greedy tokens `v_1..v_{k+1}`.
 - fused (one forward a step, Nemotron-Labs-Diffusion's form): `[g, d_1..d_k]` causally, followed by a noisy
-  block of `k + 1` [MASK]s at `pos+k+1..` that sees the cache, `g`, the drafts and itself. The causal rows
-  verify; the noisy rows are the next draft, kept only when every draft was accepted (it was conditioned on
-  them), for the positions after the causal path's next token. After a rejection the next step has no drafts:
-  `[g]` and a fresh noisy block.
+  block of `k + 1` [MASK]s that sees the cache, `g`, the drafts and itself. The causal rows verify; the noisy
+  rows are the row's next draft, kept only when it accepted every draft (they were conditioned on them).
 
-Either way the step accepts the longest prefix with `d_j == v_j` (n drafts) plus the causal path's next token
-`v_{n+1}` (:func:`accept`), and crops the cache to what was accepted. Every committed token is the causal
-greedy argmax given the committed prefix, so the output equals the AR mode's token for token; a draft that is
-all wrong still gains one token per verify, one that is all right gains k + 1. Batched rows accept the same
-count per step: the minimum over the rows still decoding (each row may have agreed on more; committing the
-common prefix is still exact). `nfe` counts the prefill (whose last logit gives the first token, as in the AR
-mode's count) and every forward of every step.
+Each row accepts the longest prefix of its drafts with `d_j == v_j` (n drafts) plus the causal path's next
+token `v_{n+1}` (:func:`accept`). Every committed token is the causal greedy argmax given the row's committed
+prefix, so the output equals the AR mode's token for token; a draft that is all wrong still gains one token,
+one that is all right gains k + 1.
+
+Per-row acceptance in a batch: the rows share cache slots, not positions. A step occupies `k + 1` slots (`g`
+and the drafts); where a row accepted fewer than `k` drafts (or had fewer), the rest of its slots become holes
+(`layout.real` False: no query sees them) and its positions go on from its last committed token, so each row
+advances by its own count (`_Rows`). `nfe` counts the prefill (whose last logit gives the first token, as in
+the AR mode's count) and every forward of every step.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -33,17 +36,24 @@ from dlm.decoding.stopping import Stopper
 from dlm.tensor.attention import additive_mask
 
 
+def slots_needed(max_new_tokens: int, draft_len: int) -> int:
+    """Cache slots past the prompt a call may occupy: every step gains each row >= 1 token and takes at most
+    `draft_len + 1` slots, plus a noisy block of `draft_len + 1`."""
+    return (max_new_tokens + 1) * (draft_len + 1)
+
+
 def accepted_counts(draft: Tensor, verified: Tensor) -> Tensor:
     """`(B,)`: per row, the drafts `draft` `(B, k)` that match the causal greedy tokens `verified[:, :k]`
     as a prefix (`verified` `(B, k + 1)`: the causal argmax at each verify input)."""
     return (draft == verified[:, :-1]).long().cumprod(dim=1).sum(dim=1)
 
 
-def accept(draft: Tensor, verified: Tensor) -> tuple[int, Tensor]:
-    """(n, tokens `(B, n + 1)`): the n drafts every row's causal path agrees with (the minimum over rows),
-    then the causal path's own next token. n = 0 (all wrong) still gives one token; n = k gives k + 1."""
-    n = int(accepted_counts(draft, verified).min())
-    return n, torch.cat([draft[:, :n], verified[:, n:n + 1]], dim=1)
+def accept(draft: Tensor, verified: Tensor, limit: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per row: (n `(B,)`, its drafts matching the causal greedy tokens as a prefix, at most `limit`; the causal
+    path's own next token `(B,)`, `verified[:, n]`). n = 0 (all wrong) still gives one token; n = k gives k + 1."""
+    counts = accepted_counts(draft, verified)
+    counts = counts if limit is None else torch.minimum(counts, limit)
+    return counts, verified.gather(1, counts[:, None])[:, 0]
 
 
 def _argmax(logits: Tensor, exclude: int) -> Tensor:
@@ -73,87 +83,138 @@ def _forward(run: Runner, seq: Tensor, start: int, end: int, keep: int | Tensor,
     return out.logits
 
 
-def draft_tokens(run: Runner, seq: Tensor, pos: int, k: int, mask_token_id: int, shift: bool = False) -> Tensor:
-    """`(B, k)`: the diffusion path's one-pass guesses for `pos+1..pos+k` (`seq[:, pos]` known, cache `:pos`)."""
+@dataclass
+class _Rows:
+    """Per active row: the position of its next token `g` (at the common slot `pos`), its tokens so far, and its
+    next draft (`draft` `(B, k)`, `lens` real ones each; [MASK] past them, which no causal argmax equals)."""
+
+    g_pos: Tensor  # (B,) long
+    generated: list[list[int]]
+    draft: Tensor
+    lens: Tensor  # (B,) long
+
+    def select(self, keep: Tensor) -> None:
+        self.g_pos, self.draft, self.lens = self.g_pos[keep], self.draft[keep], self.lens[keep]
+        self.generated = [self.generated[k] for k in keep.tolist()]
+
+
+def _place(run: Runner, start: int, first_pos: Tensor, lens: Tensor, width: int) -> None:
+    """Slots `start..start+width-1` hold, per row, `lens` real tokens at positions `first_pos..`; holes after."""
+    j = torch.arange(width, device=lens.device)
+    run.layout.real[:, start:start + width] = j[None, :] < lens[:, None]
+    run.layout.position_ids[:, start:start + width] = first_pos[:, None] + j[None, :]
+
+
+def draft_tokens(run: Runner, seq: Tensor, pos: int, k: int, mask_token_id: int, shift: bool, first: Tensor,
+                 ids: list[int]) -> Tensor:
+    """`(B, k)`: the diffusion path's one-pass guesses for positions `first..first+k-1` of each row (`g` at slot
+    `pos`, cache `:pos`); `ids` name the rows in the caller's batch (what a drafter other than the model's own
+    diffusion path, such as a test's oracle, looks drafts up by)."""
     seq[:, pos + 1:pos + k + 1] = mask_token_id
     logits = _forward(run, seq, pos, pos + k + 1, k + shift, noisy=k + 1)
     run.keep_until(pos)  # the draft's KV is not the causal one: drop it
     return _argmax(logits[:, :k], mask_token_id)
 
 
-def _step(run: Runner, rows: ActiveRows, pos: int, k: int, mask_token_id: int, shift: bool) -> int:
-    """One draft + verify; writes the n accepted drafts and the causal next token after `pos`; returns n."""
-    draft = draft_tokens(run, rows.seq, pos, k, mask_token_id, shift)
-    rows.count_forward()
+def noisy_draft(logits: Tensor, first: Tensor, mask_token_id: int, ids: list[int]) -> Tensor:
+    """`(B, L)`: the fused form's next draft for positions `first..first+L-1` of each row, from the noisy
+    block's logits (`ids`: as for :func:`draft_tokens`)."""
+    return _argmax(logits, mask_token_id)
+
+
+def _verify(run: Runner, rows: ActiveRows, st: _Rows, pos: int, draft: Tensor, logits: Tensor, limit: Tensor,
+            mask_token_id: int) -> tuple[Tensor, list[int]]:
+    """Per row: accept (at most `limit` drafts), commit, turn the unaccepted draft slots into holes, place the
+    causal next token at slot `pos + k + 1`. Returns the per-row counts, and the tokens each row gained (host);
+    the cache keeps `:pos + k + 1`."""
+    k = draft.shape[1]
+    counts, g = accept(draft, _argmax(logits, mask_token_id), limit)
+    _place(run, pos + 1, st.g_pos + 1, counts, k)
+    run.keep_until(pos + k + 1)
+    rows.seq[:, pos + k + 1] = g
+    _place(run, pos + k + 1, st.g_pos + counts + 1, torch.ones_like(counts), 1)
+    host = torch.cat([counts[:, None], g[:, None], draft], dim=1).tolist()  # the step's one sync
+    for gen, (n, nxt, *d) in zip(st.generated, host):
+        gen += d[:n] + [nxt]
+    st.g_pos = st.g_pos + counts + 1
+    return counts, [row[0] + 1 for row in host]
+
+
+def _separate_step(run: Runner, rows: ActiveRows, st: _Rows, pos: int, k: int, limit: Tensor, mask_token_id: int,
+                   shift: bool) -> list[int]:
+    """A draft forward, then a causal verify forward of `[g, drafts]`; the tokens each row gained."""
+    _place(run, pos + 1, st.g_pos + 1, torch.full_like(limit, k), k)
+    draft = rows.seq[:, pos + 1:pos + 1]
+    if k:  # a row's last token needs no draft
+        draft = draft_tokens(run, rows.seq, pos, k, mask_token_id, shift, st.g_pos + 1, rows.ids)
+        rows.count_forward()
     rows.seq[:, pos + 1:pos + k + 1] = draft
     logits = _forward(run, rows.seq, pos, pos + k + 1, k + 1)
     rows.count_forward()
-    n, tokens = accept(draft, _argmax(logits, mask_token_id))
-    rows.seq[:, pos + 1:pos + n + 2] = tokens
-    run.keep_until(pos + n + 1)  # cache: g and the n accepted drafts
-    return n
+    return _verify(run, rows, st, pos, draft, logits, limit, mask_token_id)[1]
 
 
-def fused_step(run: Runner, rows: ActiveRows, pos: int, draft: Tensor, width: int, mask_token_id: int,
-               shift: bool) -> tuple[int, Tensor]:
-    """One forward: verify `draft` `(B, k)` for `pos+1..pos+k` and draft the `width - 1` tokens after the
-    causal next token with a noisy block of `width` [MASK]s at `pos+k+1..`. Writes the accepted tokens; returns
-    n and the next draft (empty unless all k drafts were accepted)."""
+def _fused_step(run: Runner, rows: ActiveRows, st: _Rows, pos: int, width: int, limit: Tensor,
+                mask_token_id: int, shift: bool) -> list[int]:
+    """One forward: verify each row's draft and draft its next `width - 1` tokens with a noisy block of `width`
+    [MASK]s after the drafts; a row keeps that draft only when it accepted all of its drafts. Returns the tokens
+    each row gained."""
+    draft, lens = st.draft, st.lens
     k = draft.shape[1]
     end = pos + k + 1 + width
     rows.seq[:, pos + 1:pos + k + 1] = draft
     rows.seq[:, pos + k + 1:end] = mask_token_id
+    _place(run, pos + 1, st.g_pos + 1, lens, k)
+    _place(run, pos + k + 1, st.g_pos + lens + 1, torch.full_like(lens, width), width)
     keep = torch.arange(k + 1 + width, device=draft.device)
     keep = torch.cat([keep[:k + 1], keep[k + 2 - shift:k + 1 + width - shift]])  # causal rows, then draft rows
     logits = _forward(run, rows.seq, pos, end, keep, noisy=width)
     rows.count_forward()
-    n, tokens = accept(draft, _argmax(logits[:, :k + 1], mask_token_id))
-    rows.seq[:, pos + 1:pos + n + 2] = tokens
-    run.keep_until(pos + n + 1)  # cache: g and the n accepted drafts; the noisy block's KV is dropped
-    if n < k:
-        return n, draft[:, :0]
-    return n, noisy_draft(logits[:, k + 1:], pos + k + 2, mask_token_id)
+    noisy = noisy_draft(logits[:, k + 1:], st.g_pos + lens + 2, mask_token_id, rows.ids)
+    counts, new = _verify(run, rows, st, pos, draft, logits[:, :k + 1], limit, mask_token_id)
+    kept = counts == lens
+    st.draft = torch.where(kept[:, None], noisy, torch.full_like(noisy, mask_token_id))
+    st.lens = torch.where(kept, noisy.shape[1], 0)
+    return new
 
 
-def noisy_draft(logits: Tensor, first: int, mask_token_id: int) -> Tensor:
-    """`(B, L)`: the fused form's next draft for positions `first..first+L-1`, from the noisy block's logits."""
-    return _argmax(logits, mask_token_id)
-
-
-def _stop(run: Runner, rows: ActiveRows, stopper: Stopper, start: int, end: int) -> Tensor | None:
-    """Rows that committed EOS / a stop string in `seq[:, start:end]` leave the batch; the kept row indices
-    (None: all kept)."""
-    if not stopper.active:
-        return None
-    finished = stopper.done_in_block(rows.seq, rows.seq[:, start:end].tolist(), None, start, rows.prompt_len)
-    if not any(finished):
-        return None
-    keep = rows.drop(finished, end)
-    run.select(keep)
-    return keep
+def _stop(run: Runner, rows: ActiveRows, st: _Rows, stopper: Stopper, max_new_tokens: int, new: list[int]) -> None:
+    """Rows that reached the length limit, or committed EOS / a stop string among their `new` last tokens, leave
+    the batch with their tokens."""
+    finished = [len(gen) >= max_new_tokens or any(t in stopper.eos_ids for t in gen[-n:])
+                or (bool(stopper.stop) and any(s in stopper.tokenizer.decode(gen) for s in stopper.stop))
+                for gen, n in zip(st.generated, new)]
+    if any(finished):
+        keep = rows.drop(finished, 0, tokens=st.generated)
+        run.select(keep)
+        st.select(keep)
 
 
 def speculative(run: Runner, input_ids: Tensor, max_new_tokens: int, draft_len: int, mask_token_id: int,
                 stopper: Stopper, shift: bool = False, fused: bool = True) -> ActiveRows:
-    """Greedy self-speculative decoding over `run`'s token-causal cache; drafts of `draft_len` tokens."""
+    """Greedy self-speculative decoding over `run`'s token-causal cache (its layout holds
+    `slots_needed(max_new_tokens, draft_len)` slots past the prompt); drafts of `draft_len` tokens."""
     prompt_len = input_ids.shape[1]
-    total = prompt_len + max_new_tokens
-    seq = torch.cat([input_ids, input_ids.new_zeros(input_ids.shape[0], max_new_tokens + 1)], dim=1)  # +1: bonus
-    rows = ActiveRows(seq, prompt_len)
+    rows = ActiveRows(torch.cat([input_ids, input_ids.new_zeros(input_ids.shape[0], run.layout.total - prompt_len)],
+                                dim=1), prompt_len)
     logits = run(rows.seq, 0, prompt_len, 1, first=True)[:, -1]
-    rows.seq[:, prompt_len] = _argmax(logits, mask_token_id)
+    g = _argmax(logits, mask_token_id)
+    rows.seq[:, prompt_len] = g
     rows.count_forward()
-    pos, draft = prompt_len, rows.seq[:, :0]
-    _stop(run, rows, stopper, pos, pos + 1)
-    while rows.active and pos + 1 < total:
-        if fused:
-            draft = draft[:, :total - pos - 1]
-            width = min(draft_len + 1, total - pos - 1 - draft.shape[1])
-            n, draft = fused_step(run, rows, pos, draft, width if width > 1 else 0, mask_token_id, shift)
+    st = _Rows(run.layout.position_ids[:, prompt_len].clone(), [[t] for t in g.tolist()],
+               rows.seq[:, :0], torch.zeros_like(g))
+    _stop(run, rows, st, stopper, max_new_tokens, [1] * len(st.generated))
+    pos = prompt_len
+    while rows.active:
+        limit = torch.tensor([max_new_tokens - len(gen) - 1 for gen in st.generated], device=g.device)
+        if fused:  # drafts a row may still accept: its causal next token comes on top
+            st.draft, st.lens = st.draft[:, :draft_len], torch.minimum(st.lens, limit)
+            k = st.draft.shape[1]
+            width = draft_len + 1 if int(limit.max()) > k else 0  # no room left for a next draft: no noisy block
+            new = _fused_step(run, rows, st, pos, width, limit, mask_token_id, shift)
         else:
-            n = _step(run, rows, pos, min(draft_len, total - pos - 1), mask_token_id, shift)
-        keep = _stop(run, rows, stopper, pos + 1, min(pos + n + 2, total))
-        draft = draft if keep is None else draft[keep]
-        pos += n + 1
-    rows.drop([True] * len(rows.ids), total)
+            k = min(draft_len, int(limit.max()))
+            new = _separate_step(run, rows, st, pos, k, limit, mask_token_id, shift)
+        pos += k + 1
+        _stop(run, rows, st, stopper, max_new_tokens, new)
     return rows

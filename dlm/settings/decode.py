@@ -40,9 +40,12 @@ class DecodeConfig:
     """The non-parallel reference: commit exactly the single most confident position per pass."""
     use_cache: bool = True
     """False: every pass forwards the whole sequence (slow, exact same tokens; a correctness reference)."""
-    cache: Literal["static", "dynamic"] = "static"
+    cache: Literal["auto", "static", "dynamic"] = "auto"
     """static: transformers' StaticCache, preallocated once and written in place | dynamic: DynamicCache
-    (grows by concatenation; the reference the static cache is tested against)."""
+    (grows by concatenation; the reference the static cache is tested against) | auto: static, except for
+    mode=speculative, whose per-row holes reserve (max_new_tokens + 1) x block_size slots that a static cache
+    would allocate and attend over in every forward (measured: BENCHMARKS.md §13)."""
+
     early_exit: bool = True
     """Stop a row once its EOS is committed with nothing masked before it (or at a stop string), mid-block,
     and drop it from the batch. False: finish the block holding EOS first (Fast-dLLM v2's accounting)."""
@@ -75,3 +78,8 @@ class DecodeConfig:
                   "decode.mode=speculative verifies over the KV cache; allowed: true")
             check(self.temperature == 0, "decode.temperature", self.temperature,
                   "decode.mode=speculative is greedy (its output is the AR mode's argmax); allowed: 0")
+
+    @property
+    def static_cache(self) -> bool:
+        """Whether decoding runs over a StaticCache (`cache` with `auto` resolved)."""
+        return self.use_cache and (self.cache == "static" or (self.cache == "auto" and self.mode != "speculative"))

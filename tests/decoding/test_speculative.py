@@ -34,22 +34,24 @@ def _decode(bb, ids, mask, mode, **kw):
 
 def test_all_right_draft_accepts_k_plus_one():
     verified = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
-    n, tokens = accept(verified[:, :3].clone(), verified)
-    assert n == 3 and torch.equal(tokens, verified)  # k drafts + the causal next token
+    n, nxt = accept(verified[:, :3].clone(), verified)
+    assert n.tolist() == [3, 3] and nxt.tolist() == [8, 4]  # k drafts + the causal next token
 
 
 def test_all_wrong_draft_still_gives_one_token_per_verify():
     verified = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
-    n, tokens = accept(verified[:, :3] + 100, verified)
-    assert n == 0 and torch.equal(tokens, verified[:, :1])
+    n, nxt = accept(verified[:, :3] + 100, verified)
+    assert n.tolist() == [0, 0] and nxt.tolist() == [5, 1]
 
 
-def test_rows_accept_their_longest_common_prefix_and_the_batch_its_minimum():
+def test_each_row_accepts_its_own_longest_prefix_up_to_its_limit():
     verified = torch.tensor([[5, 6, 7, 8], [1, 2, 3, 4]])
     draft = torch.tensor([[5, 6, 0], [1, 9, 3]])  # row 0 agrees on 2, row 1 on 1 (a later match does not count)
     assert accepted_counts(draft, verified).tolist() == [2, 1]
-    n, tokens = accept(draft, verified)
-    assert n == 1 and tokens.tolist() == [[5, 6], [1, 2]]  # row 0's 2nd token: its draft == its causal token
+    n, nxt = accept(draft, verified)
+    assert n.tolist() == [2, 1] and nxt.tolist() == [7, 2]  # row 0's 3rd token: the causal one after its 2 drafts
+    n, nxt = accept(draft, verified, limit=torch.tensor([1, 0]))  # rows one and two tokens from their length limit
+    assert n.tolist() == [1, 0] and nxt.tolist() == [6, 1]
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -59,9 +61,8 @@ def test_speculative_equals_ar_mode_on_mixed_length_prompts(bb, tokenizer, block
     ar = _decode(bb, ids, mask, "ar")
     spec = _decode(bb, ids, mask, "speculative", block_size=block_size, speculative_form=form)
     assert spec.tokens == ar.tokens and all(len(t) == 19 for t in spec.tokens)
-    if form == "separate":
-        steps = (spec.nfe - 1) // 2
-        assert spec.nfe == 1 + 2 * steps and steps <= 18  # prefill + draft and verify per step, >= 1 token each
+    if form == "separate":  # prefill + draft and verify per step (a row's last token: verify only), >= 1 token each
+        assert spec.nfe <= 1 + 2 * 18
     else:
         assert spec.nfe <= 19  # prefill + one forward per step, >= 1 token each
 
@@ -108,12 +109,19 @@ def test_speculative_needs_the_mask_token(bb, tokenizer):
         generate(bb.model, ids, attention_mask=mask, mode="speculative")
 
 
-def _oracle(ar_seq: torch.Tensor, wrong_every: int):
-    """A draft from the AR mode's own output, wrong at one column every `wrong_every` steps: drafts that the
-    verify accepts in part or in full, so the cache is cropped after accepted drafts on a real model."""
+def _lookup(ar_seq: torch.Tensor, mask: torch.Tensor, first: torch.Tensor, width: int, ids: list[int]):
+    """`(B, width)`: the AR-mode tokens of rows `ids` at positions `first..` (`ar_seq` = left-padded prompts + AR
+    output, so position q of row r sits at column q + pads_r)."""
+    cols = (first + (mask.shape[1] - mask[ids].sum(dim=1)))[:, None] + torch.arange(width)
+    return ar_seq[ids].gather(1, cols.clamp(max=ar_seq.shape[1] - 1))
 
-    def draft(run, seq, pos, k, mask_token_id, shift=False):
-        guess = ar_seq[:, pos + 1:pos + k + 1].clone()
+
+def _oracle(ar_seq: torch.Tensor, mask: torch.Tensor, wrong_every: int):
+    """A draft from the AR mode's own output, wrong at one column every `wrong_every` steps: drafts that the
+    verify accepts in part or in full, so holes are left after accepted drafts on a real model."""
+
+    def draft(run, seq, pos, k, mask_token_id, shift, first, ids):
+        guess = _lookup(ar_seq, mask, first, k, ids)
         if pos % wrong_every == 0:
             guess[:, k // 2] = mask_token_id  # never a causal argmax
         return guess
@@ -121,16 +129,16 @@ def _oracle(ar_seq: torch.Tensor, wrong_every: int):
     return draft
 
 
-def _fused_oracle(ar_seq: torch.Tensor, wrong_every: int):
-    """The same oracle in place of the fused form's noisy-block draft (for positions `first..`); with
-    `wrong_every == 1` every draft token is wrong."""
+def _fused_oracle(ar_seq: torch.Tensor, mask: torch.Tensor, wrong_every: int):
+    """The same oracle in place of the fused form's noisy-block draft (for positions `first..`, per row: rows are
+    wrong at different steps); with `wrong_every == 1` every draft token is wrong."""
 
-    def draft(logits, first, mask_token_id):
-        guess = ar_seq[:, first:first + logits.shape[1]].clone()
+    def draft(logits, first, mask_token_id, ids):
+        guess = _lookup(ar_seq, mask, first, logits.shape[1], ids)
         if wrong_every == 1:
             guess[:] = mask_token_id
-        elif first % wrong_every == 0 and guess.shape[1]:
-            guess[:, guess.shape[1] // 2] = mask_token_id
+        elif guess.shape[1]:
+            guess[first % wrong_every == 0, guess.shape[1] // 2] = mask_token_id
         return guess
 
     return draft
@@ -144,10 +152,30 @@ def _with_oracle(bb, tokenizer, monkeypatch, form: str, wrong_every: int):
     ar = _decode(bb, ids, mask, "ar", max_new_tokens=21)
     ar_seq = torch.cat([ids, torch.tensor(ar.tokens)], dim=1)
     if form == "separate":
-        monkeypatch.setattr(speculative, "draft_tokens", _oracle(ar_seq, wrong_every))
+        monkeypatch.setattr(speculative, "draft_tokens", _oracle(ar_seq, mask, wrong_every))
     else:
-        monkeypatch.setattr(speculative, "noisy_draft", _fused_oracle(ar_seq, wrong_every))
+        monkeypatch.setattr(speculative, "noisy_draft", _fused_oracle(ar_seq, mask, wrong_every))
     return _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21, speculative_form=form), ar
+
+
+def test_each_row_advances_by_its_own_accepted_count(bb, tokenizer, monkeypatch):
+    """Row 0's drafts are always wrong, the others' always right: the others finish in the forwards they would
+    take alone, while row 0 decodes one token per forward, and every row still equals the AR mode."""
+    import dlm.decoding.speculative as speculative
+
+    ids, mask = _batch(tokenizer)
+    ar = _decode(bb, ids, mask, "ar", max_new_tokens=21)
+    ar_seq = torch.cat([ids, torch.tensor(ar.tokens)], dim=1)
+
+    def draft(logits, first, mask_token_id, rows):
+        guess = _lookup(ar_seq, mask, first, logits.shape[1], rows)
+        guess[[r == 0 for r in rows]] = mask_token_id
+        return guess
+
+    monkeypatch.setattr(speculative, "noisy_draft", draft)
+    spec = _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21)
+    assert spec.tokens == ar.tokens
+    assert spec.row_forwards == [21, 6, 6, 6]  # 6: the prefill, a draft-only step, then 5 tokens a forward
 
 
 @pytest.mark.parametrize("wrong_every", [1, 2, 10**6])

@@ -73,3 +73,10 @@ def test_merged_from_overrides_the_same_checks_run():
     assert merge(DecodeConfig, [], ["threshold=0.5", "policy=factor"]) == DecodeConfig(threshold=0.5, policy="factor")
     with pytest.raises(ConfigError, match=r"^decode\.threshold=2\.0: must be in \(0, 1\]$"):
         merge(DecodeConfig, [], ["threshold=2"])
+
+
+def test_auto_cache_is_static_except_for_speculative_decoding():
+    assert DecodeConfig().static_cache and DecodeConfig(mode="ar").static_cache
+    assert not DecodeConfig(mode="speculative", block_size=4).static_cache  # its holes would make it huge
+    assert DecodeConfig(mode="speculative", block_size=4, cache="static").static_cache
+    assert not DecodeConfig(cache="dynamic").static_cache and not DecodeConfig(use_cache=False).static_cache
