@@ -206,14 +206,15 @@ def speculative(run: Runner, input_ids: Tensor, max_new_tokens: int, draft_len: 
     _stop(run, rows, st, stopper, max_new_tokens, [1] * len(st.generated))
     pos = prompt_len
     while rows.active:
-        limit = torch.tensor([max_new_tokens - len(gen) - 1 for gen in st.generated], device=g.device)
-        if fused:  # drafts a row may still accept: its causal next token comes on top
+        left = [max_new_tokens - len(gen) - 1 for gen in st.generated]  # drafts a row may still accept
+        limit = torch.tensor(left, device=g.device)
+        if fused:
             st.draft, st.lens = st.draft[:, :draft_len], torch.minimum(st.lens, limit)
             k = st.draft.shape[1]
-            width = draft_len + 1 if int(limit.max()) > k else 0  # no room left for a next draft: no noisy block
+            width = draft_len + 1 if max(left) > k else 0  # no row needs a next draft: no noisy block
             new = _fused_step(run, rows, st, pos, width, limit, mask_token_id, shift)
         else:
-            k = min(draft_len, int(limit.max()))
+            k = min(draft_len, max(left))
             new = _separate_step(run, rows, st, pos, k, limit, mask_token_id, shift)
         pos += k + 1
         _stop(run, rows, st, stopper, max_new_tokens, new)
