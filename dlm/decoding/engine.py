@@ -1,7 +1,7 @@
 """KV-cached parallel decoding for block-diffusion LMs (Fast-dLLM, Efficient-DLM).
 
 A model trained with the `block` / `block_clean` patterns attends block-causally, so the keys and values
-of finished blocks never change: prefill the prompt once, then decode one block at a time against the
+of finished blocks never change: cache the prompt once (in the first block's first pass), then decode one block at a time against the
 cache (DESIGN.md §1 "Decoding"). Each block starts as [MASK] tokens; every forward pass commits the
 masked positions the model is confident about (at least one), until the block is complete. Positions and
 block ids per row: `dlm.decoding.layout`; the forwards, cache and logits: `dlm.decoding.runner`.
@@ -10,9 +10,10 @@ Early exit. A row is done once its EOS is committed and nothing before it is mas
 text shows a stop string): its tokens up to EOS can no longer change, so it stops mid-block and leaves
 the batch (its cache rows dropped); a batch then costs what its unfinished rows cost.
 
-Accounting. `nfe` counts the model forwards that decode (one per denoising pass), not the prefill: the
-completed block's KV is appended inside the next block's first pass, so cached and uncached decoding
-make the same number of forwards. `row_forwards` counts, per row, the forwards it took part in. A length
+Accounting. `nfe` counts every model forward (one per denoising pass). There is no separate prefill: the
+first block's first pass feeds the prompt too (its KV enters the cache there), and the completed block's
+KV is appended inside the next block's first pass, so cached and uncached decoding make the same number
+of forwards, and a generate call makes `nfe` forwards in all. `row_forwards` counts, per row, the forwards it took part in. A length
 limit that is not a multiple of `block_size` cuts the last block short. EOS is kept in the output (as
 `transformers` does); tokens after it are dropped. A stop string is cut off together with the token that
 starts it, so the decoded text holds no part of it.
@@ -52,7 +53,8 @@ def _block_logits(run: Runner, rows: ActiveRows, span: tuple[int, int, int], col
     index = [offset + c - cfg.shift for c in cols[from_prev:]]
     lead = cfg.shift and offset > 0 and cols[0] != 0  # the input reaches back: keep the logit predicting col 0
     index = torch.tensor([offset - 1] * lead + index, dtype=torch.long, device=rows.seq.device)
-    logits = run(rows.seq, a, end, index) if sub is None else run.subset(sub, rows.seq, a, end, index)
+    first = a == 0 and run.cached  # the prompt's pass: its shape is the prompt's, so it runs uncompiled
+    logits = run(rows.seq, a, end, index, first=first) if sub is None else run.subset(sub, rows.seq, a, end, index)
     if cfg.shift and offset > 0 and sub is None:
         rows.prev = logits[:, 0]
     logits = logits[:, 1:] if lead else logits
@@ -135,10 +137,7 @@ def _decode(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, c
     run = Runner(model, Layout.build(attention_mask, cfg.max_new_tokens, cfg.block_size), cfg)
     rows = ActiveRows(torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], cfg.max_new_tokens),
                                                                 mask_token_id)], dim=1), prompt_len)
-    lo = 0
-    if run.cached:  # prefill; its last logit predicts the first token under `shift`
-        rows.prev, lo = run(rows.seq, 0, prompt_len, 1, first=True)[:, -1], prompt_len
-    start = prompt_len
+    lo, start = 0, prompt_len  # the first pass feeds the prompt too: its KV enters the cache there, no prefill forward
     while start < total and rows.active:
         end = min(start + cfg.block_size, total)
         _denoise_block(run, rows, (lo, start, end), cfg, mask_token_id, stopper, generator)

@@ -10,7 +10,8 @@ class GenerationOutput:
     tokens: list[list[int]]
     """Per row: generated ids, cut after the first EOS (kept) and before the first stop string."""
     nfe: int
-    """Decoding forward passes for the whole batch (prefill excluded; AR: one per generated position)."""
+    """Model forwards of the whole batch: every one a generate call makes (diffusion: one per pass, the prompt fed
+    in the first; AR: one per generated position, the prefill giving the first; speculative: prefill + steps)."""
     num_generated: list[int]
     """Per row: len(tokens[i])."""
     row_forwards: list[int] = field(default_factory=list)

@@ -90,7 +90,7 @@ def test_sub_blocks_commit_only_in_first_incomplete_sub_block(qwen):
     finally:
         hook.remove()
     mask_id, final = qwen.mask_token_id, torch.tensor(out.tokens[0])
-    befores = [ids[0, -8:] for ids in seen[1:]]  # the block before each pass (seen[0] is the prefill)
+    befores = [ids[0, -8:] for ids in seen]  # the block before each pass (the first also feeds the prompt)
     block = -1
     sizes = []
     for i, before in enumerate(befores):
@@ -248,5 +248,6 @@ def test_lm_head_runs_only_on_positions_still_masked(qwen):
         out = run(qwen, PROMPTS[:1], block_size=4, max_new_tokens=8, one_token_per_forward=True)
     finally:
         hook.remove()
-    # prefill: 1; block 1: 4, 3, 2, 1 masked; block 2 (its first pass also folds block 1 in): 4, 3, 2, 1
-    assert rows_in == [1, 4, 3, 2, 1, 4, 3, 2, 1] and out.nfe == 8
+    # block 1 (its first pass also feeds the prompt): 4, 3, 2, 1 masked; block 2 (its first pass folds block 1
+    # in): 4, 3, 2, 1
+    assert rows_in == [4, 3, 2, 1, 4, 3, 2, 1] and out.nfe == 8
