@@ -28,9 +28,11 @@ class Prompt(NamedTuple):
 
 
 def load_prompts(source: str | Path | Sequence[str] | None, *, limit: int,
-                 data: DataConfig | None = None) -> list[Prompt]:
+                 data: DataConfig | None = None, few_shot: int = 0) -> list[Prompt]:
     """The first `limit` prompts of `synthetic` (the task's test split), a JSONL file of
-    {"prompt", "answer"} (or GSM8K {"question", "answer"}) rows, or a list of plain prompts (unscored)."""
+    {"prompt", "answer"} (or GSM8K {"question", "answer"}) rows, or a list of plain prompts (unscored);
+    `few_shot` solved examples before each (:func:`few_shot_context`)."""
+    prefix = few_shot_context(source, few_shot, data) if few_shot else ""
     if source is None or str(source) == SYNTHETIC:
         rows = read_jsonl(synthetic_dir(data or DataConfig()) / "test.jsonl")
     elif isinstance(source, (str, Path)):
@@ -43,7 +45,26 @@ def load_prompts(source: str | Path | Sequence[str] | None, *, limit: int,
     prompts = [_to_prompt(row, source) for row in rows[:limit]]
     if not prompts:
         raise ConfigError(f"bench.prompts={str(source)!r}: no prompts")
-    return prompts
+    return [Prompt(prefix + p.text, p.answer) for p in prompts]
+
+
+def few_shot_context(source: str | Path | Sequence[str] | None, shots: int, data: DataConfig | None = None) -> str:
+    """A few-shot context in lm-eval gsm8k's format: `shots` solved train rows, each "Question: ...\nAnswer:
+    <solution>" and a blank line. The first rows of the train split beside the prompts (lm-eval draws them at
+    random; what a speed benchmark needs is the length, and a fixed context keeps runs comparable)."""
+    if source is None or str(source) == SYNTHETIC:
+        train = synthetic_dir(data or DataConfig()) / "train.jsonl"
+    elif isinstance(source, (str, Path)):
+        train = Path(source).with_name("train.jsonl")
+    else:
+        raise ConfigError(f"bench.few_shot={shots}: needs a prompt file with a train.jsonl beside it; "
+                          "the prompts are a list of strings")
+    if not train.is_file():
+        raise ConfigError(f"bench.few_shot={shots}: the shots come from {train}, which does not exist")
+    rows = read_jsonl(train)[:shots]
+    if len(rows) < shots or not all("question" in r and "answer" in r for r in rows):
+        raise ConfigError(f"bench.few_shot={shots}: {train} needs {shots} rows with 'question' and 'answer'")
+    return "".join(f"{PROMPT_TEMPLATE.format(question=r['question'])} {r['answer']}\n\n" for r in rows)
 
 
 def _to_prompt(row: dict, source: Any) -> Prompt:

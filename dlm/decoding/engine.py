@@ -52,9 +52,12 @@ def _block_logits(run: Runner, rows: ActiveRows, span: tuple[int, int, int], col
     from_prev = cfg.shift and offset == 0 and cols[0] == 0  # predicted by the previous block's last logit
     index = [offset + c - cfg.shift for c in cols[from_prev:]]
     lead = cfg.shift and offset > 0 and cols[0] != 0  # the input reaches back: keep the logit predicting col 0
-    index = torch.tensor([offset - 1] * lead + index, dtype=torch.long, device=rows.seq.device)
+    index = [offset - 1] * lead + index
+    n = end - a
+    tail = index and index == list(range(n - len(index), n))  # the last k inputs: no index tensor to build
+    keep = len(index) if tail else torch.tensor(index, dtype=torch.long, device=rows.seq.device)
     first = a == 0 and run.cached  # the prompt's pass: its shape is the prompt's, so it runs uncompiled
-    logits = run(rows.seq, a, end, index, first=first) if sub is None else run.subset(sub, rows.seq, a, end, index)
+    logits = run(rows.seq, a, end, keep, first=first) if sub is None else run.subset(sub, rows.seq, a, end, keep)
     if cfg.shift and offset > 0 and sub is None:
         rows.prev = logits[:, 0]
     logits = logits[:, 1:] if lead else logits
@@ -64,62 +67,59 @@ def _block_logits(run: Runner, rows: ActiveRows, span: tuple[int, int, int], col
     return logits
 
 
-def _commit(rows: ActiveRows, logits: Tensor, cols: list[int], masked: Tensor, span: tuple[int, int],
-            sub: Tensor | None, cfg: DecodeConfig, mask_token_id: int, generator: torch.Generator | None) -> None:
-    """Propose tokens for `cols`, choose which to commit under the policy, write them into `rows.seq`."""
+def _commit(rows: ActiveRows, logits: Tensor, cols: list[int], span: tuple[int, int], sub: Tensor | None,
+            cfg: DecodeConfig, mask_token_id: int, generator: torch.Generator | None) -> None:
+    """Propose tokens for `cols`, choose which [MASK]s to commit under the policy, write them into `rows.seq`.
+    A pass over the whole block (most passes: the first of a block) skips the scatter to the block's width."""
     start, end = span
     where = slice(None) if sub is None else sub
-    block, still = rows.seq[where, start:end], masked[where]
-    proposed, proposed_conf = propose(logits, cfg, mask_token_id, generator)
-    index = torch.tensor(cols, device=masked.device)
-    tokens, conf = block.clone(), torch.full(still.shape, -1.0, device=masked.device, dtype=proposed_conf.dtype)
-    tokens[:, index], conf[:, index] = proposed, proposed_conf
+    block = rows.seq[where, start:end]
+    still = block == mask_token_id  # a committed token is never [MASK]: `propose` excludes it
+    tokens, conf = propose(logits, cfg, mask_token_id, generator)
+    if len(cols) < end - start:  # columns no row has masked are never candidates
+        index = torch.tensor(cols, device=block.device)
+        wide_tokens, wide_conf = block.clone(), torch.full(still.shape, -1.0, device=block.device, dtype=conf.dtype)
+        wide_tokens[:, index], wide_conf[:, index] = tokens, conf
+        tokens, conf = wide_tokens, wide_conf
     chosen = choose(conf, candidates(still, cfg.sub_block_size), cfg)
     rows.seq[where, start:end] = torch.where(chosen, tokens, block)
-    masked[where] = still & ~chosen
 
 
 def _denoise_block(run: Runner, rows: ActiveRows, span: tuple[int, int, int], cfg: DecodeConfig,
                    mask_token_id: int, stopper: Stopper, generator: torch.Generator | None) -> None:
     """Decode `seq[:, start:end]` in place; the first pass also feeds `seq[:, lo:start]` (the completed
-    block whose KV is not cached yet). Rows that finish leave `rows` as soon as they do; rows whose block is
-    complete sit out the block's later passes."""
+    block whose KV is not cached yet, or the prompt). Rows that finish leave `rows` as soon as they do; rows
+    whose block is complete sit out the block's later passes."""
     a, start, end = span
-    masked = torch.ones_like(rows.seq[:, start:end], dtype=torch.bool)
-    masked_host, sub = masked.tolist(), None
+    masked_host, sub = [[True] * (end - start) for _ in rows.ids], None
     while True:
         cols = [c for c in range(end - start) if any(row[c] for row in masked_host)]
         logits = _block_logits(run, rows, (a, start, end), cols, cfg, sub)
         a = run.keep_until(start)
-        _commit(rows, logits, cols, masked, (start, end), sub, cfg, mask_token_id, generator)
+        _commit(rows, logits, cols, (start, end), sub, cfg, mask_token_id, generator)
         rows.count_forward(None if sub is None else sub.tolist())
-        masked_host, finished = _sync(rows, masked, stopper, (start, end), cfg.early_exit)
+        masked_host, finished = _sync(rows, mask_token_id, stopper, (start, end), cfg.early_exit)
         if not any(any(row) for row in masked_host):
             finished = _at_block_end(rows, finished, stopper, end, cfg)
         if any(finished):
-            keep = rows.drop(finished, end)
-            run.select(keep)
-            masked = masked[keep]
+            run.select(rows.drop(finished, end))
             masked_host = [m for m, f in zip(masked_host, finished) if not f]
         waiting = [k for k, row in enumerate(masked_host) if any(row)]
         if not waiting:
             return
-        sub = None if len(waiting) == len(masked_host) else torch.tensor(waiting, device=masked.device)
+        sub = None if len(waiting) == len(masked_host) else torch.tensor(waiting, device=rows.seq.device)
 
 
-def _sync(rows: ActiveRows, masked: Tensor, stopper: Stopper, span: tuple[int, int],
+def _sync(rows: ActiveRows, mask_token_id: int, stopper: Stopper, span: tuple[int, int],
           early_exit: bool) -> tuple[list[list[bool]], list[bool]]:
-    """The pass's one host sync: what is still masked, and (early exit) the block's tokens, from which the rows
+    """The pass's one host sync: the block's tokens, from which what is still masked and (early exit) the rows
     that finished are read on the host."""
     start, end = span
+    block = rows.seq[:, start:end].tolist()
+    masked_host = [[t == mask_token_id for t in row] for row in block]
     if not (early_exit and stopper.active):
-        state = masked.tolist()
-        return state, [False] * len(state)
-    state = torch.cat([masked.long(), rows.seq[:, start:end]], dim=1).tolist()
-    width = end - start
-    masked_host = [[bool(m) for m in row[:width]] for row in state]
-    return masked_host, stopper.done_in_block(rows.seq, [row[width:] for row in state], masked_host, start,
-                                              rows.prompt_len)
+        return masked_host, [False] * len(block)
+    return masked_host, stopper.done_in_block(rows.seq, block, masked_host, start, rows.prompt_len)
 
 
 def _at_block_end(rows: ActiveRows, finished: list[bool], stopper: Stopper, end: int,

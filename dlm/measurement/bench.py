@@ -60,12 +60,17 @@ def format_table(rows: Sequence[BenchRow], meta: dict[str, Any]) -> str:
     m = meta
     eos = "EOS ignored: every prompt runs the full length" if m["ignore_eos"] else "EOS stops a prompt early"
     note = (f"\nmax new tokens {m['max_new_tokens']} ({eos}), block {m['block_size']}, {m['device']} "
-            f"({m['threads']} threads), {m['num_prompts']} prompts ({m['prompts']}), "
+            f"({m['threads']} threads), {m['num_prompts']} prompts ({m['prompts']}{_shots(m)}), "
             f"median of {m['repeats']} round-robin repeats after {m['warmup']} warm-up; "
             f"AR rows: {m['ar_baseline']}; compile {m.get('compile', False)}, {m.get('dtype', 'float32')}; "
             "tokens/s = generated tokens / wall time over the prompt set; TPF = tokens per forward a prompt took "
             "part in.")
     return "\n".join(lines) + "\n" + note + forward_cost_table(m.get("forward_costs") or [])
+
+
+def _shots(meta: dict[str, Any]) -> str:
+    shots = f", {meta['few_shot']}-shot" if meta.get("few_shot") else ""
+    return shots + (f", {meta['prompt_tokens']:.0f} tokens on average" if "prompt_tokens" in meta else "")
 
 
 def forward_cost_table(costs: Sequence[dict[str, Any]]) -> str:
@@ -94,12 +99,15 @@ def bench_metrics(rows: Sequence[BenchRow]) -> dict[str, float]:
             if getattr(r, key) is not None}
 
 
-def check_positions(name: str, target: Target, prompts: Sequence[Prompt], max_new_tokens: int) -> None:
+def check_positions(name: str, target: Target, prompts: Sequence[Prompt], max_new_tokens: int) -> float:
+    """Every prompt + max_new_tokens within the model's positions; returns the mean prompt length in tokens."""
     limit = getattr(target.model.config, "max_position_embeddings", None)
-    longest = max(len(target.tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in prompts)
+    lengths = [len(target.tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in prompts]
+    longest = max(lengths)
     if limit is not None and longest + max_new_tokens > limit:
         raise ConfigError(f"bench.max_new_tokens={max_new_tokens}: longest prompt {longest} tokens + {max_new_tokens} "
                           f"= {longest + max_new_tokens} exceeds max_position_embeddings={limit} of {name}")
+    return sum(lengths) / len(lengths)
 
 
 @dataclass
@@ -168,14 +176,14 @@ def run_bench(checkpoint: str | Path, settings: BenchConfig | None = None, *,
     ar_path, ar_name = ar_baseline_for(checkpoint, s)
     run = runs.resolve_run(log.mlflow_run, log.tracking_uri, checkpoint=checkpoint,
                            key="bench.mlflow_run") if log else None
-    prompt_set = load_prompts(s.prompts, limit=s.num_prompts)
+    prompt_set = load_prompts(s.prompts, limit=s.num_prompts, few_shot=s.few_shot)
     scored = _check_scored(s.scored, prompt_set, s.prompts)
     device = resolve_device(s.device, key="bench.device")
     if s.threads:
         torch.set_num_threads(s.threads)
     dlm_target = _load_target(checkpoint, s.block_size, device, s.dtype)
     ar_target = _load_target(ar_path, s.block_size, device, s.dtype) if ar_path is not None else dlm_target
-    check_positions(str(checkpoint), dlm_target, prompt_set, s.max_new_tokens)
+    prompt_tokens = check_positions(str(checkpoint), dlm_target, prompt_set, s.max_new_tokens)
     check_positions(str(ar_path or checkpoint), ar_target, prompt_set, s.max_new_tokens)
     grid = {g: (ar_target if g.method in AR_METHODS else dlm_target) for g in settings_grid(s)}
     rows = build_rows(measure_grid(grid, prompt_set, max_new_tokens=s.max_new_tokens, repeats=s.repeats,
@@ -184,7 +192,8 @@ def run_bench(checkpoint: str | Path, settings: BenchConfig | None = None, *,
                           repeats=max(s.repeats, 3), compile=s.compile) if s.forward_costs else []
     meta = {"checkpoint": str(checkpoint), "max_new_tokens": s.max_new_tokens, "block_size": dlm_target.block_size,
             "ar_baseline": ar_name, "device": device.type, "threads": torch.get_num_threads(),
-            "prompts": str(s.prompts), "num_prompts": len(prompt_set), "scored": scored, "ignore_eos": s.ignore_eos,
+            "prompts": str(s.prompts), "num_prompts": len(prompt_set),
+            "few_shot": s.few_shot, "prompt_tokens": prompt_tokens, "scored": scored, "ignore_eos": s.ignore_eos,
             "repeats": s.repeats, "warmup": s.warmup, "compile": s.compile, "dtype": s.dtype,
             "parameters": sum(p.numel() for p in dlm_target.model.parameters()), "forward_costs": costs,
             "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -59,6 +59,10 @@ class BenchConfig:
     """`synthetic` (the task's test split) or a JSONL file of {prompt, answer} rows."""
     num_prompts: int = 16
     """Prompts taken from the set."""
+    few_shot: int = 0
+    """Solved examples before each prompt, in lm-eval gsm8k's few-shot format (the first K rows of the
+    `train.jsonl` beside the prompt file, or of the synthetic task's train split): the prompt lengths of a
+    real few-shot evaluation, where the KV cache pays most."""
     scored: Optional[bool] = None
     """Exact match per setting; none: whenever every prompt has an answer."""
     ignore_eos: bool = False
@@ -95,6 +99,8 @@ class BenchConfig:
             check(0 < t <= 1, "bench.v2_count_thresholds", t, "must be in (0, 1]")
         check_positive_int("bench.forward_cost_context", self.forward_cost_context)
         check(self.warmup >= 0, "bench.warmup", self.warmup, "must be >= 0")
+        check(isinstance(self.few_shot, int) and self.few_shot >= 0, "bench.few_shot", self.few_shot,
+              "must be an integer >= 0")
 
 
 @dataclass

@@ -38,7 +38,7 @@ def test_bench_list_defaults_are_not_shared_between_instances():
 
 def test_bench_accepts_edge_values():
     BenchConfig(thresholds=[1.0], batch_sizes=[1], no_cache_thresholds=[], warmup=0, repeats=1, num_prompts=1,
-                block_size=1, threads=1, max_new_tokens=1)
+                block_size=1, threads=1, max_new_tokens=1, few_shot=0)
 
 
 @pytest.mark.parametrize("change, match", [
@@ -54,6 +54,7 @@ def test_bench_accepts_edge_values():
     ({"block_size": 0}, r"bench\.block_size=0: must be a positive integer"),
     ({"threads": 0}, r"bench\.threads=0: must be a positive integer"),
     ({"warmup": -1}, r"bench\.warmup=-1: must be >= 0"),
+    ({"few_shot": -1}, r"bench\.few_shot=-1: must be an integer >= 0"),
 ])
 def test_bench_bad_values_fail_in_one_line(change, match):
     with pytest.raises(ConfigError, match=rf"^{match}$"):
