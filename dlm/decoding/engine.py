@@ -1,10 +1,11 @@
 """KV-cached parallel decoding for block-diffusion LMs (Fast-dLLM, Efficient-DLM).
 
 A model trained with the `block` / `block_clean` patterns attends block-causally, so the keys and values
-of finished blocks never change: cache the prompt once (in the first block's first pass), then decode one block at a time against the
-cache (DESIGN.md §1 "Decoding"). Each block starts as [MASK] tokens; every forward pass commits the
-masked positions the model is confident about (at least one), until the block is complete. Positions and
-block ids per row: `dlm.decoding.layout`; the forwards, cache and logits: `dlm.decoding.runner`.
+of finished blocks never change: cache the prompt once (in the first block's first pass), then decode one
+block at a time against the cache (DESIGN.md §1 "Decoding"). Each block starts as [MASK] tokens; every
+forward pass commits the masked positions the model is confident about (at least one), until the block is
+complete. Positions and block ids per row: `dlm.decoding.layout`; the forwards, cache and logits:
+`dlm.decoding.runner`.
 
 Early exit. A row is done once its EOS is committed and nothing before it is masked (or its committed
 text shows a stop string): its tokens up to EOS can no longer change, so it stops mid-block and leaves
@@ -13,10 +14,10 @@ the batch (its cache rows dropped); a batch then costs what its unfinished rows 
 Accounting. `nfe` counts every model forward (one per denoising pass). There is no separate prefill: the
 first block's first pass feeds the prompt too (its KV enters the cache there), and the completed block's
 KV is appended inside the next block's first pass, so cached and uncached decoding make the same number
-of forwards, and a generate call makes `nfe` forwards in all. `row_forwards` counts, per row, the forwards it took part in. A length
-limit that is not a multiple of `block_size` cuts the last block short. EOS is kept in the output (as
-`transformers` does); tokens after it are dropped. A stop string is cut off together with the token that
-starts it, so the decoded text holds no part of it.
+of forwards, and a generate call makes `nfe` forwards in all. `row_forwards` counts, per row, the forwards
+it took part in. A length limit that is not a multiple of `block_size` cuts the last block short. EOS is
+kept in the output (as `transformers` does); tokens after it are dropped. A stop string is cut off
+together with the token that starts it, so the decoded text holds no part of it.
 """
 
 from __future__ import annotations

@@ -42,22 +42,25 @@ def test_bad_prompt_files_fail_in_one_line(tmp_path):
 
 def test_few_shot_context_puts_solved_train_rows_before_every_prompt(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"question": "1 + 1?", "answer": "1 + 1 = 2\\n#### 2"}\n'
-                                          '{"question": "2 + 2?", "answer": "#### 4"}\n{"question": "x", "answer": "y"}\n')
+                                          '{"question": "2 + 2?", "answer": "#### 4"}\n'
+                                          '{"question": "x", "answer": "y"}\n')
     (tmp_path / "test.jsonl").write_text('{"question": "3 + 3?", "answer": "#### 6"}\n')
     shots = "Question: 1 + 1?\nAnswer: 1 + 1 = 2\n#### 2\n\nQuestion: 2 + 2?\nAnswer: #### 4\n\n"
-    assert load_prompts(tmp_path / "test.jsonl", limit=1, few_shot=2) == [Prompt(shots + "Question: 3 + 3?\nAnswer:", "6")]
+    got = load_prompts(tmp_path / "test.jsonl", limit=1, few_shot=2)
+    assert got == [Prompt(shots + "Question: 3 + 3?\nAnswer:", "6")]
     data = DataConfig(cache_dir=str(tmp_path), synthetic_size=20)
-    plain, shot = load_prompts("synthetic", limit=1, data=data), load_prompts("synthetic", limit=1, data=data, few_shot=1)
+    plain = load_prompts("synthetic", limit=1, data=data)
+    shot = load_prompts("synthetic", limit=1, data=data, few_shot=1)
     assert shot[0].text.endswith("\n\n" + plain[0].text) and shot[0].text.startswith("Question: ")
     assert shot[0].answer == plain[0].answer
 
 
 def test_few_shot_without_a_train_split_fails_in_one_line(tmp_path):
     (tmp_path / "test.jsonl").write_text('{"question": "3 + 3?", "answer": "#### 6"}\n')
-    with pytest.raises(ConfigError, match=r"^bench.few_shot=2: the shots come from .*train.jsonl, which does not exist$"):
+    with pytest.raises(ConfigError, match=r"^bench.few_shot=2: the shots come from .*train.jsonl, which does not"):
         load_prompts(tmp_path / "test.jsonl", limit=1, few_shot=2)
     (tmp_path / "train.jsonl").write_text('{"question": "1 + 1?", "answer": "#### 2"}\n')
-    with pytest.raises(ConfigError, match=r"^bench.few_shot=2: .*train.jsonl needs 2 rows with 'question' and 'answer'$"):
+    with pytest.raises(ConfigError, match=r"^bench.few_shot=2: .*train.jsonl needs 2 rows with 'question' and 'an"):
         load_prompts(tmp_path / "test.jsonl", limit=1, few_shot=2)
     with pytest.raises(ConfigError, match=r"^bench.few_shot=1: needs a prompt file with a train.jsonl beside it"):
         load_prompts(["a"], limit=1, few_shot=1)
