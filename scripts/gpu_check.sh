@@ -11,9 +11,10 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python}
 [ -x .venv/bin/python ] && [ "$PY" = python ] && PY=.venv/bin/python
 OUT_DIR=${OUT_DIR:-outputs/gpu_check}
-# the decode-engine table on CUDA: fixed TPF 2/3/4, cache vs no-cache at 256 tokens, CUDA graphs, bf16, block 32
+# the decode-engine table on CUDA: fixed TPF 2/3/4, cache vs no-cache at 256 tokens, CUDA graphs, bf16, block 32,
+# 5-shot prompts (a few-shot evaluation's prompt length, where the cache pays most)
 DECODE_FLAGS=${DECODE_FLAGS:---tokens-per-pass 2,3,4 --no-cache-tokens-per-pass 4 --compile --dtype bfloat16 \
---block-size 32 --forward-costs 1,4,8,16,32,64 --forward-cost-context 512}
+--block-size 32 --few-shot 5 --forward-costs 1,4,8,16,32,64 --forward-cost-context 512}
 TRAIN_STEPS=${TRAIN_STEPS:-30}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
