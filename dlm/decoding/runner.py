@@ -62,7 +62,8 @@ class Runner:
     def __call__(self, seq: Tensor, start: int, end: int, keep: int | Tensor, *, first: bool = False) -> Tensor:
         """Logits `(B, K, V)` for `keep` (the last `keep` inputs, or input-relative indices).
 
-        `first` marks the prefill, which runs uncompiled (its shape is the prompt's).
+        `first` marks a forward that feeds the prompt (a prefill, or a first pass), which runs uncompiled: its
+        shape is the prompt's.
         """
         step = self.model if first else self.step
         out = step(input_ids=seq[:, start:end], attention_mask=self.mask(start, end),

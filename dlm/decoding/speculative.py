@@ -75,8 +75,11 @@ def _mask(run: Runner, start: int, end: int, noisy: int) -> Tensor:
     return additive_mask(mask, run.model.dtype) if run.eager else mask
 
 
-def _forward(run: Runner, seq: Tensor, start: int, end: int, keep: int | Tensor, *, noisy: int = 0) -> Tensor:
-    out = run.step(input_ids=seq[:, start:end], attention_mask=_mask(run, start, end, noisy),
+def _forward(run: Runner, seq: Tensor, start: int, end: int, keep: int | Tensor, *, noisy: int = 0,
+             first: bool = False) -> Tensor:
+    """`first`: the prompt's forward, uncompiled (its shape is the prompt's)."""
+    step = run.model if first else run.step
+    out = step(input_ids=seq[:, start:end], attention_mask=_mask(run, start, end, noisy),
                    position_ids=run.layout.position_ids[:, start:end], cache=run.cache, use_cache=True,
                    logits_to_keep=keep)
     run.length = end
@@ -190,6 +193,23 @@ def _stop(run: Runner, rows: ActiveRows, st: _Rows, stopper: Stopper, max_new_to
         st.select(keep)
 
 
+def _prefill(run: Runner, rows: ActiveRows, g_pos: Tensor, width: int, mask_token_id: int,
+             shift: bool) -> tuple[Tensor, Tensor]:
+    """The prompt's forward: its last logit gives each row's first token `g` `(B,)`. With `width`, a noisy block
+    of `width` [MASK]s after the prompt (from `g`'s position on) drafts the `width - 1` tokens after `g` in the
+    same forward `(B, width - 1)`, so the first step verifies at once (no draft-only step)."""
+    prompt_len = rows.prompt_len
+    if not width:
+        logits = run(rows.seq, 0, prompt_len, 1, first=True)[:, -1]
+        return _argmax(logits, mask_token_id), rows.seq[:, :0]
+    end = prompt_len + width
+    rows.seq[:, prompt_len:end] = mask_token_id
+    keep = torch.tensor([prompt_len - 1, *range(prompt_len + 1 - shift, end - shift)], device=g_pos.device)
+    logits = _forward(run, rows.seq, 0, end, keep, noisy=width, first=True)
+    run.keep_until(prompt_len)  # the noisy block's KV is not the causal one: drop it
+    return _argmax(logits[:, 0], mask_token_id), noisy_draft(logits[:, 1:], g_pos + 1, mask_token_id, rows.ids)
+
+
 def speculative(run: Runner, input_ids: Tensor, max_new_tokens: int, draft_len: int, mask_token_id: int,
                 stopper: Stopper, shift: bool = False, fused: bool = True) -> ActiveRows:
     """Greedy self-speculative decoding over `run`'s token-causal cache (its layout holds
@@ -197,12 +217,12 @@ def speculative(run: Runner, input_ids: Tensor, max_new_tokens: int, draft_len: 
     prompt_len = input_ids.shape[1]
     rows = ActiveRows(torch.cat([input_ids, input_ids.new_zeros(input_ids.shape[0], run.layout.total - prompt_len)],
                                 dim=1), prompt_len)
-    logits = run(rows.seq, 0, prompt_len, 1, first=True)[:, -1]
-    g = _argmax(logits, mask_token_id)
+    g_pos = run.layout.position_ids[:, prompt_len].clone()
+    width = draft_len + 1 if fused and draft_len and max_new_tokens > 1 else 0
+    g, draft = _prefill(run, rows, g_pos, width, mask_token_id, shift)
     rows.seq[:, prompt_len] = g
     rows.count_forward()
-    st = _Rows(run.layout.position_ids[:, prompt_len].clone(), [[t] for t in g.tolist()],
-               rows.seq[:, :0], torch.zeros_like(g))
+    st = _Rows(g_pos, [[t] for t in g.tolist()], draft, torch.full_like(g, draft.shape[1]))
     _stop(run, rows, st, stopper, max_new_tokens, [1] * len(st.generated))
     pos = prompt_len
     while rows.active:
