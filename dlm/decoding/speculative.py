@@ -80,8 +80,8 @@ def _forward(run: Runner, seq: Tensor, start: int, end: int, keep: int | Tensor,
     """`first`: the prompt's forward, uncompiled (its shape is the prompt's)."""
     step = run.model if first else run.step
     out = step(input_ids=seq[:, start:end], attention_mask=_mask(run, start, end, noisy),
-                   position_ids=run.layout.position_ids[:, start:end], cache=run.cache, use_cache=True,
-                   logits_to_keep=keep)
+               position_ids=run.layout.position_ids[:, start:end], cache=run.cache, use_cache=True,
+               logits_to_keep=keep)
     run.length = end
     return out.logits
 
@@ -218,7 +218,7 @@ def speculative(run: Runner, input_ids: Tensor, max_new_tokens: int, draft_len: 
     rows = ActiveRows(torch.cat([input_ids, input_ids.new_zeros(input_ids.shape[0], run.layout.total - prompt_len)],
                                 dim=1), prompt_len)
     g_pos = run.layout.position_ids[:, prompt_len].clone()
-    width = draft_len + 1 if fused and draft_len and max_new_tokens > 1 else 0
+    width = min(draft_len, max_new_tokens - 1) + 1 if fused and draft_len and max_new_tokens > 1 else 0
     g, draft = _prefill(run, rows, g_pos, width, mask_token_id, shift)
     rows.seq[:, prompt_len] = g
     rows.count_forward()

@@ -83,6 +83,15 @@ def test_speculative_equals_ar_with_eos_and_stop_strings(bb, tokenizer, cache, f
     assert max(got.row_forwards) == got.nfe and min(got.row_forwards) < got.nfe  # finished rows left early
 
 
+@pytest.mark.parametrize("max_new_tokens", [1, 2, 3])
+def test_lengths_shorter_than_a_draft_still_equal_ar_mode(bb, tokenizer, max_new_tokens):
+    ids, mask = _batch(tokenizer)
+    ar = _decode(bb, ids, mask, "ar", max_new_tokens=max_new_tokens)
+    spec = _decode(bb, ids, mask, "speculative", block_size=8, max_new_tokens=max_new_tokens)
+    assert spec.tokens == ar.tokens and all(len(t) == max_new_tokens for t in spec.tokens)
+    assert spec.nfe <= max_new_tokens
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_one_prompt_alone_equals_its_row_in_the_batch(bb, tokenizer, form):
     ids, mask = _batch(tokenizer)
