@@ -1,15 +1,20 @@
 """The runner: static and dynamic caches give the same logits as no cache, the block mask is built once and
-sliced, logits only where asked, and forwards of a subset of rows equal the full batch's rows."""
+sliced, logits only where asked, forwards of a subset of rows equal the full batch's rows, and compiled
+decoding gives the eager tokens."""
 
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
 
+from dlm.decoding.engine import generate
 from dlm.decoding.layout import Layout
 from dlm.decoding.runner import Runner
+from dlm.decoding.text import left_pad
 from dlm.settings import DecodeConfig
-from tests.conftest import make_backbone
+from tests.conftest import make_backbone, sharp_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,3 +75,15 @@ def test_a_subset_of_rows_gets_the_logits_the_whole_batch_gives_it(model):
         after = run(ids[1:], 6, 8, 2)
     torch.testing.assert_close(one, both[1:])
     torch.testing.assert_close(after, both[1:])
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile's CPU backend needs a C compiler")
+def test_compiled_decoding_gives_the_eager_tokens(tokenizer):
+    """decode.compile: the prompt's pass runs eager, every later pass compiled; same tokens in every mode."""
+    bb = sharp_backbone("qwen3", tokenizer)
+    ids, mask = left_pad([tokenizer.encode(p) for p in ["Tom has 3 apples and", "Q: 12 + 7 ="]], 0)
+    for mode in ("diffusion", "ar", "speculative"):
+        out = {c: generate(bb.model, ids, attention_mask=mask, mask_token_id=bb.mask_token_id, mode=mode,
+                           block_size=4, max_new_tokens=8, threshold=0.3, compile=c) for c in (False, True)}
+        assert out[True].tokens == out[False].tokens and out[True].nfe == out[False].nfe, mode
