@@ -57,7 +57,7 @@ def _block_logits(run: Runner, rows: ActiveRows, span: tuple[int, int, int], col
     n = end - a
     tail = index and index == list(range(n - len(index), n))  # the last k inputs: no index tensor to build
     keep = len(index) if tail else torch.tensor(index, dtype=torch.long, device=rows.seq.device)
-    first = a == 0 and run.cached  # the prompt's pass: its shape is the prompt's, so it runs uncompiled
+    first = a == 0  # the input holds the prompt (no cache: every pass), a new shape each time: it runs uncompiled
     logits = run(rows.seq, a, end, keep, first=first) if sub is None else run.subset(sub, rows.seq, a, end, keep)
     if cfg.shift and offset > 0 and sub is None:
         rows.prev = logits[:, 0]

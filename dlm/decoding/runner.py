@@ -83,9 +83,10 @@ class Runner:
         if self.cached:
             data = [(layer.keys[rows, :, :start], layer.values[rows, :, :start]) for layer in self.cache.layers]
             cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
-        out = self.step(input_ids=seq[rows, lo:end], attention_mask=self.mask(lo, end)[rows][..., :end],
-                        position_ids=self.layout.position_ids[rows, lo:end], cache=cache, use_cache=self.cached,
-                        logits_to_keep=keep)
+        step = self.step if self.cached else self.model  # no cache: a new shape every pass, run uncompiled
+        out = step(input_ids=seq[rows, lo:end], attention_mask=self.mask(lo, end)[rows][..., :end],
+                   position_ids=self.layout.position_ids[rows, lo:end], cache=cache, use_cache=self.cached,
+                   logits_to_keep=keep)
         return out.logits
 
     def keep_until(self, end: int) -> int:

@@ -50,8 +50,9 @@ class DecodeConfig:
     """Stop a row once its EOS is committed with nothing masked before it (or at a stop string), mid-block,
     and drop it from the batch. False: finish the block holding EOS first (Fast-dLLM v2's accounting)."""
     compile: bool = False
-    """torch.compile the per-pass forward (CUDA: mode reduce-overhead, i.e. CUDA graphs). The prompt's
-    forward runs uncompiled. Pays off on a GPU at batch 1; on CPU measure first (BENCHMARKS.md)."""
+    """torch.compile the per-pass forward (CUDA: mode reduce-overhead, i.e. CUDA graphs). Forwards whose shape
+    is new each time run uncompiled: the prompt's, and every pass of the no-cache reference (it re-forwards a
+    growing prefix). Pays off on a GPU at batch 1; on CPU measure first (BENCHMARKS.md)."""
     shift: bool = False
     """Dream-style checkpoints: the logit at i-1 predicts token i (must match training's `objective.shift`)."""
     speculative_form: Literal["fused", "separate"] = "fused"

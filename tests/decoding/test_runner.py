@@ -80,10 +80,16 @@ def test_a_subset_of_rows_gets_the_logits_the_whole_batch_gives_it(model):
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="torch.compile's CPU backend needs a C compiler")
 def test_compiled_decoding_gives_the_eager_tokens(tokenizer):
-    """decode.compile: the prompt's pass runs eager, every later pass compiled; same tokens in every mode."""
+    """decode.compile: the prompt's pass runs eager, every later pass compiled; same tokens in every mode. The
+    no-cache reference (a new shape every pass) runs eager: nothing is compiled for it."""
     bb = sharp_backbone("qwen3", tokenizer)
     ids, mask = left_pad([tokenizer.encode(p) for p in ["Tom has 3 apples and", "Q: 12 + 7 ="]], 0)
+    run = lambda **kw: generate(bb.model, ids, attention_mask=mask, mask_token_id=bb.mask_token_id,  # noqa: E731
+                                block_size=4, max_new_tokens=8, threshold=0.3, **kw)
+    torch._dynamo.utils.counters.clear()
+    assert run(use_cache=False, compile=True).tokens == run(use_cache=False).tokens
+    assert torch._dynamo.utils.counters["stats"]["calls_captured"] == 0
     for mode in ("diffusion", "ar", "speculative"):
-        out = {c: generate(bb.model, ids, attention_mask=mask, mask_token_id=bb.mask_token_id, mode=mode,
-                           block_size=4, max_new_tokens=8, threshold=0.3, compile=c) for c in (False, True)}
-        assert out[True].tokens == out[False].tokens and out[True].nfe == out[False].nfe, mode
+        compiled, eager = run(mode=mode, compile=True), run(mode=mode)
+        assert compiled.tokens == eager.tokens and compiled.nfe == eager.nfe, mode
+    assert torch._dynamo.utils.counters["stats"]["calls_captured"] > 0
