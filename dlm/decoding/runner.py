@@ -1,9 +1,10 @@
 """Model forwards over a slice of the sequence against the KV cache: what every decode mode shares.
 
 The cache is transformers' own: `StaticCache` (preallocated once per generate call, written in place: no
-copy per append, static shapes for `torch.compile` / CUDA graphs) or `DynamicCache`. A block's mask is
-built once and sliced by its later passes; the LM head runs only on the positions asked for
-(`logits_to_keep`), so committed positions and the folded-in block cost no logits.
+copy per append, static shapes for `torch.compile` / CUDA graphs) or `DynamicCache`. Masks past the prompt
+are built for `MASK_ROWS` query rows at once and sliced by the passes inside them (the AR loop's steps, a
+decode's blocks); the LM head runs only on the positions asked for (`logits_to_keep`), so committed
+positions and the folded-in block cost no logits.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dlm.settings.decode import DecodeConfig
 from dlm.tensor.attention import additive_mask
 
 _COMPILED = "_dlm_compiled"
+MASK_ROWS = 64
+"""Query rows a mask past the prompt is built for at once (a slice serves each pass inside them)."""
 
 
 def compiled(model: PreTrainedModel):
@@ -40,24 +43,32 @@ class Runner:
                           else DynamicCache(config=model.config))
         self.step = compiled(model) if cfg.compile else model
         self.length = 0  # tokens held by the cache
-        self._mask: tuple[int, int, Tensor] | None = None  # (start, end, mask) of the current block
+        self._mask: tuple[int, int, Tensor] | None = None  # (first, last query row, mask) built last
 
     @property
     def cached(self) -> bool:
         return self.cache is not None
 
     def mask(self, start: int, end: int) -> Tensor:
-        """Queries `start:end`; reused (sliced) while later passes stay inside the last mask built."""
-        keys = self.layout.total if self.static else end
+        """Queries `start:end`, a slice of the last mask built when it holds them. Past the prompt a mask is built
+        for at least `MASK_ROWS` query rows at once, so the AR loop's next steps and a decode's next blocks slice
+        it instead of building their own."""
         if self._mask is not None:
             lo, hi, mask = self._mask
-            if hi == end and lo <= start:
-                return mask[:, :, start - lo:]
-        mask = self.layout.mask(start, end, keys)
+            if lo <= start and end <= hi:
+                return self._rows(mask, start - lo, end - lo, end)
+        rows_end = end if start < self.layout.prompt_len else min(self.layout.total, max(end, start + MASK_ROWS))
+        mask = self.layout.mask(start, rows_end, self.layout.total if self.static else rows_end)
         if self.eager:
             mask = additive_mask(mask, self.model.dtype)
-        self._mask = (start, end, mask)
-        return mask
+        self._mask = (start, rows_end, mask)
+        return self._rows(mask, 0, end - start, end)
+
+    def _rows(self, mask: Tensor, first: int, last: int, end: int) -> Tensor:
+        """Query rows `first:last` of `mask`, over the keys a forward ending at `end` attends (a static cache:
+        all of its slots; otherwise the `end` tokens so far)."""
+        rows = mask[:, :, first:last]
+        return rows if self.static else rows[..., :end]
 
     def __call__(self, seq: Tensor, start: int, end: int, keep: int | Tensor, *, first: bool = False) -> Tensor:
         """Logits `(B, K, V)` for `keep` (the last `keep` inputs, or input-relative indices).
@@ -99,7 +110,10 @@ class Runner:
         return end
 
     def select(self, rows: Tensor) -> None:
-        """Keep only `rows` of the batch (the others finished): cache rows, layout and mask follow."""
+        """Keep only `rows` of the batch (the others finished): cache rows, layout and mask follow. With none left
+        nothing more runs, so nothing is copied."""
+        if not len(rows):
+            return
         self.layout = self.layout.select(rows)
         if self.cached and self.length:
             self.cache.reorder_cache(rows)
