@@ -69,21 +69,28 @@ def _block_logits(run: Runner, rows: ActiveRows, span: tuple[int, int, int], col
 
 
 def _commit(rows: ActiveRows, logits: Tensor, cols: list[int], span: tuple[int, int], sub: Tensor | None,
-            cfg: DecodeConfig, mask_token_id: int, generator: torch.Generator | None) -> None:
+            cfg: DecodeConfig, mask_token_id: int, generator: torch.Generator | None, fresh: bool) -> None:
     """Propose tokens for `cols`, choose which [MASK]s to commit under the policy, write them into `rows.seq`.
-    A pass over the whole block (most passes: the first of a block) skips the scatter to the block's width."""
+    On a block's first pass (`fresh`: everything masked, most passes) every position is a candidate; a pass over
+    the whole block skips the scatter to the block's width."""
     start, end = span
-    where = slice(None) if sub is None else sub
-    block = rows.seq[where, start:end]
-    still = block == mask_token_id  # a committed token is never [MASK]: `propose` excludes it
+    block = rows.seq[:, start:end] if sub is None else rows.seq[sub, start:end]
     tokens, conf = propose(logits, cfg, mask_token_id, generator)
     if len(cols) < end - start:  # columns no row has masked are never candidates
         index = torch.tensor(cols, device=block.device)
-        wide_tokens, wide_conf = block.clone(), torch.full(still.shape, -1.0, device=block.device, dtype=conf.dtype)
+        wide_tokens, wide_conf = block.clone(), torch.full(block.shape, -1.0, device=block.device, dtype=conf.dtype)
         wide_tokens[:, index], wide_conf[:, index] = tokens, conf
         tokens, conf = wide_tokens, wide_conf
-    chosen = choose(conf, candidates(still, cfg.sub_block_size), cfg)
-    rows.seq[where, start:end] = torch.where(chosen, tokens, block)
+    if fresh:  # everything masked: no comparison to make
+        cand = None if cfg.sub_block_size is None else candidates(torch.ones_like(block, dtype=torch.bool),
+                                                                  cfg.sub_block_size)
+    else:  # a committed token is never [MASK]: `propose` excludes it
+        cand = candidates(block == mask_token_id, cfg.sub_block_size)
+    chosen = choose(conf, cand, cfg)
+    if sub is None:
+        block.copy_(torch.where(chosen, tokens, block))  # `block` is a view of `rows.seq`
+    else:
+        rows.seq[sub, start:end] = torch.where(chosen, tokens, block)
 
 
 def _denoise_block(run: Runner, rows: ActiveRows, span: tuple[int, int, int], cfg: DecodeConfig,
@@ -92,14 +99,15 @@ def _denoise_block(run: Runner, rows: ActiveRows, span: tuple[int, int, int], cf
     block whose KV is not cached yet, or the prompt). Rows that finish leave `rows` as soon as they do; rows
     whose block is complete sit out the block's later passes."""
     a, start, end = span
-    masked_host, sub = [[True] * (end - start) for _ in rows.ids], None
+    masked_host, sub, fresh = [[True] * (end - start) for _ in rows.ids], None, True
     while True:
         cols = [c for c in range(end - start) if any(row[c] for row in masked_host)]
         logits = _block_logits(run, rows, (a, start, end), cols, cfg, sub)
         a = run.keep_until(start)
-        _commit(rows, logits, cols, (start, end), sub, cfg, mask_token_id, generator)
+        _commit(rows, logits, cols, (start, end), sub, cfg, mask_token_id, generator, fresh)
         rows.count_forward(None if sub is None else sub.tolist())
         masked_host, finished = _sync(rows, mask_token_id, stopper, (start, end), cfg.early_exit)
+        fresh = False
         if not any(any(row) for row in masked_host):
             finished = _at_block_end(rows, finished, stopper, end, cfg)
         if any(finished):

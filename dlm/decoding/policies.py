@@ -3,6 +3,8 @@ commit rules (confidence threshold, Fast-dLLM's factor rule, one token per forwa
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -14,14 +16,19 @@ def propose(logits: Tensor, cfg: DecodeConfig, mask_token_id: int,
     """A token and its confidence for every position of `logits` `(B, L, V)`; both `(B, L)`."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    logits = logits.clone()
-    logits[..., mask_token_id] = -torch.inf  # [MASK] is never a decoded token
+    logits = logits.masked_fill(_is_mask(logits.shape[-1], mask_token_id, logits.device), -torch.inf)
     if cfg.temperature == 0:
         conf, tokens = logits.softmax(dim=-1).max(dim=-1)
         return tokens, conf
     probs = top_p_filter(torch.softmax(logits / cfg.temperature, dim=-1), cfg.top_p)
     tokens = torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(probs.shape[:2])
     return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _is_mask(vocab: int, mask_token_id: int, device: torch.device) -> Tensor:
+    """`(V,)` bool, True at [MASK], which is never a decoded token: one `masked_fill` a pass, made once."""
+    return torch.arange(vocab, device=device) == mask_token_id
 
 
 def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
@@ -44,10 +51,12 @@ def candidates(masked: Tensor, sub_block_size: int | None) -> Tensor:
     return masked & (idx[None, :] // sub_block_size == first // sub_block_size)
 
 
-def choose(conf: Tensor, cand: Tensor, cfg: DecodeConfig) -> Tensor:
-    """`(B, L)` bool: the positions to commit this pass, the top-n candidates by confidence per row."""
+def choose(conf: Tensor, cand: Tensor | None, cfg: DecodeConfig) -> Tensor:
+    """`(B, L)` bool: the positions to commit this pass, the top-n candidates by confidence per row (`cand`
+    None: every position is one, as on a block's first pass)."""
     if cfg.policy == "threshold" and not cfg.one_token_per_forward:
         return _above_threshold(conf, cand, cfg.threshold)
+    cand = torch.ones_like(conf, dtype=torch.bool) if cand is None else cand
     sorted_conf, order = conf.masked_fill(~cand, -1.0).sort(dim=-1, descending=True, stable=True)
     n_cand = cand.sum(dim=-1)
     if cfg.one_token_per_forward:
@@ -65,9 +74,10 @@ def choose(conf: Tensor, cand: Tensor, cfg: DecodeConfig) -> Tensor:
     return cand & (rank_of < n.clamp(max=n_cand)[:, None])
 
 
-def _above_threshold(conf: Tensor, cand: Tensor, threshold: float) -> Tensor:
-    """The threshold rule without a sort (it runs every pass: five ops, not a sort's fifteen): every candidate at
-    or above `threshold`, and at least the most confident one (the first on ties, as the stable sort's top-1)."""
-    score = torch.where(cand, conf, -1.0)
-    chosen = score >= threshold
-    return chosen.scatter_(1, score.argmax(dim=1, keepdim=True), True) & cand
+def _above_threshold(conf: Tensor, cand: Tensor | None, threshold: float) -> Tensor:
+    """The threshold rule without a sort (it runs every pass: at most five ops, not a sort's fifteen): every
+    candidate at or above `threshold`, and at least the most confident one (the first on ties, as the stable
+    sort's top-1)."""
+    score = conf if cand is None else torch.where(cand, conf, -1.0)
+    chosen = (score >= threshold).scatter_(1, score.argmax(dim=1, keepdim=True), True)
+    return chosen if cand is None else chosen & cand

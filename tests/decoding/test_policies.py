@@ -3,6 +3,7 @@ sub-blocks) of a denoising pass, on hand-built tensors."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dlm.decoding.policies import candidates, choose, propose, top_p_filter
@@ -192,3 +193,13 @@ def test_the_threshold_rule_equals_the_top_n_rule_it_shortcuts():
             expected = cand & (rank < n[:, None])  # the general rule's top-n, written out
             assert torch.equal(choose(conf, cand, DecodeConfig(threshold=t)), expected)
             assert torch.equal(_above_threshold(conf, cand, t), expected)
+
+
+@pytest.mark.parametrize("cfg", [DecodeConfig(threshold=0.5), DecodeConfig(threshold=1.0),
+                                 DecodeConfig(policy="factor"), DecodeConfig(policy="fixed", tokens_per_pass=2),
+                                 DecodeConfig(one_token_per_forward=True)])
+def test_no_candidate_mask_means_every_position_is_one(cfg):
+    """A block's first pass passes `cand=None` (everything masked): the same choice as an all-True mask."""
+    conf = torch.rand(5, 8, generator=torch.Generator().manual_seed(1)).double()
+    conf[1, 3] = conf[1, 5] = conf[1].max()  # a tie at the top
+    assert torch.equal(choose(conf, None, cfg), choose(conf, torch.ones_like(conf, dtype=torch.bool), cfg))
