@@ -55,6 +55,17 @@ def test_the_block_mask_is_built_once_and_sliced_by_later_passes(model):
     assert first.shape == (2, 1, 4, 10)  # static cache: queries over every key slot
 
 
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_one_token_steps_slice_one_mask_built_for_many_rows(model, cache):
+    """The AR loop's steps: one mask for up to MASK_ROWS query rows, each step a view of it, equal to a mask
+    built for that step alone (over every slot of a static cache, over the tokens so far otherwise)."""
+    ids, run = setup(model, cache)
+    steps = [run.mask(q, q + 1) for q in range(6, 10)]
+    assert len({m.untyped_storage().data_ptr() for m in steps}) == 1
+    for q, m in zip(range(6, 10), steps):
+        assert torch.equal(m, run.layout.mask(q, q + 1, 10 if cache == "static" else q + 1))
+
+
 def test_logits_only_for_the_positions_asked(model):
     ids, run = setup(model)
     with torch.inference_mode():
