@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 from dlm.data.jsonl import read_jsonl
-from dlm.data.synthetic import PROMPT_TEMPLATE, synthetic_dir
+from dlm.data.synthetic import PROMPT_TEMPLATE, format_example, synthetic_dir
 from dlm.settings import SYNTHETIC, ConfigError, DataConfig
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ def few_shot_context(source: str | Path | Sequence[str] | None, shots: int, data
     rows = read_jsonl(train)[:shots]
     if len(rows) < shots or not all("question" in r and "answer" in r for r in rows):
         raise ConfigError(f"bench.few_shot={shots}: {train} needs {shots} rows with 'question' and 'answer'")
-    return "".join(f"{PROMPT_TEMPLATE.format(question=r['question'])} {r['answer']}\n\n" for r in rows)
+    return "".join(format_example(r)["text"] + "\n\n" for r in rows)
 
 
 def _to_prompt(row: dict, source: Any) -> Prompt:

@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlm.decoding.batch import ActiveRows
 from dlm.decoding.output import GenerationOutput
+from dlm.decoding.policies import without_mask
 from dlm.decoding.runner import Runner
 from dlm.decoding.stopping import Stopper, check_inputs
 from dlm.settings.errors import check_positive_int
@@ -50,9 +51,7 @@ def greedy_ar(run: Runner, input_ids: Tensor, max_new_tokens: int, stopper: Stop
                       prompt_len)
     logits = run(rows.seq, 0, prompt_len, 1, first=True)[:, -1]
     for pos in range(prompt_len, prompt_len + max_new_tokens):
-        if exclude is not None:
-            logits[:, exclude] = -torch.inf
-        rows.seq[:, pos] = logits.argmax(dim=-1)
+        rows.seq[:, pos] = (logits if exclude is None else without_mask(logits, exclude)).argmax(dim=-1)
         rows.count_forward()
         if stopper.active:  # the one sync per token, and only when something can end a row
             finished = stopper.done_in_block(rows.seq, rows.seq[:, pos:pos + 1].tolist(), None, pos, prompt_len)

@@ -16,7 +16,7 @@ def propose(logits: Tensor, cfg: DecodeConfig, mask_token_id: int,
     """A token and its confidence for every position of `logits` `(B, L, V)`; both `(B, L)`."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    logits = logits.masked_fill(_is_mask(logits.shape[-1], mask_token_id, logits.device), -torch.inf)
+    logits = without_mask(logits, mask_token_id)
     if cfg.temperature == 0:
         conf, tokens = logits.softmax(dim=-1).max(dim=-1)
         return tokens, conf
@@ -25,9 +25,15 @@ def propose(logits: Tensor, cfg: DecodeConfig, mask_token_id: int,
     return tokens, probs.gather(-1, tokens[..., None]).squeeze(-1)
 
 
+def without_mask(logits: Tensor, mask_token_id: int) -> Tensor:
+    """`logits` `(..., V)` with [MASK] at -inf (a converted model's [MASK] is never an output), as a new tensor:
+    one `masked_fill`, the caller's logits untouched."""
+    return logits.masked_fill(_is_mask(logits.shape[-1], mask_token_id, logits.device), -torch.inf)
+
+
 @functools.lru_cache(maxsize=8)
 def _is_mask(vocab: int, mask_token_id: int, device: torch.device) -> Tensor:
-    """`(V,)` bool, True at [MASK], which is never a decoded token: one `masked_fill` a pass, made once."""
+    """`(V,)` bool, True at [MASK]: made once per vocabulary and device."""
     return torch.arange(vocab, device=device) == mask_token_id
 
 

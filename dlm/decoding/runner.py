@@ -70,14 +70,15 @@ class Runner:
         rows = mask[:, :, first:last]
         return rows if self.static else rows[..., :end]
 
-    def __call__(self, seq: Tensor, start: int, end: int, keep: int | Tensor, *, first: bool = False) -> Tensor:
+    def __call__(self, seq: Tensor, start: int, end: int, keep: int | Tensor, *, first: bool = False,
+                 mask: Tensor | None = None) -> Tensor:
         """Logits `(B, K, V)` for `keep` (the last `keep` inputs, or input-relative indices).
 
         `first` marks a forward that feeds the prompt (a prefill, or a first pass), which runs uncompiled: its
-        shape is the prompt's.
+        shape is the prompt's. `mask`: the caller's own (speculative decoding's noisy blocks); else the layout's.
         """
         step = self.model if first else self.step
-        out = step(input_ids=seq[:, start:end], attention_mask=self.mask(start, end),
+        out = step(input_ids=seq[:, start:end], attention_mask=self.mask(start, end) if mask is None else mask,
                    position_ids=self.layout.position_ids[:, start:end], cache=self.cache,
                    use_cache=self.cached, logits_to_keep=keep)
         self.length = end if self.cached else 0

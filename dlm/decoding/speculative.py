@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from dlm.decoding.batch import ActiveRows
+from dlm.decoding.policies import without_mask
 from dlm.decoding.runner import Runner
 from dlm.decoding.stopping import Stopper
 from dlm.tensor.attention import additive_mask
@@ -56,10 +57,8 @@ def accept(draft: Tensor, verified: Tensor, limit: Tensor | None = None) -> tupl
     return counts, verified.gather(1, counts[:, None])[:, 0]
 
 
-def _argmax(logits: Tensor, exclude: int) -> Tensor:
-    logits = logits.clone()
-    logits[..., exclude] = -torch.inf  # a converted model's [MASK] is never an output
-    return logits.argmax(dim=-1)
+def _argmax(logits: Tensor, mask_token_id: int) -> Tensor:
+    return without_mask(logits, mask_token_id).argmax(dim=-1)
 
 
 def _mask(run: Runner, start: int, end: int, noisy: int) -> Tensor:
@@ -78,12 +77,7 @@ def _mask(run: Runner, start: int, end: int, noisy: int) -> Tensor:
 def _forward(run: Runner, seq: Tensor, start: int, end: int, keep: int | Tensor, *, noisy: int = 0,
              first: bool = False) -> Tensor:
     """`first`: the prompt's forward, uncompiled (its shape is the prompt's)."""
-    step = run.model if first else run.step
-    out = step(input_ids=seq[:, start:end], attention_mask=_mask(run, start, end, noisy),
-               position_ids=run.layout.position_ids[:, start:end], cache=run.cache, use_cache=True,
-               logits_to_keep=keep)
-    run.length = end
-    return out.logits
+    return run(seq, start, end, keep, first=first, mask=_mask(run, start, end, noisy))
 
 
 @dataclass
@@ -184,9 +178,7 @@ def _fused_step(run: Runner, rows: ActiveRows, st: _Rows, pos: int, width: int, 
 def _stop(run: Runner, rows: ActiveRows, st: _Rows, stopper: Stopper, max_new_tokens: int, new: list[int]) -> None:
     """Rows that reached the length limit, or committed EOS / a stop string among their `new` last tokens, leave
     the batch with their tokens."""
-    finished = [len(gen) >= max_new_tokens or any(t in stopper.eos_ids for t in gen[-n:])
-                or (bool(stopper.stop) and any(s in stopper.tokenizer.decode(gen) for s in stopper.stop))
-                for gen, n in zip(st.generated, new)]
+    finished = [len(gen) >= max_new_tokens or stopper.ends(gen[-n:], gen) for gen, n in zip(st.generated, new)]
     if any(finished):
         keep = rows.drop(finished, 0, tokens=st.generated)
         run.select(keep)

@@ -35,11 +35,17 @@ class Stopper:
         list lookups instead of eight tensor ops a pass."""
         firsts = [len(row) if masked is None else next((c for c, m in enumerate(masked[k]) if m), len(row))
                   for k, row in enumerate(block)]
-        done = [any(t in self.eos_ids for t in row[:first]) for row, first in zip(block, firsts)]
-        if self.stop:  # text check only where stop strings were asked for
-            texts = [self.tokenizer.decode(row[prompt_len:start + first]) for row, first in zip(seq.tolist(), firsts)]
-            done = [d or any(s in t for s in self.stop) for d, t in zip(done, texts)]
-        return done
+        rows = seq.tolist() if self.stop else [None] * len(block)  # the text, only where stop strings were asked for
+        return [self.ends(row[:first], None if full is None else full[prompt_len:start + first])
+                for row, first, full in zip(block, firsts, rows)]
+
+    def ends(self, new: Sequence[int], generated: list[int] | None) -> bool:
+        """Whether a row's `new` committed tokens end it: an EOS among them, or a stop string in the text of
+        everything it `generated` so far (None: no stop strings to look for)."""
+        if any(t in self.eos_ids for t in new):
+            return True
+        text = self.tokenizer.decode(generated) if self.stop else ""
+        return any(s in text for s in self.stop)
 
     def update(self, finished: Tensor, generated: Tensor) -> Tensor:
         """`generated` `(B, N)`: everything decoded so far; returns the new `finished` `(B,)`."""
