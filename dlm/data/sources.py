@@ -2,9 +2,10 @@
 `datasets`, tokenized and packed through `Dataset.map` (so `datasets` caches it; lazily for a stream).
 
 Rows become ``ids + [EOS]`` (SFT rows: ``prompt ids + response ids + [EOS]``, only the response and EOS
-eligible for noise and loss), optionally padded with EOS to a block multiple so no block spans two
-documents (Fast-dLLM v2), then concatenated and cut into `max_length` chunks (with `data.document_mask`,
-each chunk also carries per-token document ids).
+eligible for noise and loss; with `data.chat_template` or `data.messages_field`, the conversation rendered
+by the tokenizer's chat template, only assistant turns eligible: `dlm.data.chat`), optionally padded with
+EOS to a block multiple so no block spans two documents (Fast-dLLM v2), then concatenated and cut into
+`max_length` chunks (with `data.document_mask`, each chunk also carries per-token document ids).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from datasets.exceptions import DatasetGenerationError
 from datasets.utils import logging as ds_logging
 from transformers import PreTrainedTokenizerBase
 
+from dlm.data.chat import as_messages, chat_format_of, conversation_tokens
 from dlm.data.synthetic import synthetic_dir
 from dlm.settings import SYNTHETIC, ConfigError, DataConfig
 
@@ -65,7 +67,9 @@ def tokenize_rows(batch: dict[str, list], *, tokenizer: PreTrainedTokenizerBase,
                   block_size: int) -> dict[str, list]:
     """Batched map fn: ids and per-token `eligible` flags (1 = may be noised and scored)."""
     eos = tokenizer.eos_token_id
-    if cfg.prompt_field and cfg.response_field:
+    if cfg.chat_template or cfg.messages_field:
+        docs = _conversations(batch, tokenizer, cfg)
+    elif cfg.prompt_field and cfg.response_field:
         prompts = tokenizer(batch[cfg.prompt_field], add_special_tokens=False)["input_ids"]
         responses = tokenizer(batch[cfg.response_field], add_special_tokens=False)["input_ids"]
         docs = [(p + r + [eos], [0] * len(p) + [1] * (len(r) + 1)) for p, r in zip(prompts, responses)]
@@ -76,6 +80,19 @@ def tokenize_rows(batch: dict[str, list], *, tokenizer: PreTrainedTokenizerBase,
         # EOS padding stays eligible: the model must learn to fill a block's tail with EOS to stop.
         docs = [(ids + [eos] * (-len(ids) % block_size), el + [1] * (-len(ids) % block_size)) for ids, el in docs]
     return {"input_ids": [d[0] for d in docs], "eligible": [d[1] for d in docs]}
+
+
+def _conversations(batch: dict[str, list], tokenizer: PreTrainedTokenizerBase,
+                   cfg: DataConfig) -> list[tuple[list[int], list[int]]]:
+    """Rows rendered by the chat template; the template's end-of-turn token ends each document (no extra EOS)."""
+    chat = chat_format_of(tokenizer, cfg.system_prompt)
+    if cfg.messages_field:
+        key = f"data.messages_field={cfg.messages_field!r}"
+        conversations = [as_messages(row, key=key) for row in batch[cfg.messages_field]]
+    else:
+        conversations = [chat.messages(p) + [{"role": "assistant", "content": r}]
+                         for p, r in zip(batch[cfg.prompt_field], batch[cfg.response_field])]
+    return [conversation_tokens(tokenizer, chat, c) for c in conversations]
 
 
 def pack_rows(batch: dict[str, list], *, max_length: int, document_ids: bool = False) -> dict[str, list]:
@@ -102,7 +119,12 @@ def column_names(raw: AnyDataset) -> list[str]:
 
 def check_columns(columns: list[str], cfg: DataConfig) -> None:
     fields = {"data.prompt_field": cfg.prompt_field, "data.response_field": cfg.response_field}
-    if not (cfg.prompt_field and cfg.response_field):
+    if cfg.messages_field:
+        fields = {"data.messages_field": cfg.messages_field}
+    elif cfg.chat_template and not (cfg.prompt_field and cfg.response_field):
+        raise ConfigError("data.chat_template=true: needs data.prompt_field and data.response_field (one user and "
+                          "one assistant turn a row) or data.messages_field (conversations)")
+    elif not (cfg.prompt_field and cfg.response_field):
         fields = {"data.text_field": cfg.text_field}
     for key, name in fields.items():
         if name not in columns:

@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from dlm.data.chat import ChatFormat, chat_format_of
 from dlm.decoding.engine import generate
 from dlm.decoding.output import GenerationOutput
 from dlm.models.backbone import Backbone
@@ -39,6 +40,21 @@ def decode_config_for(meta: CheckpointMeta, **overrides) -> DecodeConfig:
     cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     meta.check_decode_mode(cfg.mode)
     return cfg
+
+
+def chat_format_for(meta: CheckpointMeta, tokenizer: PreTrainedTokenizerBase, chat: bool | None = None, *,
+                    key: str = "--chat") -> ChatFormat | None:
+    """How prompts are rendered: the template the checkpoint was trained with (dlm.yaml `chat_template`) unless
+    `chat` is False; `chat=True` on a checkpoint without one uses the tokenizer's own (an instruct AR model)."""
+    if chat is False:
+        return None
+    if meta.chat_template:
+        return ChatFormat(meta.chat_template, meta.system_prompt)
+    return chat_format_of(tokenizer, key=key) if chat else None
+
+
+def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], chat: ChatFormat | None) -> list[str]:
+    return list(prompts) if chat is None else [chat.prompt(tokenizer, p) for p in prompts]
 
 
 def encode_prompts(backbone: Backbone, prompts: list[str],
@@ -73,10 +89,11 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def complete(backbone: Backbone, meta: CheckpointMeta, prompts: list[str], decode: DecodeConfig, *,
-             ar: bool = False, stop: list[str] | None = None) -> Completions:
-    """Complete `prompts` in one batch; `ar=True` (or a causal checkpoint) decodes in the engine's AR mode."""
+             ar: bool = False, stop: list[str] | None = None, chat: ChatFormat | None = None) -> Completions:
+    """Complete `prompts` in one batch (rendered through `chat` when given); `ar=True` (or a causal checkpoint)
+    decodes in the engine's AR mode."""
     device = next(backbone.model.parameters()).device
-    ids, attention = encode_prompts(backbone, prompts, device)
+    ids, attention = encode_prompts(backbone, render_prompts(backbone.tokenizer, prompts, chat), device)
     tok = backbone.tokenizer
     start = time.perf_counter()
     if ar or meta.pattern == "causal":

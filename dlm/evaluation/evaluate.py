@@ -6,6 +6,7 @@ Metric names: `eval/<task>/<metric>[_<filter>]`, e.g. `eval/gsm8k/exact_match_st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -97,6 +98,8 @@ def evaluate(checkpoint: str | Path, settings: EvalConfig | None = None, *, log:
     """
     settings, log = settings or EvalConfig(), log or LogTarget()
     meta = read_meta(checkpoint)
+    if settings.apply_chat_template is None:  # the form the checkpoint was trained on
+        settings = dataclasses.replace(settings, apply_chat_template=bool(meta.chat_template))
     manager, names = prepare_tasks(settings.tasks, data_dir=settings.data_dir, include_path=include_path,
                                    hub=settings.hub_tasks, task_metadata=task_metadata)
     if log.mlflow_run is not None:

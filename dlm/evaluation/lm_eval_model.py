@@ -31,6 +31,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from dlm.data.chat import ChatFormat, chat_format_of
 from dlm.decoding.engine import generate
 from dlm.decoding.output import GenerationOutput
 from dlm.decoding.text import left_pad, pad_token_id
@@ -136,11 +137,15 @@ class DLMEvalModel(TemplateLM):
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The tokenizer's chat template (lm-eval calls this under `--apply_chat_template`)."""
-        if not self.tokenizer.chat_template:
-            raise ConfigError(f"apply_chat_template=True: the tokenizer of {self.checkpoint!r} has no chat template; "
-                              "allowed: run without --apply_chat_template")
-        return self.tokenizer.apply_chat_template(chat_history, tokenize=False,
+        """lm-eval calls this under `--apply_chat_template`: the template the checkpoint was trained with (its
+        dlm.yaml `chat_template` and system turn), else the tokenizer's own."""
+        if self.meta.chat_template:
+            chat = ChatFormat(self.meta.chat_template, self.meta.system_prompt)
+        else:
+            chat = chat_format_of(self.tokenizer, key=f"apply_chat_template ({self.checkpoint})")
+        if chat.system_prompt is not None and not any(m.get("role") == "system" for m in chat_history):
+            chat_history = [{"role": "system", "content": chat.system_prompt}, *chat_history]
+        return self.tokenizer.apply_chat_template(chat_history, chat_template=chat.template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt,
                                                   continue_final_message=not add_generation_prompt)
 

@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import torch
 
 from dlm.data.prompts import Prompt, load_prompts
+from dlm.decoding.text import chat_format_for, render_prompts
 from dlm.measurement.forward_cost import forward_costs
 from dlm.measurement.grid import (
     AR_METHODS,
@@ -32,7 +33,7 @@ from dlm.measurement.plots import pareto_plot
 from dlm.models.backbone import load_backbone
 from dlm.models.checkpoint import META_FILE, CheckpointMeta, load_checkpoint, read_meta
 from dlm.models.device import resolve_device
-from dlm.settings import BenchConfig, ConfigError, LogTarget, ModelConfig
+from dlm.settings import BenchConfig, ConfigError, LogTarget
 from dlm.settings.experiment import load_config
 from dlm.tracking import runs
 
@@ -45,7 +46,7 @@ def format_table(rows: Sequence[BenchRow], meta: dict[str, Any]) -> str:
     """A Markdown table (pastes into BENCHMARKS.md) and a line saying what was measured and how."""
     head = ["setting", "batch", "policy", "tokens/s", "min–max", "TPF", "NFE", "tokens/prompt", "exact match",
             "× AR (lean)", "× HF generate", "forward / AR step", "cache × no-cache", "TPF (v2 count)",
-            "= AR mode"]
+            "= AR mode", "= AR tokens", "= AR answer"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     times = lambda v: _fmt(v, ".2f") + ("×" if v else "")  # noqa: E731
     for r in rows:
@@ -55,7 +56,7 @@ def format_table(rows: Sequence[BenchRow], meta: dict[str, Any]) -> str:
                  f"{r.tokens_per_sec_min:.1f}–{r.tokens_per_sec_max:.1f}", f"{r.tpf:.2f}", f"{r.nfe:.1f}",
                  f"{r.tokens_per_prompt:.1f}", _fmt(r.exact_match, ".3f"), times(r.speedup_vs_ar),
                  times(r.speedup_vs_hf), times(r.forward_vs_ar), times(r.speedup_cache), _fmt(r.tpf_v2, ".2f"),
-                 _fmt(r.same_as_ar_mode, ".3f")]
+                 _fmt(r.same_as_ar_mode, ".3f"), _fmt(r.same_as_ar, ".3f"), _fmt(r.same_answer_as_ar, ".3f")]
         lines.append("| " + " | ".join(cells) + " |")
     m = meta
     eos = "EOS ignored: every prompt runs the full length" if m["ignore_eos"] else "EOS stops a prompt early"
@@ -70,7 +71,8 @@ def format_table(rows: Sequence[BenchRow], meta: dict[str, Any]) -> str:
 
 def _shots(meta: dict[str, Any]) -> str:
     shots = f", {meta['few_shot']}-shot" if meta.get("few_shot") else ""
-    return shots + (f", {meta['prompt_tokens']:.0f} tokens on average" if "prompt_tokens" in meta else "")
+    chat = ", chat template" if meta.get("chat") else ""
+    return shots + chat + (f", {meta['prompt_tokens']:.0f} tokens on average" if "prompt_tokens" in meta else "")
 
 
 def forward_cost_table(costs: Sequence[dict[str, Any]]) -> str:
@@ -93,7 +95,7 @@ def write_json(rows: Sequence[BenchRow], meta: dict[str, Any], path: str | Path)
 def bench_metrics(rows: Sequence[BenchRow]) -> dict[str, float]:
     """`bench/<setting>/<metric>`, e.g. `bench/dlm_batch1_t0.9/tokens_per_sec`."""
     keys = ("tokens_per_sec", "tpf", "nfe", "exact_match", "speedup_vs_ar", "speedup_vs_hf", "forward_vs_ar",
-            "speedup_cache", "tpf_v2", "same_as_ar_mode")
+            "speedup_cache", "tpf_v2", "same_as_ar_mode", "same_as_ar", "same_answer_as_ar")
     label = lambda r: Setting(r.method, r.batch_size, r.threshold, r.tokens_per_pass).label  # noqa: E731
     return {f"bench/{label(r)}/{key}": float(getattr(r, key)) for r in rows for key in keys
             if getattr(r, key) is not None}
@@ -102,7 +104,8 @@ def bench_metrics(rows: Sequence[BenchRow]) -> dict[str, float]:
 def check_positions(name: str, target: Target, prompts: Sequence[Prompt], max_new_tokens: int) -> float:
     """Every prompt + max_new_tokens within the model's positions; returns the mean prompt length in tokens."""
     limit = getattr(target.model.config, "max_position_embeddings", None)
-    lengths = [len(target.tokenizer(p.text, add_special_tokens=False)["input_ids"]) for p in prompts]
+    texts = render_prompts(target.tokenizer, [p.text for p in prompts], target.chat)
+    lengths = [len(target.tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts]
     longest = max(lengths)
     if limit is not None and longest + max_new_tokens > limit:
         raise ConfigError(f"bench.max_new_tokens={max_new_tokens}: longest prompt {longest} tokens + {max_new_tokens} "
@@ -121,19 +124,17 @@ class BenchResult:
 
 
 def _load_target(path: str | Path, block_size: int | None, device: torch.device, dtype: str) -> Target:
-    """A dlm checkpoint folder, or an experiment YAML: its model built with random weights (real shapes)."""
+    """A dlm checkpoint or a plain HF causal LM (folder, hub id, .gguf), or an experiment YAML: its model built
+    with random weights (real shapes)."""
     if Path(path).suffix in (".yaml", ".yml"):
         cfg = load_config(path)
         torch.manual_seed(cfg.seed)
         backbone = load_backbone(replace(cfg.model, dtype=dtype))
         meta = CheckpointMeta.from_config(cfg, backbone.mask_token_id)
-    elif (Path(path) / META_FILE).is_file():
+    else:
         backbone, meta = load_checkpoint(path, dtype=dtype)
-    else:  # a plain HF causal LM (the hub AR model a conversion started from)
-        backbone, meta = load_backbone(ModelConfig(name_or_path=str(path), dtype=dtype)), None
     model = backbone.model.to(device).eval()
-    return Target(model, backbone.tokenizer, backbone.mask_token_id, block_size or (meta.block_size if meta else 1),
-                  meta.shift if meta else False)
+    return Target(model, backbone.tokenizer, backbone.mask_token_id, block_size or meta.block_size, meta.shift)
 
 
 def _source_meta(checkpoint: str | Path) -> CheckpointMeta:
@@ -176,13 +177,16 @@ def run_bench(checkpoint: str | Path, settings: BenchConfig | None = None, *,
     ar_path, ar_name = ar_baseline_for(checkpoint, s)
     run = runs.resolve_run(log.mlflow_run, log.tracking_uri, checkpoint=checkpoint,
                            key="bench.mlflow_run") if log else None
-    prompt_set = load_prompts(s.prompts, limit=s.num_prompts, few_shot=s.few_shot)
+    chat = s.chat if s.chat is not None else bool(source.chat_template)
+    prompt_set = load_prompts(s.prompts, limit=s.num_prompts, few_shot=s.few_shot, chat=chat)
     scored = _check_scored(s.scored, prompt_set, s.prompts)
     device = resolve_device(s.device, key="bench.device")
     if s.threads:
         torch.set_num_threads(s.threads)
     dlm_target = _load_target(checkpoint, s.block_size, device, s.dtype)
     ar_target = _load_target(ar_path, s.block_size, device, s.dtype) if ar_path is not None else dlm_target
+    # both sides see the dLM's prompt form: its training template, or the tokenizer's own under bench.chat
+    dlm_target.chat = ar_target.chat = chat_format_for(source, dlm_target.tokenizer, chat, key="bench.chat")
     prompt_tokens = check_positions(str(checkpoint), dlm_target, prompt_set, s.max_new_tokens)
     check_positions(str(ar_path or checkpoint), ar_target, prompt_set, s.max_new_tokens)
     grid = {g: (ar_target if g.method in AR_METHODS else dlm_target) for g in settings_grid(s)}
@@ -192,7 +196,7 @@ def run_bench(checkpoint: str | Path, settings: BenchConfig | None = None, *,
                           repeats=max(s.repeats, 3), compile=s.compile) if s.forward_costs else []
     meta = {"checkpoint": str(checkpoint), "max_new_tokens": s.max_new_tokens, "block_size": dlm_target.block_size,
             "ar_baseline": ar_name, "device": device.type, "threads": torch.get_num_threads(),
-            "prompts": str(s.prompts), "num_prompts": len(prompt_set),
+            "prompts": str(s.prompts), "num_prompts": len(prompt_set), "chat": dlm_target.chat is not None,
             "few_shot": s.few_shot, "prompt_tokens": prompt_tokens, "scored": scored, "ignore_eos": s.ignore_eos,
             "repeats": s.repeats, "warmup": s.warmup, "compile": s.compile, "dtype": s.dtype,
             "parameters": sum(p.numel() for p in dlm_target.model.parameters()), "forward_costs": costs,

@@ -206,7 +206,8 @@ def load_weights(path: str | Path, *, key: str = "checkpoint") -> dict[str, Tens
 
     folder = Path(path)
     if not folder.is_dir():
-        raise ConfigError(f"{key}={str(path)!r}: no such folder")
+        raise ConfigError(f"{key}={str(path)!r}: no such folder (a hub id or .gguf file: `dlm import` it to a folder "
+                          "first)")
     check_weight_files(folder, key=key)  # truncated or pickled files fail in one line
     if files := sorted(folder.glob("model*.safetensors")):
         from safetensors.torch import load_file

@@ -15,11 +15,12 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dlm.data.prompts import Prompt, score
+from dlm.data.chat import ChatFormat
+from dlm.data.prompts import Prompt, answers_of, score
 from dlm.decoding.ar import ar_generate
 from dlm.decoding.engine import generate
 from dlm.decoding.output import GenerationOutput
-from dlm.decoding.text import encode_texts
+from dlm.decoding.text import encode_texts, render_prompts
 from dlm.settings import BenchConfig, DecodeConfig
 
 METHODS = {"ar": "AR, lean loop (same engine)", "ar-hf": "AR, transformers generate", "dlm-1tpf": "dLM 1 token/forward",
@@ -54,6 +55,7 @@ class Target:
     mask_token_id: int
     block_size: int
     shift: bool = False
+    chat: ChatFormat | None = None  # prompts rendered as a user turn of this chat template
 
     @property
     def device(self) -> torch.device:
@@ -67,12 +69,13 @@ class Batch(NamedTuple):
 
 
 def encode_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], batch_size: int,
-                   device: torch.device) -> list[Batch]:
+                   device: torch.device, chat: ChatFormat | None = None) -> list[Batch]:
     """Left-padded batches; prompt ids without special tokens, as the training data tokenizes them."""
     batches = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        batches.append(Batch(*encode_texts(tokenizer, [p.text for p in chunk], device), [p.answer for p in chunk]))
+        texts = render_prompts(tokenizer, [p.text for p in chunk], chat)
+        batches.append(Batch(*encode_texts(tokenizer, texts, device), [p.answer for p in chunk]))
     return batches
 
 
@@ -110,6 +113,7 @@ class Measurement:
     v2_tokens: int = 0  # Fast-dLLM v2's count: tokens through the end of each row's EOS block ...
     v2_forwards: int = 0  # ... over its forwards plus one cache-update forward per block
     tokens: list[list[int]] = field(default_factory=list)  # every prompt's generated ids (the last repeat)
+    answers: list[str | None] = field(default_factory=list)  # the '#### N' number each prompt's text gives
 
     @property
     def tokens_per_sec(self) -> list[float]:
@@ -148,6 +152,7 @@ def measure(target: Target, setting: Setting, batches: Sequence[Batch], *, max_n
         v2_tokens=sum(sum(o.raw_lengths) for o in outs),
         v2_forwards=sum(f + blocks(n) for o in outs for f, n in zip(o.row_forwards, o.raw_lengths)),
         tokens=[t for o in outs for t in o.tokens],
+        answers=answers_of(target.tokenizer, [t for o in outs for t in o.tokens]),
     )
 
 
@@ -155,7 +160,7 @@ def measure_grid(grid: dict[Setting, Target], prompts: Sequence[Prompt], *, max_
                  warmup: int, ignore_eos: bool, scored: bool, compile: bool = False) -> dict[Setting, Measurement]:
     """All settings warmed up first, then timed round-robin, one repeat of each at a time: a burst of load
     from elsewhere on the machine then hits every setting alike instead of skewing one comparison."""
-    batches = {s: encode_batches(t.tokenizer, prompts, s.batch_size, t.device) for s, t in grid.items()}
+    batches = {s: encode_batches(t.tokenizer, prompts, s.batch_size, t.device, t.chat) for s, t in grid.items()}
     for s, t in grid.items():
         for _ in range(warmup):
             decode_batch(t, s, batches[s][0], max_new_tokens=max_new_tokens,
@@ -188,6 +193,8 @@ class BenchRow:
     tpf_v2: float | None = None  # dlm-v2count only: TPF counted as Fast-dLLM v2 counts it
     forward_vs_ar: float | None = None  # seconds per forward a prompt takes part in, over the lean AR step's
     same_as_ar_mode: float | None = None  # speculative only: share of prompts whose tokens equal the AR mode's
+    same_as_ar: float | None = None  # share of prompts whose tokens equal the lean AR row's (same batch size)
+    same_answer_as_ar: float | None = None  # share of prompts whose '#### N' answer equals the lean AR row's
 
 
 def build_rows(measurements: dict[Setting, Measurement]) -> list[BenchRow]:
@@ -195,8 +202,11 @@ def build_rows(measurements: dict[Setting, Measurement]) -> list[BenchRow]:
     for s, row in rows.items():
         own_ar = measurements.get(Setting("ar-self", s.batch_size))
         if s.method in SPECULATIVE and own_ar:
-            same = [a == b for a, b in zip(measurements[s].tokens, own_ar.tokens)]
-            row.same_as_ar_mode = sum(same) / len(same)
+            row.same_as_ar_mode = _share_equal(measurements[s].tokens, own_ar.tokens)
+        lean = measurements.get(Setting("ar", s.batch_size))
+        if lean and s.method != "ar":
+            row.same_as_ar = _share_equal(measurements[s].tokens, lean.tokens)
+            row.same_answer_as_ar = _share_equal(measurements[s].answers, lean.answers)
         ar, hf = rows.get(Setting("ar", s.batch_size)), rows.get(Setting("ar-hf", s.batch_size))
         row.speedup_vs_ar = row.tokens_per_sec / ar.tokens_per_sec if ar else None
         row.speedup_vs_hf = row.tokens_per_sec / hf.tokens_per_sec if hf else None
@@ -205,6 +215,11 @@ def build_rows(measurements: dict[Setting, Measurement]) -> list[BenchRow]:
                     if s.method in ("dlm", "dlm-fixed") else None)
         row.speedup_cache = row.tokens_per_sec / no_cache.tokens_per_sec if no_cache else None
     return list(rows.values())
+
+
+def _share_equal(ours: Sequence, theirs: Sequence) -> float | None:
+    same = [a == b for a, b in zip(ours, theirs, strict=True)]
+    return sum(same) / len(same) if same else None
 
 
 def _row(s: Setting, m: Measurement) -> BenchRow:

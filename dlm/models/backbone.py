@@ -1,7 +1,13 @@
-"""Load or build an unmodified HF causal LM + tokenizer, give it a [MASK] token, run it under a pattern."""
+"""Load or build an unmodified HF causal LM + tokenizer, give it a [MASK] token, run it under a pattern.
+
+A source is a hub id, an HF folder, or a `.gguf` file: transformers reads GGUF (with the `gguf` package),
+and dlm asks it to dequantize to a plain dense model, so training, saving and decoding treat it like any
+other checkpoint.
+"""
 
 from __future__ import annotations
 
+import copy
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,17 +47,20 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 def load_backbone(cfg: ModelConfig, *, attn_implementation: str = "sdpa") -> Backbone:
     """Model + tokenizer + mask token id. `attn_implementation` is a dlm backend name (sdpa, flex, ...)."""
     tokenizer = load_tokenizer(cfg)
-    hf_impl = HF_IMPLEMENTATION.get(attn_implementation, attn_implementation)
-    dtype = getattr(torch, cfg.dtype)
-    if cfg.name_or_path is not None:
-        model = _from_pretrained(
-            AutoModelForCausalLM, cfg.name_or_path, cfg, key="model.name_or_path", attn_implementation=hf_impl,
-            dtype=dtype,
-        )
-    else:
-        model = build_model(cfg, tokenizer, attn_implementation=hf_impl, dtype=dtype)
+    model = load_model(cfg, tokenizer, attn_implementation=attn_implementation)
     mask_id = ensure_mask_token(model, tokenizer, cfg.mask_token)
     return Backbone(model, tokenizer, mask_id)
+
+
+def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *,
+               attn_implementation: str = "sdpa") -> PreTrainedModel:
+    """The model `cfg` names (a hub id, folder or `.gguf` file) or builds from scratch, as it is: no [MASK]."""
+    hf_impl = HF_IMPLEMENTATION.get(attn_implementation, attn_implementation)
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.name_or_path is None:
+        return build_model(cfg, tokenizer, attn_implementation=hf_impl, dtype=dtype)
+    return _from_pretrained(AutoModelForCausalLM, cfg.name_or_path, cfg, key="model.name_or_path",
+                            attn_implementation=hf_impl, dtype=dtype)
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, attn_implementation: str,
@@ -73,9 +82,16 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, *, attn_im
     return AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
 
 
+def is_gguf(path: str | Path) -> bool:
+    return Path(path).suffix.lower() == ".gguf"
+
+
 def _from_pretrained(auto_cls, source: str, cfg: ModelConfig, *, key: str, **kwargs):
-    if Path(source).expanduser().is_dir():
-        check_weight_files(Path(source).expanduser(), key=key)
+    local = Path(source).expanduser()
+    if local.is_dir():
+        check_weight_files(local, key=key)
+    if is_gguf(local):
+        return _from_gguf(auto_cls, local, cfg, key=key, **kwargs)
     try:
         return auto_cls.from_pretrained(source, trust_remote_code=cfg.trust_remote_code, **kwargs)
     except ValueError as err:
@@ -88,6 +104,38 @@ def _from_pretrained(auto_cls, source: str, cfg: ModelConfig, *, key: str, **kwa
     except LOAD_ERRORS as err:
         raise ConfigError(f"{key}={source!r}: cannot load ({_first_line(err)}); "
                           "allowed: a local HF folder or a reachable hub id") from None
+
+
+def _from_gguf(auto_cls, path: Path, cfg: ModelConfig, *, key: str, **kwargs):
+    """A GGUF file's tokenizer, or its model dequantized to a dense one in float32 (then cast to `dtype`): a model
+    left quantized cannot train, and transformers refuses to save one loaded from GGUF."""
+    if not path.is_file():
+        raise ConfigError(f"{key}={str(path)!r}: no such .gguf file")
+    try:
+        if auto_cls is AutoTokenizer:
+            return auto_cls.from_pretrained(str(path.parent), gguf_file=path.name)
+        from transformers import GgufConfig
+
+        dtype = kwargs.pop("dtype", torch.float32)
+        loaded = auto_cls.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                          quantization_config=GgufConfig(dequantize=True), **kwargs)
+    except LOAD_ERRORS + (ImportError,) as err:
+        raise ConfigError(f"{key}={str(path)!r}: cannot read this GGUF file ({_first_line(err)}); "
+                          "transformers reads GGUF with the `gguf` package installed") from None
+    return dense_copy(loaded).to(dtype)
+
+
+def dense_copy(model: PreTrainedModel) -> PreTrainedModel:
+    """The same weights in a model built from its config without `quantization_config`, so it saves and trains
+    as a plain checkpoint."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dense = AutoModelForCausalLM.from_config(config, attn_implementation=model.config._attn_implementation,
+                                             dtype=model.dtype)
+    dense.load_state_dict(model.state_dict())
+    dense.generation_config = model.generation_config
+    return dense
 
 
 LOAD_ERRORS = (ValueError, OSError, EOFError, RuntimeError, SafetensorError, pickle.UnpicklingError)

@@ -4,12 +4,15 @@
 size, mask token, shift), so `dlm generate/eval/bench` and plain transformers load the same folder.
 A LoRA run exports either such a folder with the adapters merged, or (`model.lora.export: adapter`) only
 the peft adapter, whose `dlm.yaml` names the base model; :func:`load_checkpoint` loads both.
+Any plain HF causal LM (a folder with `config.json` and no `dlm.yaml`, a hub id, a `.gguf` file) is an AR
+checkpoint too: :func:`read_meta` gives it a causal meta, so every slot that takes an AR model takes it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +21,7 @@ from typing import Any
 import yaml
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dlm.models.backbone import Backbone, check_weight_files, load_backbone
+from dlm.models.backbone import Backbone, check_weight_files, is_gguf, load_backbone
 from dlm.models.lora import is_adapter_folder, load_adapter
 from dlm.settings import CLEAN_CONTEXTS, PATTERNS, ConfigError, ExperimentConfig, ModelConfig, check
 from dlm.settings.errors import check_positive_int
@@ -32,7 +35,8 @@ class CheckpointMeta:
     pattern: str
     block_size: int
     mask_token: str
-    mask_token_id: int
+    mask_token_id: int | None
+    """None: the vocabulary has no [MASK] yet (an imported AR model); loading adds it."""
     shift: bool = False
     source_experiment: str = ""
     base_model: str = ""
@@ -42,6 +46,13 @@ class CheckpointMeta:
     clean_context: str = "block"
     """`attention.clean_context` of training: `causal` makes the clean KV cache an AR model's, which
     `decode.mode=speculative` verifies with."""
+    chat_template: str = ""
+    """The Jinja chat template the training data was rendered with (`data.chat_template`); generate, eval and
+    bench render prompts through it. Empty: prompts are raw text."""
+    system_prompt: str | None = None
+    """The system turn of that rendering (None: the template's own default)."""
+    source: str = ""
+    """What `dlm import` read (a GGUF file, HF folder or hub id); empty for a trained checkpoint."""
 
     def __post_init__(self) -> None:
         """Validated like a config: a checkpoint whose dlm.yaml says `pattern: bogus` must not decode as if valid."""
@@ -49,13 +60,23 @@ class CheckpointMeta:
         check_positive_int("block_size", self.block_size)
         check(isinstance(self.mask_token, str) and self.mask_token != "", "mask_token", self.mask_token,
               "must be a non-empty string")
-        check(isinstance(self.mask_token_id, int) and not isinstance(self.mask_token_id, bool)
-              and self.mask_token_id >= 0, "mask_token_id", self.mask_token_id, "must be a token id >= 0")
+        check(self.mask_token_id is None or (isinstance(self.mask_token_id, int) and not isinstance(
+            self.mask_token_id, bool) and self.mask_token_id >= 0), "mask_token_id", self.mask_token_id,
+            "must be a token id >= 0 (or null: added at load)")
         check(isinstance(self.shift, bool), "shift", self.shift, "must be true or false")
         check(isinstance(self.source_experiment, str), "source_experiment", self.source_experiment, "must be a string")
         check(isinstance(self.base_model, str), "base_model", self.base_model, "must be a string")
         check(self.clean_context in CLEAN_CONTEXTS, "clean_context", self.clean_context, "unknown clean context",
               CLEAN_CONTEXTS)
+        check(isinstance(self.chat_template, str), "chat_template", self.chat_template, "must be a string")
+        check(self.system_prompt is None or isinstance(self.system_prompt, str), "system_prompt",
+              self.system_prompt, "must be a string or null")
+        check(isinstance(self.source, str), "source", self.source, "must be a string")
+
+    @classmethod
+    def causal(cls, *, source: str = "", mask_token: str = "<|mask|>") -> "CheckpointMeta":
+        """The meta of a plain AR model: pattern causal, no [MASK] until loading adds one."""
+        return cls("causal", 1, mask_token, None, source=source)
 
     def check_decode_mode(self, mode: str) -> None:
         """Speculative decoding verifies with the causal clean path, which only a causal clean context trains."""
@@ -64,14 +85,18 @@ class CheckpointMeta:
               f"clean_context {self.clean_context}); allowed: diffusion, ar")
 
     @classmethod
-    def from_config(cls, cfg: ExperimentConfig, mask_token_id: int) -> "CheckpointMeta":
+    def from_config(cls, cfg: ExperimentConfig, mask_token_id: int, *,
+                    chat_template: str | None = None) -> "CheckpointMeta":
+        """`chat_template`: the tokenizer's template, recorded when `data.chat_template` rendered the data."""
         base = ""
         if cfg.model.name_or_path:
             local = Path(cfg.model.name_or_path).expanduser()
             base = str(local.resolve()) if local.exists() else cfg.model.name_or_path
         block_size = cfg.attention.block_size_at(cfg.trainer.max_steps)  # a schedule's last stage
+        chat = (chat_template or "") if cfg.data.chat_template else ""
         return cls(cfg.attention.pattern, block_size, cfg.model.mask_token, mask_token_id,
-                   cfg.objective.shift, cfg.name, base, cfg.attention.clean_context)
+                   cfg.objective.shift, cfg.name, base, cfg.attention.clean_context, chat,
+                   cfg.data.system_prompt if chat else None)
 
 
 def save_checkpoint(
@@ -109,12 +134,21 @@ def _unused_prev_name(out: Path) -> Path:
     return candidate
 
 
-def read_meta(path: str | Path) -> CheckpointMeta:
-    """The checkpoint's dlm.yaml, every field checked (YAML errors, unknown or missing keys, wrong types)."""
+def read_meta(path: str | Path, *, quiet: bool = False) -> CheckpointMeta:
+    """The checkpoint's dlm.yaml, every field checked (YAML errors, unknown or missing keys, wrong types); a
+    plain HF causal LM (no dlm.yaml) gets :meth:`CheckpointMeta.causal`, with one line on stderr saying so."""
     meta_path = Path(path) / META_FILE
     if not meta_path.is_file():
-        raise ConfigError(f"checkpoint={str(path)!r}: no {META_FILE}; "
-                          "not a dlm checkpoint (dlm train exports one to <output_dir>/final)")
+        if not Path(path).expanduser().exists() and not is_plain_model(path):
+            raise ConfigError(f"checkpoint={str(path)!r}: no such folder or file; allowed: a dlm checkpoint folder, "
+                              "a plain HF causal LM folder or hub id, a .gguf file")
+        if not is_plain_model(path):
+            raise ConfigError(f"checkpoint={str(path)!r}: no {META_FILE} and no config.json; allowed: a dlm "
+                              "checkpoint (dlm train exports one to <output_dir>/final), a plain HF causal LM "
+                              "folder or hub id, a .gguf file")
+        if not quiet:
+            print(f"note: {path}: no {META_FILE}; used as a plain causal LM (pattern causal)", file=sys.stderr)
+        return CheckpointMeta.causal(source=str(path))
     where = f"checkpoint={str(path)!r}: {META_FILE}"
     fields = read_yaml_mapping(meta_path, label=f"checkpoint {META_FILE}")
     known = [f.name for f in dataclasses.fields(CheckpointMeta)]
@@ -129,21 +163,33 @@ def read_meta(path: str | Path) -> CheckpointMeta:
         raise ConfigError(f"{where} {err}") from None
 
 
+def is_plain_model(path: str | Path) -> bool:
+    """A folder with an HF `config.json`, a `.gguf` file, or a name that is no local path (a hub id)."""
+    local = Path(path).expanduser()
+    if local.exists():
+        return (local.is_dir() and (local / "config.json").is_file()) or is_gguf(local)
+    text = str(path)
+    looks_local = text.startswith((".", "/", "~")) or local.parent.is_dir() and str(local.parent) != "."
+    return not looks_local and text.count("/") == 1 and local.suffix == ""
+
+
 def check_checkpoint(path: str | Path) -> CheckpointMeta:
     """A checkpoint's dlm.yaml and weight files checked without loading a model (commands call it first)."""
     meta = read_meta(path)
-    check_weight_files(Path(path), key="checkpoint")
+    if Path(path).is_dir():
+        check_weight_files(Path(path), key="checkpoint")
     return meta
 
 
 def load_checkpoint(path: str | Path, *, attn_implementation: str = "sdpa",
                     dtype: str = "float32") -> tuple[Backbone, CheckpointMeta]:
-    """A dlm checkpoint folder (full, or a LoRA adapter over its base) -> (backbone, meta); fails in one line if
-    `dlm.yaml` is missing."""
-    meta = read_meta(path)
+    """A dlm checkpoint folder (full, or a LoRA adapter over its base), or a plain HF causal LM -> (backbone,
+    meta); fails in one line when it is neither."""
+    meta = read_meta(path, quiet=True)
     if is_adapter_folder(path):
         return load_adapter(path, base_model=meta.base_model, mask_token=meta.mask_token,
                             attn_implementation=attn_implementation, dtype=dtype), meta
-    check_weight_files(Path(path), key="checkpoint")
+    if Path(path).is_dir():
+        check_weight_files(Path(path), key="checkpoint")
     cfg = ModelConfig(name_or_path=str(path), mask_token=meta.mask_token, dtype=dtype)
     return load_backbone(cfg, attn_implementation=attn_implementation), meta

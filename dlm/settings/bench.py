@@ -67,6 +67,9 @@ class BenchConfig:
     """Exact match per setting; none: whenever every prompt has an answer."""
     ignore_eos: bool = False
     """Always generate max_new_tokens (throughput only)."""
+    chat: Optional[bool] = None
+    """Render every prompt (both models') as a user turn of the chat template: the dLM's training template
+    (dlm.yaml `chat_template`), else its tokenizer's. None: on for checkpoints trained on chat-rendered data."""
     ar_baseline: Optional[str] = None
     """AR checkpoint for the baseline rows; none: the one the model was converted from (`base_model` in its
     dlm.yaml), else the model itself in AR mode."""

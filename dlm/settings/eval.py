@@ -34,8 +34,9 @@ class EvalConfig:
     """Seed of the ELBO's masks (each request's masks also depend on its own tokens: batch-invariant)."""
     gen_kwargs: Optional[str] = None
     """lm-eval generation overrides, e.g. max_gen_toks=128."""
-    apply_chat_template: bool = False
-    """Render prompts with the tokenizer's chat template."""
+    apply_chat_template: Optional[bool] = None
+    """Render prompts with the chat template: the one a checkpoint was trained with (dlm.yaml `chat_template`),
+    else the tokenizer's own. None: on for checkpoints trained on chat-rendered data, off otherwise."""
     log_samples: bool = False
     """Keep every request and response in the results JSON."""
     data_dir: Optional[str] = None

@@ -125,6 +125,14 @@ class DataConfig:
     prompt_field: Optional[str] = None
     """With `response_field`: SFT-style rows; only response tokens are noised and scored."""
     response_field: Optional[str] = None
+    messages_field: Optional[str] = None
+    """A column of conversations, `[{role, content}, ...]`, rendered through the tokenizer's chat template; only
+    assistant turns (and their end token) are noised and scored. Implies `chat_template`."""
+    chat_template: bool = False
+    """Render prompt/response rows as a user and an assistant turn through the tokenizer's chat template (the
+    form an instruct model was tuned on); the template is recorded in the checkpoint's dlm.yaml."""
+    system_prompt: Optional[str] = None
+    """With a chat template: the system turn (None: the template's default, e.g. SmolLM2's own)."""
     train_split: str = "train"
     val_split: Optional[str] = None
     """None: hold out `val_fraction` of the train split."""
@@ -232,6 +240,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check(cfg.model.name_or_path is not None or cfg.model.arch is not None, "model.name_or_path", None,
           "set a checkpoint, or model.arch (+ model.config) to build one from scratch")
     check_lora(cfg.model.lora, name_or_path=cfg.model.name_or_path, strategy=str(cfg.trainer.strategy))
+    check(d.messages_field is None or not (d.prompt_field or d.response_field), "data.messages_field",
+          d.messages_field, "conversations carry their own turns; unset data.prompt_field/response_field")
+    check(d.system_prompt is None or d.chat_template or d.messages_field is not None, "data.system_prompt",
+          d.system_prompt, "only a chat template renders a system turn; set data.chat_template=true")
     check(d.batch_size > 0, "data.batch_size", d.batch_size, "must be a positive integer")
     check(not (d.document_mask and a.backend == "flash"), "attention.backend", a.backend,
           "flash takes no mask, so it cannot apply data.document_mask; allowed: auto, sdpa, flex, eager")

@@ -222,9 +222,9 @@ def test_speculative_generate_on_a_causal_clean_context_checkpoint_matches_ar_mo
         assert status == 0, err
         texts[mode, form], stats[mode, form] = out.split("--- stats")
     assert texts["ar", "fused"] == texts["speculative", "fused"] == texts["speculative", "separate"]
-    assert stats["ar", "fused"].startswith(" (AR mode of the dLM)")
-    assert stats["speculative", "fused"].startswith(" (speculative (fused), drafts of 3)")
-    assert stats["speculative", "separate"].startswith(" (speculative (separate), drafts of 3)")
+    assert stats["ar", "fused"].startswith(" (AR mode of the dLM,")
+    assert stats["speculative", "fused"].startswith(" (speculative (fused), drafts of 3,")
+    assert stats["speculative", "separate"].startswith(" (speculative (separate), drafts of 3,")
 
 
 def test_a_bad_flag_fails_without_importing_torch():

@@ -91,7 +91,9 @@ def ws(tmp_path_factory) -> Path:
     _write(_ckpt_variant(ws, "meta_yaml", good) / META_FILE, "pattern: [causal\n")
     _write(_ckpt_variant(ws, "meta_list", good) / META_FILE, "- causal\n- 4\n")
     _write(_ckpt_variant(ws, "meta_tag", good) / META_FILE, "pattern: !!python/name:os.system\n")
-    (_ckpt_variant(ws, "no_meta", good) / META_FILE).unlink()
+    no_meta = _ckpt_variant(ws, "no_meta", good)  # neither a dlm checkpoint nor a plain HF folder
+    (no_meta / META_FILE).unlink()
+    (no_meta / "config.json").unlink()
     truncated = _ckpt_variant(ws, "truncated", good)  # a diffusion checkpoint: bench refuses AR ones first
     (truncated / META_FILE).write_text(yaml.safe_dump(_meta(good) | {"pattern": "block_clean"}))
     weights = truncated / "model.safetensors"

@@ -54,14 +54,42 @@ def test_generate_command_prints_completion_and_stats(checkpoint, capsys):
 def test_generate_command_ar_baseline(checkpoint, capsys):
     assert main(["generate", str(checkpoint), "--prompt", PROMPTS[1], "--max-new-tokens", "4", "--ar",
                  "--device", "cpu"]) == 0
-    assert "AR baseline" in capsys.readouterr().out
+    assert "AR mode of the dLM" in capsys.readouterr().out
 
 
 def test_generate_command_bad_input_is_one_line(checkpoint, tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
-    assert capsys.readouterr().err.strip() == (f"error: checkpoint={str(tmp_path)!r}: no dlm.yaml; "
-                                               "not a dlm checkpoint (dlm train exports one to <output_dir>/final)")
+    assert capsys.readouterr().err.strip() == (
+        f"error: checkpoint={str(tmp_path)!r}: no dlm.yaml and no config.json; allowed: a dlm checkpoint (dlm train "
+        "exports one to <output_dir>/final), a plain HF causal LM folder or hub id, a .gguf file")
     assert main(["generate", str(checkpoint), "--prompt", "x", "--threshold", "1.5"]) == 2
     assert capsys.readouterr().err.strip() == "error: decode.threshold=1.5: must be in (0, 1]"
     assert main(["generate", str(checkpoint), "--prompt", "x", "--max-new-tokens", "1000"]) == 2
     assert "exceeds model.config.max_position_embeddings=256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_plain_hf_folder_decodes_as_transformers_generate(tokenizer, tmp_path, capsys, dtype):
+    bb = make_backbone("llama", tokenizer)
+    with torch.no_grad():
+        bb.model.lm_head.weight.mul_(30.0)  # confident: no near-ties for bf16 rounding to flip
+    bb.model.save_pretrained(tmp_path)  # no dlm.yaml: a plain HF causal LM
+    tokenizer.save_pretrained(tmp_path)
+    assert main(["generate", str(tmp_path), "--prompt", PROMPTS[0], "--max-new-tokens", "12", "--mode", "ar",
+                 "--dtype", dtype, "--threads", "1", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("used as a plain causal LM") == 1
+    assert f"--- stats (AR model, {dtype})" in captured.out
+    text = captured.out.split("--- completion\n")[1].split("\n--- stats")[0]
+    model = bb.model.to(getattr(torch, dtype))
+    ids = tokenizer(PROMPTS[0], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    assert text == tokenizer.decode(want[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_chat_without_a_template_or_bad_threads_is_one_line(checkpoint, capsys):
+    assert main(["generate", str(checkpoint), "--prompt", "x", "--chat", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip().startswith("error: --chat=true: the tokenizer")
+    assert main(["generate", str(checkpoint), "--prompt", "x", "--threads", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --threads=0: must be a positive integer"

@@ -13,6 +13,7 @@ import lm_eval
 import mlflow
 import pytest
 import torch
+import yaml
 
 from dlm.cli.dataclass_args import given
 from dlm.cli.main import build_parser
@@ -152,7 +153,7 @@ def test_tracking_uri_alone_records_a_new_eval_run_and_a_missing_run_fails_first
 
 
 def test_checkpoint_without_dlm_yaml_fails_in_one_line(tmp_path):
-    with pytest.raises(ConfigError, match=r"^checkpoint=.*: no dlm.yaml; not a dlm checkpoint"):
+    with pytest.raises(ConfigError, match=r"^checkpoint=.*: no dlm.yaml and no config.json"):
         ev(tmp_path, "gsm8k")
 
 
@@ -227,3 +228,25 @@ def test_the_results_json_is_always_written_beside_the_checkpoint_with_samples_o
     assert path.parent == Path(dlm_ckpt).resolve().parent / "eval" and path.name.startswith("results_")
     saved = json.loads(path.read_text())
     assert saved["samples"]["gsm8k_synthetic"] and "exact_match,strict-match" in saved["results"]["gsm8k_synthetic"]
+
+
+def test_a_checkpoint_trained_on_chat_data_is_evaluated_in_its_template_with_its_system_turn(tokenizer, tmp_path):
+    template = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    ckpt = save_sharp(tokenizer, tmp_path / "chat", "block_clean")  # its tokenizer has no template of its own
+    meta = yaml.safe_load((ckpt / "dlm.yaml").read_text()) | {"chat_template": template, "system_prompt": "Be brief."}
+    (ckpt / "dlm.yaml").write_text(yaml.safe_dump(meta))
+    results = ev(ckpt, "gsm8k_synthetic", limit=1, gen_kwargs="max_gen_toks=4", log_samples=True, dtype="bfloat16",
+                 task_metadata=synthetic_metadata(tmp_path))  # apply_chat_template left unset: on for this one
+    ((prompt, _),) = results["samples"]["gsm8k_synthetic"][0]["arguments"]
+    assert prompt.startswith("<system>Be brief.<user>Question: ") and prompt.endswith("Answer:<assistant>")
+
+
+def test_a_plain_hf_folder_is_evaluated_as_an_ar_model(tokenizer, tmp_path, capsys):
+    bb = sharp_backbone("qwen3", tokenizer, dtype=torch.float32)
+    bb.model.save_pretrained(tmp_path / "plain")
+    bb.tokenizer.save_pretrained(tmp_path / "plain")
+    results = ev(tmp_path / "plain", "gsm8k_synthetic", limit=1, gen_kwargs="max_gen_toks=4",
+                 task_metadata=synthetic_metadata(tmp_path))
+    assert results["config"]["pattern"] == "causal" and "gsm8k_synthetic" in results["results"]
+    assert "used as a plain causal LM" in capsys.readouterr().err

@@ -137,7 +137,7 @@ def test_bad_model_args_values_fail_in_one_line(bb, tokenizer, tmp_path, args, m
 
 
 def test_checkpoint_without_dlm_yaml_fails_in_one_line(tmp_path):
-    with pytest.raises(ConfigError, match=r"^checkpoint=.*: no dlm.yaml; not a dlm checkpoint"):
+    with pytest.raises(ConfigError, match=r"^checkpoint=.*: no dlm.yaml and no config.json"):
         DLMEvalModel(str(tmp_path))
 
 

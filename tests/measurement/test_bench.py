@@ -146,12 +146,28 @@ def test_bad_input_fails_in_one_line_before_any_output(files, new_run, tmp_path,
 
 
 def test_checkpoint_without_dlm_yaml_or_with_the_causal_pattern_is_refused(files, tmp_path):
-    with pytest.raises(ConfigError, match=r"^checkpoint='.*': no dlm.yaml; not a dlm checkpoint"):
+    with pytest.raises(ConfigError, match=r"^checkpoint='.*': no dlm.yaml and no config.json"):
         bench(tmp_path)
     with pytest.raises(ConfigError, match=r"pattern=causal is an AR model; pass it as --ar-baseline"):
         bench(files["ar"])
-    with pytest.raises(ConfigError, match=r"no dlm.yaml"):
+    with pytest.raises(ConfigError, match=r"no dlm.yaml and no config.json"):
         bench(files["dlm"], ar_baseline=tmp_path)
+
+
+def test_a_plain_hf_folder_is_an_ar_baseline_and_rows_report_agreement_with_it(files, tmp_path):
+    plain = tmp_path / "plain"  # the AR checkpoint's weights without dlm.yaml, as a user's HF folder holds them
+    shutil.copytree(files["ar"], plain, ignore=shutil.ignore_patterns("dlm.yaml"))
+    kwargs = dict(thresholds=(0.3,), batch_sizes=(1,), no_cache_thresholds=(), max_new_tokens=6, repeats=1, warmup=0,
+                  prompts=files["prompts"])
+    out = bench(files["dlm"], ar_baseline=plain, output_dir=tmp_path / "plain_out", **kwargs)
+    ref = bench(files["dlm"], ar_baseline=files["ar"], output_dir=tmp_path / "ref_out", **kwargs)
+    assert _row(out, "ar", 1).tokens_per_prompt == _row(ref, "ar", 1).tokens_per_prompt
+    assert _row(out, "ar-hf", 1).same_as_ar == 1.0  # transformers generate gives the lean loop's tokens
+    assert _row(out, "ar-hf", 1).same_answer_as_ar == 1.0
+    assert _row(out, "ar", 1).same_as_ar is None
+    cached = _row(out, "dlm", 1, 0.3)
+    assert 0 <= cached.same_as_ar <= cached.same_answer_as_ar <= 1  # equal tokens give equal answers
+    assert "= AR tokens" in out.table and "= AR answer" in out.table
 
 
 def test_command_line_parses_lists_and_prints_the_table(files, capsys):
@@ -241,3 +257,11 @@ def test_v2_counting_rows_count_the_eos_block_and_a_cache_update_forward_per_blo
     assert theirs.tpf == ours.tpf  # without EOS the decodes are the same ...
     blocks = 8 // 4
     assert theirs.tpf_v2 == pytest.approx(8 / (theirs.nfe + blocks))  # ... and v2 charges a forward per block
+
+
+def test_bf16_bench_decodes_in_bf16_and_says_so(files, tmp_path):
+    out = bench(files["dlm"], ar_baseline=files["ar"], dtype="bfloat16", thresholds=(0.3,), batch_sizes=(1,),
+                no_cache_thresholds=(), max_new_tokens=6, repeats=1, warmup=0, prompts=files["prompts"],
+                output_dir=tmp_path)
+    assert out.meta["dtype"] == "bfloat16" and "bfloat16" in out.table
+    assert _row(out, "ar-hf", 1).same_as_ar == 1.0  # one token a forward on both sides: no rounding difference

@@ -121,14 +121,31 @@ def test_load_checkpoint_dtype(qwen3, tmp_path):
     assert loaded.model.dtype == torch.float64
 
 
-def test_read_meta_without_dlm_yaml_is_one_line(qwen3, tmp_path):
-    qwen3.model.save_pretrained(tmp_path)  # a plain HF folder, not a dlm checkpoint
+def test_read_meta_without_dlm_yaml_or_config_is_one_line(qwen3, tmp_path):
+    (tmp_path / "weights.txt").write_text("not a model")  # neither a dlm checkpoint nor an HF folder
     where = re.escape(str(tmp_path))
-    with pytest.raises(ConfigError, match=rf"^checkpoint='{where}': no dlm.yaml; not a dlm checkpoint") as err:
+    with pytest.raises(ConfigError, match=rf"^checkpoint='{where}': no dlm.yaml and no config.json") as err:
         read_meta(tmp_path)
     assert "\n" not in str(err.value)
     with pytest.raises(ConfigError, match="no dlm.yaml"):
         load_checkpoint(tmp_path)
+
+
+def test_a_missing_path_under_an_existing_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    with pytest.raises(ConfigError, match=r"^checkpoint='outputs/final': no such folder or file"):
+        read_meta("outputs/final")
+
+
+def test_plain_hf_folder_is_a_causal_checkpoint(qwen3, tmp_path, capsys):
+    qwen3.model.save_pretrained(tmp_path)
+    qwen3.tokenizer.save_pretrained(tmp_path)
+    meta = read_meta(tmp_path)
+    assert (meta.pattern, meta.mask_token_id, meta.source) == ("causal", None, str(tmp_path))
+    assert capsys.readouterr().err.count("used as a plain causal LM") == 1
+    loaded, meta = load_checkpoint(tmp_path)
+    assert meta.pattern == "causal" and loaded.tokenizer.mask_token == "<|mask|>"
 
 
 def test_read_meta_with_an_unknown_field_is_one_line(tmp_path):

@@ -19,7 +19,7 @@ def test_eval_defaults():
     cfg = EvalConfig()
     assert cfg.tasks == ["gsm8k_synthetic"] and cfg.decode == {} and cfg.dtype == "float32"
     assert (cfg.num_fewshot, cfg.limit, cfg.batch_size, cfg.gen_kwargs) == (None, None, 1, None)
-    assert (cfg.apply_chat_template, cfg.log_samples, cfg.hub_tasks) == (False, False, False)
+    assert (cfg.apply_chat_template, cfg.log_samples, cfg.hub_tasks) == (None, False, False)  # None: as trained
     assert (cfg.data_dir, cfg.output, cfg.device) == (None, None, None)
 
 

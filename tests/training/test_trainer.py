@@ -198,3 +198,38 @@ def test_block_size_schedule_is_logged_per_step_and_resumes_in_its_stage(tmp_pat
     assert sorted((m.step, m.value) for m in history) == [(0, 2), (1, 2), (2, 2), (3, 4), (4, 4), (5, 8)]  # once each
     assert noise.blocks == {3: 4, 4: 4, 5: 8}  # the resumed run noises in the restored stage
     assert read_meta(resumed.final_dir).block_size == 8
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + eos_token }}{% endfor %}"
+                 "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def plain_chat_model(tmp_path_factory, ar_checkpoint) -> Path:
+    """The tiny AR model as a plain HF folder (no dlm.yaml) whose tokenizer has a chat template: an instruct
+    model as a user brings it."""
+    out = tmp_path_factory.mktemp("plain") / "instruct"
+    backbone, _ = load_checkpoint(ar_checkpoint)
+    backbone.tokenizer.chat_template = CHAT_TEMPLATE
+    backbone.model.save_pretrained(out)
+    backbone.tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
+def test_chat_conversion_of_a_plain_folder_in_bf16_records_its_template(tmp_path, plain_chat_model, precision):
+    result = _run(tmp_path, "experiments/tiny.yaml", **{
+        "model.name_or_path": str(plain_chat_model), "data.chat_template": "true", "data.system_prompt": "Be brief.",
+        "trainer.precision": precision, "data.max_length": "64"})
+    assert torch.isfinite(torch.tensor(result.metrics["val/loss"]))
+    meta = read_meta(result.final_dir)
+    assert (meta.pattern, meta.chat_template, meta.system_prompt) == ("block_clean", CHAT_TEMPLATE, "Be brief.")
+    assert meta.base_model == str(plain_chat_model.resolve())
+    from dlm.decoding.text import chat_format_for, complete, decode_config_for
+
+    backbone, meta = load_checkpoint(result.final_dir, dtype="bfloat16")
+    chat = chat_format_for(meta, backbone.tokenizer)
+    eos = backbone.tokenizer.eos_token
+    assert chat.prompt(backbone.tokenizer, "2 + 3?") == f"<system>Be brief.{eos}<user>2 + 3?{eos}<assistant>"
+    out = complete(backbone, meta, ["2 + 3?"], decode_config_for(meta, max_new_tokens=8), chat=chat)
+    assert out.output.nfe > 0 and backbone.model.dtype == torch.bfloat16

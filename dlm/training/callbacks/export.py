@@ -20,7 +20,8 @@ def export_module(pl_module: L.LightningModule, out_dir: Path, full_state: dict[
     """The LightningModule's backbone (`full_state`: its state dict, keys `model.*`) as an HF dlm folder."""
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
-    meta = CheckpointMeta.from_config(pl_module.cfg, pl_module.mask_token_id)
+    meta = CheckpointMeta.from_config(pl_module.cfg, pl_module.mask_token_id,
+                                     chat_template=pl_module.tokenizer.chat_template)
     model, lora = pl_module.model, pl_module.cfg.model.lora
     if lora.enabled:  # unsharded (LoRA refuses FSDP at load): the module's own model is complete
         model, state = (model if lora.export == "adapter" else merged_copy(model)), None

@@ -88,7 +88,8 @@ class LmEvalCallback(L.Callback):
         """lm-eval on `pl_module.model` as it is now; lm-eval's results, with `eval/<task>/<metric>` values
         under `results["dlm_metrics"]`."""
         model = pl_module.model
-        meta = CheckpointMeta.from_config(pl_module.cfg, pl_module.mask_token_id)
+        meta = CheckpointMeta.from_config(pl_module.cfg, pl_module.mask_token_id,
+                                         chat_template=pl_module.tokenizer.chat_template)
         e = self.settings
         lm = DLMEvalModel(backbone=Backbone(model, pl_module.tokenizer, pl_module.mask_token_id), meta=meta,
                           decode=e.decode_overrides(), batch_size=e.batch_size, loglikelihood=e.loglikelihood,
