@@ -136,6 +136,36 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
+# -- exactness ---------------------------------------------------------------------------------------
+def add_exactness(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help=CHECKPOINT_HELP)
+    p.add_argument("--prompts", default="synthetic", help="synthetic, or a JSONL file of {prompt|question, answer}")
+    p.add_argument("--num-prompts", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--pairs", default="cache,batch,speculative",
+                   help="comma list of: cache (cached vs no-cache), batch (batched vs alone), speculative (vs AR mode)")
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="render prompts through the chat template (default: as the checkpoint was trained)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+
+
+def run_exactness(args: argparse.Namespace) -> None:
+    check(args.threads is None or args.threads > 0, "--threads", args.threads, "must be a positive integer")
+    from dlm.measurement.exactness import check_exactness, format_results
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
+    results = check_exactness(args.checkpoint, prompts=args.prompts, num_prompts=args.num_prompts,
+                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
+                              pairs=pairs, chat=args.chat)
+    print(format_results(results, checkpoint=args.checkpoint, dtype=args.dtype))
+
+
 # -- import -----------------------------------------------------------------------------------------
 def add_import(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a .gguf file, an HF causal LM folder or a hub id")

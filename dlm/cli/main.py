@@ -31,6 +31,8 @@ COMMANDS = [
             c.add_generate, c.run_generate),
     Command("import", "write a GGUF file, HF folder or hub id once as a plain HF folder (an AR checkpoint)",
             c.add_import, c.run_import),
+    Command("exactness", "fast decoders vs their references on real prompts: cache, batch, speculative; near-ties",
+            c.add_exactness, c.run_exactness),
     Command("bench", "tokens/s, TPF, NFE vs the AR baseline; table, JSON, Pareto plot", c.add_bench, c.run_bench),
     Command("eval", "evaluate a checkpoint with lm-eval (gsm8k, mmlu, gsm8k_synthetic; offline variants)",
             c.add_eval, c.run_eval),
