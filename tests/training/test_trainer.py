@@ -198,3 +198,14 @@ def test_block_size_schedule_is_logged_per_step_and_resumes_in_its_stage(tmp_pat
     assert sorted((m.step, m.value) for m in history) == [(0, 2), (1, 2), (2, 2), (3, 4), (4, 4), (5, 8)]  # once each
     assert noise.blocks == {3: 4, 4: 4, 5: 8}  # the resumed run noises in the restored stage
     assert read_meta(resumed.final_dir).block_size == 8
+
+
+def test_tracking_off_writes_metrics_csv_and_no_mlflow_store(tmp_path):
+    from dlm.experiments.train_bench import last_metrics
+
+    result = _run(tmp_path, **{"tracking.enabled": "false"})
+    assert result.run_id == "" and not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "out" / "mlflow_run.json").exists()
+    metrics = last_metrics(tmp_path / "out" / "metrics" / "metrics.csv")
+    assert {"train/loss", "val/loss", "train/device/items_per_sec"} <= set(metrics)
+    assert (tmp_path / "out" / "config.yaml").is_file() and read_meta(result.final_dir).pattern == "causal"
