@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean gpu-check
+.PHONY: install test demo clean gpu-check wheelhouse gpu-check-rehearsal
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -30,6 +30,14 @@ demo: install
 
 gpu-check:  # no install step: GPU machines may have no network; PY=... picks the environment
 	bash scripts/gpu_check.sh
+
+# the GPU node's missing wheels (scripts/wheelhouse.txt) into wheelhouse/; PY_VERSION, PLATFORM, WHEELHOUSE_MAX_MIB
+wheelhouse:
+	bash scripts/wheelhouse.sh
+
+# every step of gpu-check on CPU at tiny shapes, in a clean venv of the node's packages + the wheelhouse
+gpu-check-rehearsal:
+	bash scripts/gpu_check_rehearsal.sh
 
 clean:
 	rm -rf $(VENV) outputs mlruns
