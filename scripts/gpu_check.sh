@@ -18,6 +18,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-}
 [ -z "$PY" ] && { [ -x .venv/bin/python ] && PY=.venv/bin/python || PY=python3; }
+command -v "$PY" > /dev/null || { echo "error: PY=$PY: no such python; allowed: a python with torch" \
+  "(default: .venv/bin/python, else python3; make gpu-check PY=...)" >&2; exit 2; }
 OUT_DIR=${OUT_DIR:-outputs/gpu_check}
 WHEELHOUSE=${WHEELHOUSE:-wheelhouse}
 SITE=${SITE:-.gpu-check/site}
