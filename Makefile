@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine with only Python 3.11 + pip:
 #   make demo   -- runs the embedded tiny default end to end on CPU
 #   make test   -- installs everything, checks the import contracts and ruff, runs the whole test suite
-#   make gpu-check -- on a CUDA machine with the environment installed: every GPU-only check, one report
+#   make gpu-check -- on a CUDA machine: every GPU-only check, one report (an offline node: make wheelhouse
+#                     first and carry wheelhouse/; make gpu-check-rehearsal rehearses it on CPU)
 # Both create .venv and install what they need. torch is pinned so pip takes the local CPU wheel
 # where there is one; on a GPU machine the same pin installs the CUDA build.
 VENV ?= .venv
