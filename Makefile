@@ -41,4 +41,4 @@ gpu-check-rehearsal:
 	bash scripts/gpu_check_rehearsal.sh
 
 clean:
-	rm -rf $(VENV) outputs mlruns
+	rm -rf $(VENV) outputs mlruns .gpu-check
