@@ -76,7 +76,8 @@ if [ "$REHEARSAL" = 1 ]; then  # tiny shapes, CPU; flex has no backward on CPU (
 fi
 QWEN=$PRESETS/qwen2.5-0.5b-random.yaml
 SMOL=$PRESETS/smollm2-135m-random.yaml
-TRAIN=("data.cache_dir=$OUT_DIR/data" "data.max_length=$TRAIN_LENGTH" data.batch_size=4 trainer.precision=bf16-true)
+DATA_CACHE=${SITE%/*}/data  # the packed training rows, beside the installed wheels rather than in OUT_DIR
+TRAIN=("data.cache_dir=$DATA_CACHE" "data.max_length=$TRAIN_LENGTH" data.batch_size=4 trainer.precision=bf16-true)
 # decode: 8 prompts (5-shot: a few-shot evaluation's prompt length), 64 tokens (2 blocks of 32), EOS ignored
 DECODE=(--batch-sizes "$BATCHES" --dtype bfloat16 --block-size 32 --few-shot 5 --num-prompts "$PROMPTS"
         --max-new-tokens "$NEW_TOKENS" --ignore-eos --thresholds 0.9 --tokens-per-pass 2,3,4 --no-cache-thresholds ''
