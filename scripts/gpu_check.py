@@ -1,24 +1,42 @@
-"""The Python steps of scripts/gpu_check.sh: the CUDA gate, the random real-shape checkpoint, flex vs sdpa on a
-0.5B-shaped model (logits and gradients, every diffusion pattern, with and without the document mask), and the
-report that gathers every step's output into one JSON and one Markdown file.
+"""The Python steps of scripts/gpu_check.sh: the CUDA gate, what the environment holds against what the node is
+expected to have, flex vs sdpa on a 0.5B-shaped model (logits and gradients, every diffusion pattern, with and
+without the document mask), the tiny presets of the CPU rehearsal, and the report that gathers every step's output
+into one JSON and one Markdown file. Stdlib only at import: `deps` must run where anything may be missing.
 
     python scripts/gpu_check.py require-cuda
-    python scripts/gpu_check.py checkpoint OUT_DIR
-    python scripts/gpu_check.py flex OUT.json
+    python scripts/gpu_check.py deps OUT.json
+    python scripts/gpu_check.py flex OUT.json [PRESET] [SEQ_LEN]
+    python scripts/gpu_check.py rehearsal-presets OUT_DIR
+    python scripts/gpu_check.py requirements                 (what the check needs of dlm's dependencies)
+    python scripts/gpu_check.py wheelhouse-matches REPORT.json
     python scripts/gpu_check.py report OUT_DIR
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 PRESET = "experiments/qwen2.5-0.5b-random.yaml"
+PRESETS = ("qwen2.5-0.5b-random", "smollm2-135m-random")
+"""The real shapes the check times decoding at (random weights, experiments/<name>.yaml)."""
+NODE_PACKAGES = REPO / "scripts" / "gpu_node_packages.txt"
+WHEELHOUSE = REPO / "scripts" / "wheelhouse.txt"
+NOT_SHIPPED = ("lm-eval", "mlflow", "submitit")
+"""dlm dependencies the check never imports (dlm eval, tracking, sweeps), so the node's wheelhouse leaves them out."""
+TINY = {"model": {"dtype": "bfloat16", "config": {
+    "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}},
+    "trainer": {"accelerator": "cpu"}, "data": {"num_workers": 0, "synthetic_size": 400}}
+"""What the rehearsal changes in each preset: its shape (the offline tokenizer has 384 tokens) and the device."""
 TOL = 1e-2
 """Relative pass mark: 24 float32 layers, where the flex kernel may round matmuls as TF32 and sdpa not."""
-FLEX_CASES = [("block", False), ("block_clean", False), ("block_clean", True)]  # (pattern, document mask)
+FLEX_CASES = [("block", "block", False), ("block_clean", "block", False), ("block_clean", "causal", False),
+              ("block_clean", "block", True)]  # (pattern, clean context, document mask)
 
 
 def require_cuda() -> int:
@@ -34,25 +52,15 @@ def require_cuda() -> int:
     return 0
 
 
-def _random_model(dtype: str):
+def _random_model(dtype: str, preset: str = PRESET):
     from dlm.models.backbone import load_backbone
     from dlm.settings import load_config
 
-    cfg = load_config(PRESET, overrides=[f"model.dtype={dtype}"])
+    cfg = load_config(preset, overrides=[f"model.dtype={dtype}"])
     import torch
 
     torch.manual_seed(0)
     return cfg, load_backbone(cfg.model, attn_implementation="sdpa")
-
-
-def checkpoint(out_dir: str) -> int:
-    """A random-weight block_clean checkpoint of the preset's architecture, for `dlm bench`."""
-    from dlm.models.checkpoint import CheckpointMeta, save_checkpoint
-
-    cfg, bb = _random_model("bfloat16")
-    meta = CheckpointMeta.from_config(cfg, bb.mask_token_id)
-    print(save_checkpoint(bb.model, bb.tokenizer, meta, out_dir))
-    return 0
 
 
 def _forward_backward(model, ids, attn):
@@ -66,44 +74,155 @@ def _forward_backward(model, ids, attn):
     return logits.detach().float(), grads
 
 
-def _compare(model, pattern: str, document_mask: bool, seq_len: int = 1024, batch: int = 2) -> dict:
+def _compare(model, pattern: str, clean_context: str, document_mask: bool, seq_len: int = 1024, batch: int = 2
+             ) -> dict:
+    """sdpa against flex on CUDA; on CPU (the rehearsal: flex has no backward there) against eager."""
     import torch
 
     from dlm.tensor.attention import build_attention_inputs, total_length
 
-    g = torch.Generator(device="cuda").manual_seed(0)
+    device = model.device
+    other = ("flex", "flex_attention") if device.type == "cuda" else ("eager", "eager")
+    g = torch.Generator(device=device).manual_seed(0)
     n = total_length(pattern, seq_len)
-    ids = torch.randint(0, 384, (batch, n), device="cuda", generator=g)
+    ids = torch.randint(0, 384, (batch, n), device=device, generator=g)
     docs = None
-    if document_mask:  # three documents per row, boundaries inside blocks
-        docs = torch.bucketize(torch.arange(seq_len, device="cuda"), torch.tensor([300, 701], device="cuda"))
-        docs = docs.expand(batch, -1).contiguous()
+    if document_mask:  # three documents per row, boundaries inside blocks (300, 701 at L 1024)
+        cuts = torch.tensor([seq_len * 293 // 1000, seq_len * 685 // 1000], device=device)
+        docs = torch.bucketize(torch.arange(seq_len, device=device), cuts).expand(batch, -1).contiguous()
     out = {}
-    for backend, impl in (("sdpa", "sdpa"), ("flex", "flex_attention")):
+    for backend, impl in (("sdpa", "sdpa"), other):
         model.set_attn_implementation(impl)
         attn = build_attention_inputs(pattern, batch_size=batch, seq_len=seq_len, block_size=16, backend=backend,
-                                      device="cuda", dtype=model.dtype, document_ids=docs)
+                                      device=device, dtype=model.dtype, document_ids=docs,
+                                      clean_context=clean_context)
         out[backend] = _forward_backward(model, ids, attn)
-    (ls, gs), (lf, gf) = out["sdpa"], out["flex"]
-    return {"pattern": pattern, "document_mask": document_mask, "seq_len": seq_len, "dtype": str(model.dtype),
+    (ls, gs), (lf, gf) = out["sdpa"], out[other[0]]
+    return {"pattern": pattern, "clean_context": clean_context, "document_mask": document_mask, "seq_len": seq_len,
+            "against": other[0], "dtype": str(model.dtype),
             "logits_max_abs_diff": float((ls - lf).abs().max()), "logits_max_abs": float(ls.abs().max()),
             "grad_rel_diff": float((gs - gf).norm() / gs.norm()),
             "ok": bool((ls - lf).abs().max() <= TOL * ls.abs().max() and (gs - gf).norm() <= TOL * gs.norm())}
 
 
-def flex(out_json: str) -> int:
-    """flex vs sdpa on the 0.5B shape in float32: logits and the gradient of every weight, relative to `TOL`."""
-    _, bb = _random_model("float32")
-    model = bb.model.cuda().train()
+def flex(out_json: str, preset: str = PRESET, seq_len: str = "1024") -> int:
+    """flex vs sdpa on the 0.5B shape in float32: logits and the gradient of every weight, relative to `TOL`.
+    Each case is written as soon as it ends (a step cut short keeps the cases it finished)."""
+    import torch
+
+    _, bb = _random_model("float32", preset)
+    model = bb.model.to("cuda" if torch.cuda.is_available() else "cpu").train()
     rows = []
-    for pattern, document_mask in FLEX_CASES:
+    for pattern, clean_context, document_mask in FLEX_CASES:
         start = time.perf_counter()
-        row = _compare(model, pattern, document_mask)
+        row = _compare(model, pattern, clean_context, document_mask, seq_len=int(seq_len))
         row["seconds"] = round(time.perf_counter() - start, 1)
-        print(json.dumps(row))
+        print(json.dumps(row), flush=True)
         rows.append(row)
-    Path(out_json).write_text(json.dumps(rows, indent=2))
+        Path(out_json).write_text(json.dumps(rows, indent=2))
     return 0 if all(r["ok"] for r in rows) else 1
+
+
+def rehearsal_presets(out_dir: str) -> int:
+    """experiments/<preset>.yaml at the rehearsal's tiny shape: `base:` the real preset, `TINY` on top."""
+    import yaml
+
+    folder = Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in PRESETS:
+        layer = {"base": str(REPO / "experiments" / f"{name}.yaml"), "name": f"{name}-tiny", **TINY}
+        print(folder / f"{name}.yaml")
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump(layer, sort_keys=False))
+    return 0
+
+
+def _requirement_lines(path: Path) -> list[str]:
+    """A requirements file's requirements, comments dropped."""
+    return [line.split(" #")[0].strip() for line in path.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _name(requirement: str) -> str:
+    """PEP 503 normalized project name of a requirement string."""
+    return re.sub(r"[-_.]+", "-", re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement).group(1)).lower()
+
+
+def check_requirements() -> list[str]:
+    """dlm's dependencies (pyproject.toml) less the ones the check never imports (`NOT_SHIPPED`)."""
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    return [d for d in deps if _name(d) not in NOT_SHIPPED]
+
+
+def requirements() -> int:
+    print("\n".join(check_requirements()))
+    return 0
+
+
+def wheelhouse_matches(report_json: str) -> int:
+    """`pip install --dry-run --report` in a venv of the node's packages, for `check_requirements()` constrained by
+    scripts/wheelhouse.txt, must install exactly the wheelhouse: nothing missing from it, nothing it ships in vain."""
+    report = json.loads(Path(report_json).read_text())
+    would = {_name(i["metadata"]["name"]): i["metadata"]["version"] for i in report["install"]}
+    pins = {_name(r): r.split("==")[1] for r in _requirement_lines(WHEELHOUSE)}
+    missing = sorted(f"{n}=={v}" for n, v in would.items() if pins.get(n) != v)
+    extra = sorted(f"{n}=={v}" for n, v in pins.items() if would.get(n) != v)
+    if missing or extra:
+        print(f"error: scripts/wheelhouse.txt: differs from what the node lacks (scripts/gpu_node_packages.txt); "
+              f"add: {', '.join(missing) or 'nothing'}; remove: {', '.join(extra) or 'nothing'}", file=sys.stderr)
+        return 1
+    print(f"scripts/wheelhouse.txt: the {len(pins)} wheels the node lacks, no more")
+    return 0
+
+
+def deps(out_json: str) -> int:
+    """What this environment imports against what the check expects: the node's packages (scripts/
+    gpu_node_packages.txt; a different version is reported, not failed), every wheel of scripts/wheelhouse.txt
+    found first on sys.path at its pinned version, and each of their requirements and the check's satisfied."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    def found(name: str) -> str | None:
+        try:
+            return metadata.version(name)  # the first distribution on sys.path: the one `import` finds
+        except metadata.PackageNotFoundError:
+            return None
+
+    node = {_name(r): r for r in _requirement_lines(NODE_PACKAGES)}
+    pins = {_name(r): r for r in _requirement_lines(WHEELHOUSE)}
+    data = {"python": sys.version.split()[0], "node_packages": {}, "wheelhouse": {}, "problems": [], "notes": []}
+    for name, req in node.items():
+        version = found(name)
+        data["node_packages"][name] = version
+        if version is None or not Requirement(req).specifier.contains(version, prereleases=True):
+            note = f"{name}: expected {req}, found {version or 'nothing'}"
+            if name not in pins:  # the wheelhouse's copy replaces the node's where it ships one
+                data["notes"].append(note)
+    needed = [Requirement(r) for r in check_requirements()]
+    for name, req in pins.items():
+        version = found(name)
+        data["wheelhouse"][name] = version
+        if version != req.split("==")[1]:
+            data["problems"].append(f"{name}: the wheelhouse pins {req}, import finds {version or 'nothing'}")
+        elif version is not None:
+            needed += [Requirement(r) for r in metadata.requires(name) or []]
+    for req in needed:
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        version = found(req.name)
+        if version is None or not req.specifier.contains(version, prereleases=True):
+            data["problems"].append(f"{req}: found {version or 'nothing'}")
+    data["problems"] = sorted(set(data["problems"]))
+    Path(out_json).write_text(json.dumps(data, indent=2))
+    print(f"python {data['python']}; " + ", ".join(f"{n} {v}" for n, v in {**data["node_packages"],
+                                                                          **data["wheelhouse"]}.items()))
+    for line in data["notes"]:
+        print(f"note: {line} (the node differs from scripts/gpu_node_packages.txt)")
+    for line in data["problems"]:
+        print(f"error: {line}")
+    return 1 if data["problems"] else 0
 
 
 def _train_rows(path: Path) -> list[dict]:
@@ -116,42 +235,56 @@ def _train_rows(path: Path) -> list[dict]:
     return rows
 
 
+def _decode_tables(log: Path) -> list[str]:
+    """The Markdown table(s) and note `dlm bench` printed into its step log."""
+    lines = log.read_text().splitlines() if log.is_file() else []
+    keep = [line for line in lines if line.startswith("|") or line.startswith("max new tokens")]
+    return keep or ["(missing)"]
+
+
 def report(out_dir: str) -> int:
-    """report.json + report.md from the step files in `out_dir` (steps.tsv: name, rc, seconds)."""
+    """report.json + report.md from the step files in `out_dir` (steps.tsv: name, rc, seconds, budget)."""
     import torch
 
     out = Path(out_dir)
-    steps = [dict(zip(("step", "rc", "seconds"), line.split("\t"))) for line in
+    steps = [dict(zip(("step", "rc", "seconds", "budget"), line.split("\t"))) for line in
              (out / "steps.tsv").read_text().splitlines() if line.strip()]
-    bench = out / "bench" / "bench.json"
-    data = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "steps": steps,
+    read = lambda name: json.loads((out / name).read_text()) if (out / name).is_file() else None  # noqa: E731
+    decodes = sorted(p.name for p in out.glob("decode_*") if p.is_dir())
+    data = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (rehearsal)",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "steps": steps, "deps": read("deps.json"),
             "pytest_cuda": (out / "pytest_cuda.txt").read_text().strip().splitlines()[-1:] if
             (out / "pytest_cuda.txt").is_file() else [],
-            "flex_vs_sdpa": json.loads((out / "flex.json").read_text()) if (out / "flex.json").is_file() else [],
+            "flex_vs_sdpa": read("flex.json") or [],
             "bench_train": {name: _train_rows(out / f"bench_train_{name}.md") for name in ("causal_sdpa",
                                                                                          "block_clean_flex")},
-            "bench": json.loads(bench.read_text()) if bench.is_file() else None}
+            "decode": {name: read(f"{name}/bench.json") for name in decodes}}
     (out / "report.json").write_text(json.dumps(data, indent=2))
-    md = [f"# gpu-check on {data['device']} (torch {data['torch']})", "", "| step | rc | seconds |", "|---|---:|---:|"]
-    md += [f"| {s['step']} | {s['rc']} | {s['seconds']} |" for s in steps]
+    versions = ", ".join(f"{n} {v}" for n, v in ((data["deps"] or {}).get("wheelhouse") or {}).items()
+                         if n in ("transformers", "datasets"))
+    md = [f"# gpu-check on {data['device']} (torch {data['torch']}, CUDA {data['cuda']}{', ' if versions else ''}"
+          f"{versions})", "", "| step | rc | seconds | budget |", "|---|---:|---:|---:|"]
+    md += [f"| {s['step']} | {s['rc']} | {s['seconds']} | {s.get('budget', '')} |" for s in steps]
     md += ["", "pytest -m cuda: " + " ".join(data["pytest_cuda"]), "", "## flex vs sdpa (0.5B shape, float32)", "",
-           "| pattern | document mask | logits max abs diff | grad rel diff | ok |", "|---|---|---:|---:|---|"]
-    md += [f"| {r['pattern']} | {r['document_mask']} | {r['logits_max_abs_diff']:.2e} | {r['grad_rel_diff']:.2e} | "
-           f"{r['ok']} |" for r in data["flex_vs_sdpa"]]
+           "| pattern | clean context | document mask | against | logits max abs diff | grad rel diff | ok |",
+           "|---|---|---|---|---:|---:|---|"]
+    md += [f"| {r['pattern']} | {r.get('clean_context', 'block')} | {r['document_mask']} | "
+           f"{r.get('against', 'flex')} | {r['logits_max_abs_diff']:.2e} | {r['grad_rel_diff']:.2e} | {r['ok']} |"
+           for r in data["flex_vs_sdpa"]]
     md += ["", "## dlm bench-train (L 2048, bf16)", ""]
     for name in ("causal_sdpa", "block_clean_flex"):
         path = out / f"bench_train_{name}.md"
-        md += [f"### {name}", "", path.read_text().strip() if path.is_file() else "(missing)", ""]
-    log = out / "bench.log"
-    printed = log.read_text().strip().splitlines()[-30:] if log.is_file() else ["(missing)"]
-    md += ["## dlm bench (random-weight 0.5B shape; bench/bench.json)", "", "```", *printed, "```"]
+        rows = [line for line in path.read_text().splitlines() if line.startswith("|")] if path.is_file() else []
+        md += [f"### {name}", "", *(rows or ["(missing)"]), ""]
+    for name in [p.stem for p in sorted(out.glob("decode_*.log"))]:
+        md += [f"## {name} (dlm bench, random weights, bf16)", "", *_decode_tables(out / f"{name}.log"), ""]
     (out / "report.md").write_text("\n".join(md) + "\n")
     print(out / "report.md")
     return 0
 
 
-COMMANDS = {"require-cuda": require_cuda, "checkpoint": checkpoint, "flex": flex, "report": report}
+COMMANDS = {"require-cuda": require_cuda, "deps": deps, "flex": flex, "rehearsal-presets": rehearsal_presets,
+            "requirements": requirements, "wheelhouse-matches": wheelhouse_matches, "report": report}
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

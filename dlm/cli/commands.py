@@ -70,8 +70,11 @@ def run_train(args: argparse.Namespace) -> None:
     result = train(load_config(*paths, overrides=overrides))
     if result.final_dir.is_dir():  # never a path that does not exist (other ranks of a multi-process run)
         print(f"final checkpoint: {result.final_dir}")
-    print(f"mlflow run: {result.run_id} ({result.tracking_uri}); "
-          f"browse with: mlflow ui --backend-store-uri {result.tracking_uri}")
+    if result.run_id:
+        print(f"mlflow run: {result.run_id} ({result.tracking_uri}); "
+              f"browse with: mlflow ui --backend-store-uri {result.tracking_uri}")
+    elif (Path(result.final_dir).parent / "metrics" / "metrics.csv").is_file():  # tracking.enabled=false
+        print(f"metrics: {Path(result.final_dir).parent / 'metrics' / 'metrics.csv'}")
     for key in sorted(k for k in result.metrics if k.startswith(("val/", "train/loss"))):
         print(f"{key}: {result.metrics[key]:.4f}")
 

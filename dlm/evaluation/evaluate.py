@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from dlm.evaluation.lm_eval_model import DLMEvalModel
 from dlm.evaluation.tasks import prepare_tasks
 from dlm.models.checkpoint import read_meta
 from dlm.settings import EvalConfig, LogTarget
@@ -104,6 +103,8 @@ def evaluate(checkpoint: str | Path, settings: EvalConfig | None = None, *, log:
                                    hub=settings.hub_tasks, task_metadata=task_metadata)
     if log.mlflow_run is not None:
         runs.check_run(log.mlflow_run, log.tracking_uri)
+    from dlm.evaluation.lm_eval_model import DLMEvalModel  # here: importing the sweep needs no lm-eval
+
     lm = DLMEvalModel(str(checkpoint), decode=settings.decode_overrides(), batch_size=settings.batch_size,
                       device=settings.device, dtype=settings.dtype, loglikelihood=settings.loglikelihood,
                       mc_num=settings.mc_num, seed=settings.seed)

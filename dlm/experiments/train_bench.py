@@ -2,20 +2,19 @@
 
 Each pattern trains the same config for a few steps into a scratch folder; tokens/s is Lightning's
 ThroughputMonitor reading (`train/device/items_per_sec`: data tokens x_0 per second, so block_clean's
-doubled input counts once) and MFU where the device's peak FLOPs are known (GPUs).
+doubled input counts once) and MFU where the device's peak FLOPs are known (GPUs). The runs track nothing
+(`tracking.enabled=false`): their metrics are read back from each run's CSV, so mlflow need not be installed.
 """
 
 from __future__ import annotations
 
+import csv
 import tempfile
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from pathlib import Path
+from typing import Sequence
 
 from dlm.settings import ConfigError, TrainBenchConfig, load_config
-from dlm.tracking import runs
-
-if TYPE_CHECKING:
-    from mlflow import MlflowClient
 
 
 @dataclass
@@ -26,14 +25,18 @@ class TrainSpeed:
     final_loss: float
 
 
-def _last(client: MlflowClient, run_id: str, key: str) -> float | None:
-    history = client.get_metric_history(run_id, key)
-    return history[-1].value if history else None
+def last_metrics(path: Path) -> dict[str, float]:
+    """Each metric's last logged value in a Lightning CSVLogger file (one row per logging call, blanks elsewhere)."""
+    last: dict[str, float] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            last.update({k: float(v) for k, v in row.items() if k != "step" and v not in ("", None)})
+    return last
 
 
-def _required(client: MlflowClient, run_id: str, key: str, pattern: str) -> float:
+def _required(metrics: dict[str, float], key: str, pattern: str) -> float:
     """A metric the run must have logged: missing means the run was too short to measure, not 0 tokens/s."""
-    value = _last(client, run_id, key)
+    value = metrics.get(key)
     if value is None:
         raise ConfigError(f"bench_train.steps: the {pattern} run logged no {key}; give it more steps "
                           "(the throughput window needs at least 2 logged steps)")
@@ -48,19 +51,17 @@ def bench_training(config: str, settings: TrainBenchConfig | None = None, *, ove
     settings = settings or TrainBenchConfig()
     steps, rows = settings.steps, []
     with tempfile.TemporaryDirectory(prefix="dlm-bench-train-") as tmp:
-        uri = f"sqlite:///{tmp}/mlflow.db"
         cfgs = [load_config(config, overrides=[*overrides, f"attention.pattern={p}", f"trainer.max_steps={steps}",
-                                               f"output_dir={tmp}/{p}", f"tracking.tracking_uri={uri}",
+                                               f"output_dir={tmp}/{p}", "tracking.enabled=false",
                                                f"trainer.throughput_window={max(2, steps // 2)}",
                                                f"trainer.val_every_n_steps={steps}", "trainer.limit_val_batches=1",
                                                f"trainer.log_every_n_steps={max(1, steps // 4)}",
                                                "trainer.progress_bar=false"]) for p in settings.patterns]
-        client = runs.client(uri)
         for p, cfg in zip(settings.patterns, cfgs):
-            result = train(cfg)
-            rows.append(TrainSpeed(p, _required(client, result.run_id, "train/device/items_per_sec", p),
-                                   _last(client, result.run_id, "train/device/mfu"),
-                                   _required(client, result.run_id, "train/loss", p)))
+            train(cfg)
+            metrics = last_metrics(Path(cfg.output_dir) / "metrics" / "metrics.csv")
+            rows.append(TrainSpeed(p, _required(metrics, "train/device/items_per_sec", p),
+                                   metrics.get("train/device/mfu"), _required(metrics, "train/loss", p)))
     return rows
 
 

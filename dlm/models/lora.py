@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import peft
 import torch
 from transformers import PreTrainedModel
 
 from dlm.models.backbone import Backbone, load_backbone
 from dlm.settings import ConfigError, LoraConfig, ModelConfig
 from dlm.settings.lora import ALL_LINEAR
+
+if TYPE_CHECKING:  # imported where LoRA is used: a model without adapters loads and trains without peft
+    import peft
 
 ADAPTER_FILE = "adapter_config.json"
 
@@ -56,6 +59,8 @@ def peft_config(cfg: LoraConfig, model: PreTrainedModel, mask_token_id: int) -> 
         raise ConfigError("model.lora.train_mask_embedding=false: with tied embeddings, model.lora.train_lm_head "
                           "trains the whole embedding matrix, [MASK] row included; set one of them differently")
     targets = ALL_LINEAR if list(cfg.target_modules) == [ALL_LINEAR] else list(cfg.target_modules)
+    import peft
+
     return peft.LoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none",
         modules_to_save=[head] if cfg.train_lm_head else None, ensure_weight_tying=whole_matrix,
@@ -65,6 +70,8 @@ def peft_config(cfg: LoraConfig, model: PreTrainedModel, mask_token_id: int) -> 
 
 def apply_lora(model: PreTrainedModel, cfg: LoraConfig, mask_token_id: int) -> peft.PeftModel:
     """`model` with adapters on `cfg.target_modules`; everything else frozen except what `cfg` trains."""
+    import peft
+
     check_targets(model, cfg.target_modules)
     wrapped = peft.get_peft_model(model, peft_config(cfg, model, mask_token_id))
     if not cfg.train_mask_embedding:
@@ -94,5 +101,7 @@ def load_adapter(path: str | Path, *, base_model: str, mask_token: str, attn_imp
     except ConfigError as err:
         raise ConfigError(f"checkpoint={str(path)!r}: adapter-only, and its base model {base_model!r} "
                           f"does not load ({err})") from None
+    import peft
+
     model = peft.PeftModel.from_pretrained(base.model, str(path)).merge_and_unload()
     return Backbone(model, base.tokenizer, base.mask_token_id)

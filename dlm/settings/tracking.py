@@ -8,6 +8,9 @@ from typing import Dict, Optional
 
 @dataclass
 class TrackingConfig:
+    enabled: bool = True
+    """False: no MLflow run (mlflow need not be installed); the metrics go to `<output_dir>/metrics/metrics.csv`
+    (Lightning's CSVLogger). For machines without the MLflow stack (an offline GPU node) and scratch runs."""
     tracking_uri: Optional[str] = None
     """MLflow tracking URI; None: the local store sqlite:///mlflow.db in the working directory."""
     experiment: str = "dlm"

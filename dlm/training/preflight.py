@@ -7,6 +7,7 @@ model loads, still before any run exists (`check_packed_data`).
 
 from __future__ import annotations
 
+import importlib.util
 import pickle
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,12 @@ from dlm.models.backbone import pickle_refusal
 from dlm.settings import ConfigError, DataConfig, ExperimentConfig, ModelConfig, check
 
 ALIASES = {"gpu": "cuda"}
+
+
+def check_tracking(cfg: ExperimentConfig) -> None:
+    """An MLflow run needs mlflow installed; say so in one line instead of failing inside Lightning's logger."""
+    check(not cfg.tracking.enabled or importlib.util.find_spec("mlflow") is not None, "tracking.enabled",
+          cfg.tracking.enabled, "mlflow is not installed", ["false (metrics to <output_dir>/metrics/metrics.csv)"])
 
 
 def check_trainer(cfg: ExperimentConfig) -> None:

@@ -1,4 +1,5 @@
 """`dlm train`: build backbone, data, module, MLflow logger and Lightning Trainer from one config, then fit.
+With `tracking.enabled=false` Lightning's CSVLogger takes the MLflow logger's place (no mlflow needed).
 
 Bad input fails before compute (config validation, data path checks) and nothing already written is
 lost: an output folder that holds checkpoints is only continued with `resume=true`.
@@ -14,7 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
-from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger
 from lightning.pytorch.strategies import Strategy
 
 from dlm.data.datamodule import DiffusionDataModule
@@ -26,6 +27,7 @@ from dlm.training.preflight import (
     check_model_source,
     check_packed_data,
     check_raw_data,
+    check_tracking,
     check_trainer,
     read_resume_checkpoint,
 )
@@ -37,6 +39,7 @@ from dlm.training.scaling import build_strategy, enable_activation_checkpointing
 class TrainResult:
     final_dir: Path
     run_id: str
+    """The MLflow run; "" with tracking.enabled=false (the metrics are in `<output_dir>/metrics/metrics.csv`)."""
     tracking_uri: str
     metrics: dict[str, float]
 
@@ -70,30 +73,36 @@ def _git_commit() -> str | None:
         return None
 
 
-def build_logger(cfg: ExperimentConfig, run_id: str | None, *, resumed: bool = False) -> MLFlowLogger:
-    """MLflow logger; continuing a run from a checkpoint, it skips the steps the run already holds (`resume.py`)."""
+def build_logger(cfg: ExperimentConfig, run_id: str | None, *, resumed: bool = False) -> Logger:
+    """MLflow logger; continuing a run from a checkpoint, it skips the steps the run already holds (`resume.py`).
+    Tracking off: a CSVLogger writing `<output_dir>/metrics/metrics.csv`."""
+    if not cfg.tracking.enabled:
+        return CSVLogger(cfg.output_dir, name="", version="metrics")
     logged = logged_steps(tracking_uri(cfg), run_id) if resumed and run_id else {}
     return ResumedMLFlowLogger(experiment_name=cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.name,
                                tracking_uri=tracking_uri(cfg), run_id=run_id, log_model=False,
                                tags=dict(cfg.tracking.tags) or None, logged_until=logged)
 
 
-def _log_run_info(logger: MLFlowLogger, cfg: ExperimentConfig, resumed: bool) -> None:
+def _log_run_info(logger: Logger, cfg: ExperimentConfig, resumed: bool) -> None:
     """Params, config artifact and git commit; once per run (MLflow forbids changing a param)."""
-    out = Path(cfg.output_dir)
-    runs.write_run_file(out, logger.run_id, tracking_uri(cfg))
+    out, mlflow = Path(cfg.output_dir), isinstance(logger, MLFlowLogger)
+    if mlflow:
+        runs.write_run_file(out, logger.run_id, tracking_uri(cfg))
     if resumed:
         return
     logger.log_hyperparams(flatten(cfg))
     config_path = out / "config.yaml"
     config_path.write_text(to_yaml(cfg))
+    if not mlflow:
+        return
     logger.experiment.log_artifact(logger.run_id, str(config_path))
     commit = _git_commit()
     if commit:
         logger.experiment.set_tag(logger.run_id, "mlflow.source.git.commit", commit)
 
 
-def build_trainer(cfg: ExperimentConfig, logger: MLFlowLogger, callbacks: list[L.Callback] = (),
+def build_trainer(cfg: ExperimentConfig, logger: Logger, callbacks: list[L.Callback] = (),
                   strategy: str | Strategy | None = None) -> L.Trainer:
     """`strategy`: a configured Lightning strategy (FSDP per decoder layer); default `trainer.strategy`."""
     t, out = cfg.trainer, Path(cfg.output_dir)
@@ -120,6 +129,7 @@ def train(cfg: ExperimentConfig, callbacks: list[L.Callback] = ()) -> TrainResul
     model, the packed data, the output folder's lock, and only then the MLflow run and the first file.
     """
     check_trainer(cfg)
+    check_tracking(cfg)
     ckpt_path, run_id, ckpt_step = _resume_state(cfg)
     check_model_source(cfg.model)
     check_raw_data(cfg.data)
@@ -148,20 +158,21 @@ def _fit(cfg: ExperimentConfig, module: DiffusionLM, data: DiffusionDataModule, 
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     logger = build_logger(cfg, run_id, resumed=ckpt_path is not None)
     trainer = build_trainer(cfg, logger, callbacks, strategy=build_strategy(cfg, module.model))
+    mlflow = isinstance(logger, MLFlowLogger)
     if trainer.is_global_zero:
         _log_run_info(logger, cfg, resumed=run_id is not None)
-        if ckpt_path is not None and run_id is not None:
+        if ckpt_path is not None and run_id is not None and mlflow:
             mark_resumed(logger, ckpt_step, logger.logged_until)
     if ckpt_path is None:  # the starting point of the loss curve (val/loss at step 0)
         trainer.validate(module, datamodule=data, verbose=False)
-        if trainer.is_global_zero:  # validate() finalized the run as FINISHED; training is still to come
+        if trainer.is_global_zero and mlflow:  # validate() finalized the run as FINISHED; training is still to come
             logger.experiment.update_run(logger.run_id, status="RUNNING")
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     final = Path(cfg.output_dir) / "final"
     if trainer.is_global_zero and not export_complete(final):
         raise RuntimeError(f"training ended without the export {final}; re-run with resume=true to write it")
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-    return TrainResult(final, logger.run_id, tracking_uri(cfg), metrics)
+    return TrainResult(final, logger.run_id if mlflow else "", tracking_uri(cfg), metrics)
 
 
 def _finish_export(cfg: ExperimentConfig, module: DiffusionLM, ckpt_path: str, run_id: str | None) -> TrainResult:
@@ -176,7 +187,7 @@ def _finish_export(cfg: ExperimentConfig, module: DiffusionLM, ckpt_path: str, r
     state = torch.load(ckpt_path, map_location="cpu", weights_only=True)["state_dict"]
     module.load_state_dict(state)
     path = export_module(module, final, state)
-    if run_id is None:
+    if run_id is None or not cfg.tracking.enabled:
         return TrainResult(path, "", uri, {})
     client = runs.client(uri)
     if "final_checkpoint" not in client.get_run(run_id).data.params:  # MLflow forbids changing a param

@@ -200,6 +200,17 @@ def test_block_size_schedule_is_logged_per_step_and_resumes_in_its_stage(tmp_pat
     assert read_meta(resumed.final_dir).block_size == 8
 
 
+def test_tracking_off_writes_metrics_csv_and_no_mlflow_store(tmp_path):
+    from dlm.experiments.train_bench import last_metrics
+
+    result = _run(tmp_path, **{"tracking.enabled": "false"})
+    assert result.run_id == "" and not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "out" / "mlflow_run.json").exists()
+    metrics = last_metrics(tmp_path / "out" / "metrics" / "metrics.csv")
+    assert {"train/loss", "val/loss", "train/device/items_per_sec"} <= set(metrics)
+    assert (tmp_path / "out" / "config.yaml").is_file() and read_meta(result.final_dir).pattern == "causal"
+
+
 CHAT_TEMPLATE = ("{% for m in messages %}{{ '<' + m['role'] + '>' + m['content'] + eos_token }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}")
 
