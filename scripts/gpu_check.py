@@ -26,8 +26,9 @@ PRESETS = ("qwen2.5-0.5b-random", "smollm2-135m-random")
 """The real shapes the check times decoding at (random weights, experiments/<name>.yaml)."""
 NODE_PACKAGES = REPO / "scripts" / "gpu_node_packages.txt"
 WHEELHOUSE = REPO / "scripts" / "wheelhouse.txt"
-NOT_SHIPPED = ("lm-eval", "mlflow", "submitit")
-"""dlm dependencies the check never imports (dlm eval, tracking, sweeps), so the node's wheelhouse leaves them out."""
+NOT_SHIPPED = ("lm-eval", "mlflow", "submitit", "gguf")
+"""dlm dependencies the check never imports (dlm eval, tracking, sweeps, reading .gguf files), so the node's
+wheelhouse leaves them out."""
 TINY = {"model": {"dtype": "bfloat16", "config": {
     "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
     "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 512}},
