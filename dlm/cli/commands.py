@@ -13,6 +13,7 @@ from typing import Any
 
 from dlm.cli.dataclass_args import add_dataclass_arguments, dataclass_from_args, given
 from dlm.settings import (
+    DTYPES,
     PATTERNS,
     BenchConfig,
     ConfigError,
@@ -28,7 +29,6 @@ from dlm.settings.sweep import ReportConfig, SweepRunConfig
 
 CHECKPOINT_HELP = ("dlm checkpoint folder (HF model + tokenizer + dlm.yaml), e.g. outputs/tiny/final; a plain HF "
                    "causal LM folder, hub id or .gguf file is an AR model")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_configs(p: argparse.ArgumentParser) -> None:

@@ -13,10 +13,8 @@ from pathlib import Path
 
 from dlm.models.backbone import is_gguf, load_model, load_tokenizer
 from dlm.models.checkpoint import META_FILE, CheckpointMeta, read_meta, save_checkpoint
-from dlm.settings import ModelConfig, check
+from dlm.settings import DTYPES, ModelConfig, check
 from dlm.settings.experiment import Dtype
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def import_model(source: str, out: str | Path, *, dtype: Dtype = "float32") -> Path:

@@ -13,6 +13,7 @@ from dlm.settings.eval import EvalConfig
 from dlm.settings.experiment import (
     BACKENDS,
     CLEAN_CONTEXTS,
+    DTYPES,
     PATTERNS,
     STRATEGIES,
     SYNTHETIC,
@@ -34,7 +35,7 @@ from dlm.settings.lora import LoraConfig
 from dlm.settings.tracking import LogTarget, TrackingConfig
 
 __all__ = [
-    "BACKENDS", "CLEAN_CONTEXTS", "PATTERNS",
+    "BACKENDS", "CLEAN_CONTEXTS", "DTYPES", "PATTERNS",
     "STRATEGIES", "SYNTHETIC", "WEIGHTINGS", "AttentionConfig", "BenchConfig", "ConfigError",
     "DataConfig", "DecodeConfig", "DriftConfig", "EvalConfig", "ExperimentConfig", "LogTarget", "LoraConfig",
     "MaskingConfig",

@@ -31,6 +31,7 @@ Precision = Literal["32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-
 PATTERNS = typing.get_args(Pattern)
 CLEAN_CONTEXTS = typing.get_args(CleanContext)
 BACKENDS = typing.get_args(Backend)
+DTYPES = typing.get_args(Dtype)
 STRATEGIES = typing.get_args(MaskingStrategy)
 WEIGHTINGS = typing.get_args(Weighting)
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")

@@ -69,8 +69,8 @@ def test_two_points_with_one_id_fail_in_one_line(tmp_path):
 # -- validation before anything runs ----------------------------------------------------------------
 def test_a_missing_base_checkpoint_says_to_train_the_tiny_ar_model_first(tmp_path):
     with pytest.raises(ConfigError, match=r"^sweep point 'pattern-block': model.name_or_path='.*/no_ar': no such "
-                                          r"folder or .gguf file; train the AR model first \(for the tiny sweeps: dlm train "
-                                          r"experiments/tiny_ar.yaml\)$"):
+                                          r"folder or .gguf file; train the AR model first \(for the tiny sweeps: "
+                                          r"dlm train experiments/tiny_ar.yaml\)$"):
         validate_sweep(load_sweep(write_sweep(tmp_path, tmp_path / "no_ar")))
 
 
