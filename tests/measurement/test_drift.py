@@ -150,7 +150,8 @@ def test_cli_prints_the_table_and_writes_the_plot(checkpoints, tmp_path, capsys)
 
 def test_cli_errors_are_one_line(checkpoints, tmp_path):
     ckpts, _ = checkpoints
-    with pytest.raises(ConfigError, match=r"^reference='.*/missing': no such folder$"):
+    with pytest.raises(ConfigError, match=r"^reference='.*/missing': no such folder \(a hub id or .gguf file: "
+                                          r"`dlm import` it to a folder first\)$"):
         _drift_cli(str(ckpts / "converted"), "--reference", str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match=r"^checkpoint='.*': no weights in the folder; allowed: model\*.safetensors"):
         _drift_cli(str(tmp_path), "--reference", str(ckpts / "ar"))
