@@ -113,11 +113,10 @@ def validate_sweep(sweep: SweepConfig) -> dict[str, ExperimentConfig]:
 
 def _check_base_checkpoint(pid: str, path: str | None) -> None:
     """A local base model (an HF folder or a .gguf file) that is missing fails now, not after the first points have
-    trained."""
-    local = Path(path).expanduser() if path is not None else None
-    if local is None or local.is_dir() or (local.is_file() and local.suffix.lower() == ".gguf"):
+    trained; a hub id is the loader's to resolve."""
+    from dlm.models.checkpoint import is_plain_model
+
+    if path is None or Path(path).expanduser().is_dir() or is_plain_model(path):
         return
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or Path(path.split("/")[0]).is_dir()
-    if looks_local:
-        raise ConfigError(f"sweep point {pid!r}: model.name_or_path={path!r}: no such folder or .gguf file; train "
-                          "the AR model first (for the tiny sweeps: dlm train experiments/tiny_ar.yaml)")
+    raise ConfigError(f"sweep point {pid!r}: model.name_or_path={path!r}: no such folder or .gguf file; train "
+                      "the AR model first (for the tiny sweeps: dlm train experiments/tiny_ar.yaml)")

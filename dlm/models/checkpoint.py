@@ -170,7 +170,7 @@ def is_plain_model(path: str | Path) -> bool:
         return (local.is_dir() and (local / "config.json").is_file()) or is_gguf(local)
     text = str(path)
     looks_local = text.startswith((".", "/", "~")) or local.parent.is_dir() and str(local.parent) != "."
-    return not looks_local and text.count("/") == 1 and local.suffix == ""
+    return not looks_local and text.count("/") == 1 and not is_gguf(local)  # Qwen/Qwen2.5-0.5B has a "suffix"
 
 
 def check_checkpoint(path: str | Path) -> CheckpointMeta:

@@ -138,6 +138,11 @@ def test_a_missing_path_under_an_existing_folder_is_not_taken_for_a_hub_id(tmp_p
         read_meta("outputs/final")
 
 
+@pytest.mark.parametrize("hub_id", ["Qwen/Qwen2.5-0.5B", "HuggingFaceTB/SmolLM2-135M-Instruct"])
+def test_a_hub_id_is_a_plain_model(hub_id):
+    assert read_meta(hub_id, quiet=True).pattern == "causal"
+
+
 def test_plain_hf_folder_is_a_causal_checkpoint(qwen3, tmp_path, capsys):
     qwen3.model.save_pretrained(tmp_path)
     qwen3.tokenizer.save_pretrained(tmp_path)
