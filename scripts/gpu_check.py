@@ -37,7 +37,7 @@ TINY = {"model": {"dtype": "bfloat16", "config": {
 TOL = 1e-2
 """Relative pass mark: 24 float32 layers, where the flex kernel may round matmuls as TF32 and sdpa not."""
 FLEX_CASES = [("block", "block", False), ("block_clean", "block", False), ("block_clean", "causal", False),
-              ("block_clean", "block", True)]  # (pattern, clean context, document mask)
+              ("block_clean", "block", True), ("block_window", "block", False)]  # (pattern, clean context, docs)
 
 
 def require_cuda() -> int:
@@ -80,12 +80,14 @@ def _compare(model, pattern: str, clean_context: str, document_mask: bool, seq_l
     """sdpa against flex on CUDA; on CPU (the rehearsal: flex has no backward there) against eager."""
     import torch
 
-    from dlm.tensor.attention import build_attention_inputs, total_length
+    from dlm.tensor import patterns
+    from dlm.tensor.attention import build_attention_inputs
 
     device = model.device
     other = ("flex", "flex_attention") if device.type == "cuda" else ("eager", "eager")
     g = torch.Generator(device=device).manual_seed(0)
-    n = total_length(pattern, seq_len)
+    mask_pattern = patterns.get(pattern, block_size=16, clean_context=clean_context)
+    n = mask_pattern.input_length(seq_len)
     ids = torch.randint(0, 384, (batch, n), device=device, generator=g)
     docs = None
     if document_mask:  # three documents per row, boundaries inside blocks (300, 701 at L 1024)
@@ -94,9 +96,8 @@ def _compare(model, pattern: str, clean_context: str, document_mask: bool, seq_l
     out = {}
     for backend, impl in (("sdpa", "sdpa"), other):
         model.set_attn_implementation(impl)
-        attn = build_attention_inputs(pattern, batch_size=batch, seq_len=seq_len, block_size=16, backend=backend,
-                                      device=device, dtype=model.dtype, document_ids=docs,
-                                      clean_context=clean_context)
+        attn = build_attention_inputs(mask_pattern, batch_size=batch, seq_len=seq_len, backend=backend,
+                                      device=device, dtype=model.dtype, document_ids=docs)
         out[backend] = _forward_backward(model, ids, attn)
     (ls, gs), (lf, gf) = out["sdpa"], out[other[0]]
     return {"pattern": pattern, "clean_context": clean_context, "document_mask": document_mask, "seq_len": seq_len,

@@ -49,25 +49,27 @@ def add_demo(p: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> None:
+    from dlm.tensor import patterns
     from dlm.tensor.attention import describe
 
-    for pattern in args.patterns or PATTERNS:
-        print(describe(pattern, args.seq_len, args.block_size), end="\n\n")
+    for name in args.patterns or PATTERNS:
+        print(describe(patterns.get(name, block_size=args.block_size), args.seq_len), end="\n\n")
 
 
 def run_config(args: argparse.Namespace) -> None:
-    from dlm.settings import load_config, to_yaml
+    from dlm.settings import to_yaml
+    from dlm.tensor.patterns import load_experiment
 
     paths, overrides = _split(args.configs)
-    print(to_yaml(load_config(*paths, overrides=overrides)), end="")
+    print(to_yaml(load_experiment(*paths, overrides=overrides)), end="")
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from dlm.settings import load_config
+    from dlm.tensor.patterns import load_experiment
     from dlm.training.trainer import train
 
     paths, overrides = _split(args.configs)
-    result = train(load_config(*paths, overrides=overrides))
+    result = train(load_experiment(*paths, overrides=overrides))
     if result.final_dir.is_dir():  # never a path that does not exist (other ranks of a multi-process run)
         print(f"final checkpoint: {result.final_dir}")
     if result.run_id:
@@ -115,7 +117,8 @@ def run_generate(args: argparse.Namespace) -> None:
     for prompt, text in zip(prompts, result.texts):
         print(f"--- prompt\n{prompt}\n--- completion\n{text}")
     out = result.output
-    mode = ("AR model" if meta.pattern == "causal" else "AR mode of the dLM" if args.ar or decode.mode == "ar"
+    ar_mode = args.ar or decode.mode == "ar"
+    mode = ("AR model" if meta.attention_pattern.autoregressive else "AR mode of the dLM" if ar_mode
             else f"speculative ({decode.speculative_form}), drafts of {decode.block_size - 1}"
             if decode.mode == "speculative" else f"parallel, block {decode.block_size}, threshold {decode.threshold}")
     shown = f"{mode}, {args.dtype}" + (", chat template" if chat else "")
@@ -230,9 +233,9 @@ def add_plan(p: argparse.ArgumentParser) -> None:
 
 def run_plan(args: argparse.Namespace) -> None:
     settings = dataclass_from_args(args, PlanConfig)
-    from dlm.settings import load_config
+    from dlm.tensor.patterns import load_experiment
 
-    cfg = load_config(args.config, overrides=args.overrides)
+    cfg = load_experiment(args.config, overrides=args.overrides)
     if args.measure:
         from dlm.experiments.plan_check import check_plan, format_check
 

@@ -36,11 +36,11 @@ def diffusion_checkpoint_for_hf(argv: Sequence[str]) -> str | None:
         return None
     from dlm.models.checkpoint import read_meta
 
-    pattern = read_meta(pretrained).pattern
-    if pattern == "causal":
+    pattern = read_meta(pretrained).attention_pattern
+    if pattern.autoregressive:
         return None
-    return (f"--model hf with pretrained={pretrained}: a dlm {pattern} checkpoint; the stock hf model scores it as a "
-            "causal LM (left to right, no [MASK], no blocks). Use --model dlm to score it as it was trained.")
+    return (f"--model hf with pretrained={pretrained}: a dlm {pattern.name} checkpoint; the stock hf model scores "
+            "it as a causal LM (left to right, no [MASK], no blocks). Use --model dlm to score it as it was trained.")
 
 
 def main() -> int:

@@ -24,8 +24,10 @@ from dlm.data.chat import chat_format_of
 from dlm.data.sources import AnyDataset, check_columns, check_source, column_names, load_raw, tokenize_and_pack
 from dlm.data.synthetic import synthetic_dir
 from dlm.settings import SYNTHETIC, ConfigError, ExperimentConfig, MaskingConfig
+from dlm.tensor import patterns
 from dlm.tensor.attention import position_ids
 from dlm.tensor.masking import complementary, sample_mask
+from dlm.tensor.patterns import Pattern
 
 
 @dataclass
@@ -38,8 +40,8 @@ class DiffusionCollator:
     mask.
     """
 
-    pattern: str
-    block_size: int
+    pattern: Pattern
+    """At the configured block size (a schedule's stage resizes it per batch)."""
     mask_token_id: int
     masking: MaskingConfig
     restart_positions: bool = True
@@ -57,10 +59,10 @@ class DiffusionCollator:
     def finish(self, stacked: dict[str, torch.Tensor], block_size: int | None = None,
                generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Noise (diffusion patterns, from `generator`, at `block_size`) and position ids for stacked rows."""
-        stage, block_size = block_size, block_size or self.block_size
+        stage, block_size = block_size, block_size or self.pattern.block_size
         ids, eligible, docs = stacked["input_ids"], stacked["eligible"], stacked.get("document_ids")
         batch = {"input_ids": ids, "eligible": eligible}
-        if self.pattern != "causal":
+        if not self.pattern.autoregressive:
             batch = self._noise(ids, eligible, block_size, generator)
         if docs is not None:
             batch["document_ids"] = docs = docs.repeat(batch["input_ids"].shape[0] // ids.shape[0], 1)
@@ -93,8 +95,7 @@ class DiffusionDataModule(L.LightningDataModule):
         if cfg.data.chat_template or cfg.data.messages_field:
             chat_format_of(tokenizer)  # a tokenizer without a template fails here, before any data is read
         self.cfg, self.tokenizer = cfg, tokenizer
-        a = cfg.attention
-        self.collator = DiffusionCollator(a.pattern, a.block_size, mask_token_id, cfg.masking,
+        self.collator = DiffusionCollator(patterns.of(cfg.attention), mask_token_id, cfg.masking,
                                           restart_positions=cfg.data.restart_positions)
         self.train_noise = torch.Generator().manual_seed(cfg.seed)
         self.val_noise = torch.Generator()

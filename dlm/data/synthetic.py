@@ -2,8 +2,8 @@
 
 Rows look like GSM8K (`{"question": str, "answer": "... #### N"}`), so the DataModule, the decoder and
 lm-eval's GSM8K scoring (strict `#### N` match) all run unchanged on it. Generation is deterministic in
-the seed. DESIGN.md §3: one-step add/subtract with numbers 1-20 is what a 0.8M-parameter model learns
-(~47% greedy exact match after 3 minutes of AR training).
+the seed. Why one-step add/subtract with numbers 1-20: docs/design.md §3 (a sub-million-parameter model learns
+it in CPU minutes; BENCHMARKS.md has the figures).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 A model trained with the `block` / `block_clean` patterns attends block-causally, so the keys and values
 of finished blocks never change: cache the prompt once (in the first block's first pass), then decode one
-block at a time against the cache (DESIGN.md §1 "Decoding"). Each block starts as [MASK] tokens; every
+block at a time against the cache (docs/design.md §1 "Decoding"). Each block starts as [MASK] tokens; every
 forward pass commits the masked positions the model is confident about (at least one), until the block is
 complete. Positions and block ids per row: `dlm.decoding.layout`; the forwards, cache and logits:
 `dlm.decoding.runner`.
@@ -31,14 +31,17 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlm.decoding.ar import greedy_ar
 from dlm.decoding.batch import ActiveRows
+from dlm.decoding.drafting import Drafter, SelfDrafter
 from dlm.decoding.layout import Layout
 from dlm.decoding.output import GenerationOutput
 from dlm.decoding.policies import candidates, choose, propose
 from dlm.decoding.runner import Runner
-from dlm.decoding.speculative import slots_needed, speculative
+from dlm.decoding.speculative import Speculation, slots_needed, speculative
 from dlm.decoding.stopping import Stopper, check_inputs
 from dlm.settings.decode import DecodeConfig
-from dlm.settings.errors import ConfigError
+from dlm.settings.errors import ConfigError, check
+from dlm.tensor import patterns
+from dlm.tensor.patterns import Pattern
 
 MASK_IMPLEMENTATIONS = ("sdpa", "eager")
 """HF attention implementations that take the dense 4-D mask the decoder builds."""
@@ -58,7 +61,9 @@ def _block_logits(run: Runner, rows: ActiveRows, span: tuple[int, int, int], col
     tail = index and index == list(range(n - len(index), n))  # the last k inputs: no index tensor to build
     keep = len(index) if tail else torch.tensor(index, dtype=torch.long, device=rows.seq.device)
     first = a == 0  # the input holds the prompt (no cache: every pass), a new shape each time: it runs uncompiled
-    logits = run(rows.seq, a, end, keep, first=first) if sub is None else run.subset(sub, rows.seq, a, end, keep)
+    noisy = (start, end)
+    logits = (run(rows.seq, a, end, keep, first=first, noisy=noisy) if sub is None
+              else run.subset(sub, rows.seq, a, end, keep, noisy))
     if cfg.shift and offset > 0 and sub is None:
         rows.prev = logits[:, 0]
     logits = logits[:, 1:] if lead else logits
@@ -140,10 +145,10 @@ def _at_block_end(rows: ActiveRows, finished: list[bool], stopper: Stopper, end:
 
 
 def _decode(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, cfg: DecodeConfig, mask_token_id: int,
-            stopper: Stopper, generator: torch.Generator | None) -> ActiveRows:
+            stopper: Stopper, generator: torch.Generator | None, pattern: Pattern) -> ActiveRows:
     """The block loop over the rows still decoding; returns every row's tokens and forward counts."""
     prompt_len, total = input_ids.shape[1], input_ids.shape[1] + cfg.max_new_tokens
-    run = Runner(model, Layout.build(attention_mask, cfg.max_new_tokens, cfg.block_size), cfg)
+    run = Runner(model, Layout.build(attention_mask, cfg.max_new_tokens, pattern.resized(cfg.block_size)), cfg)
     rows = ActiveRows(torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], cfg.max_new_tokens),
                                                                 mask_token_id)], dim=1), prompt_len)
     lo, start = 0, prompt_len  # the first pass feeds the prompt too: its KV enters the cache there, no prefill forward
@@ -164,19 +169,33 @@ def _resolve_config(config: DecodeConfig | None, overrides: dict) -> DecodeConfi
     return dataclasses.replace(config or DecodeConfig(), **overrides)
 
 
+def _default_pattern(mode: str) -> Pattern:
+    """Without a checkpoint's pattern: block-causal, or the joint model's for speculative decoding."""
+    if mode == "speculative":
+        return patterns.get("block_clean", clean_context="causal")
+    return patterns.get("block")
+
+
 def generate(model: PreTrainedModel, input_ids: Tensor, *, mask_token_id: int | None = None,
              attention_mask: Tensor | None = None, config: DecodeConfig | None = None,
              eos_token_id: int | Sequence[int] | None = None, stop: Sequence[str] | None = None,
              tokenizer: PreTrainedTokenizerBase | None = None, generator: torch.Generator | None = None,
-             **overrides) -> GenerationOutput:
+             pattern: Pattern | None = None, drafter: Drafter | None = None, **overrides) -> GenerationOutput:
     """Decode left-padded prompts `input_ids` `(B, P)`: block-parallel (`mode=diffusion`), lean AR, or
     self-speculative (`mode=speculative`: diffusion drafts, causal verify; the AR mode's greedy output).
 
     `overrides` are `DecodeConfig` fields (`threshold=0.5`) applied over `config`. `eos_token_id=None`
-    means no EOS stop. The model must run sdpa or eager attention: the decoder passes a dense 4-D mask.
+    means no EOS stop. `pattern`: the checkpoint's attention pattern (`CheckpointMeta.attention_pattern`), whose
+    rules the decode masks follow at the decode's block size (default: block-causal; for `mode=speculative`,
+    block_clean with a causal clean context). The model must run sdpa or eager attention: the decoder passes a
+    dense 4-D mask. `drafter`: who proposes the tokens `mode=speculative` verifies (default: the model's own noisy
+    block, `SelfDrafter`); the output is the AR mode's whatever it proposes.
     Example: ``generate(model, ids, mask_token_id=mask_id, block_size=16, eos_token_id=tok.eos_token_id)``.
     """
     cfg = _resolve_config(config, overrides)
+    pattern = pattern or _default_pattern(cfg.mode)
+    check(cfg.mode != "speculative" or pattern.verifies, "decode.mode", cfg.mode, f"needs a pattern whose clean "
+          f"context is token-causal (this one: {pattern.describe()}); allowed: diffusion, ar")
     impl = model.config._attn_implementation
     if impl not in MASK_IMPLEMENTATIONS:
         raise ConfigError(f"model attn_implementation={impl!r}: decoding passes a dense 4-D mask; load the model with "
@@ -188,13 +207,15 @@ def generate(model: PreTrainedModel, input_ids: Tensor, *, mask_token_id: int | 
     stopper = Stopper(eos_token_id, stop, tokenizer, input_ids.device)
     with torch.inference_mode():
         if cfg.mode == "ar":
-            rows = greedy_ar(Runner(model, Layout.build(attention_mask, cfg.max_new_tokens, 1), cfg), input_ids,
+            layout = Layout.build(attention_mask, cfg.max_new_tokens, patterns.get("causal"))
+            rows = greedy_ar(Runner(model, layout, cfg), input_ids,
                              cfg.max_new_tokens, stopper, exclude=mask_token_id)
         elif cfg.mode == "speculative":  # the token-causal layout: the clean cache is an AR model's
             slots = slots_needed(cfg.max_new_tokens, cfg.block_size - 1)
-            rows = speculative(Runner(model, Layout.build(attention_mask, slots, 1), cfg), input_ids,
-                               cfg.max_new_tokens, cfg.block_size - 1, mask_token_id, stopper, cfg.shift,
-                               fused=cfg.speculative_form == "fused")
+            spec = Speculation(cfg.max_new_tokens, cfg.block_size - 1, mask_token_id,
+                               drafter or SelfDrafter(mask_token_id), cfg.shift, cfg.speculative_form == "fused")
+            run = Runner(model, Layout.build(attention_mask, slots, pattern.resized(1)), cfg)
+            rows = speculative(run, input_ids, spec, stopper)
         else:
-            rows = _decode(model, input_ids, attention_mask, cfg, mask_token_id, stopper, generator)
+            rows = _decode(model, input_ids, attention_mask, cfg, mask_token_id, stopper, generator, pattern)
     return stopper.output(rows.tokens, rows.nfe, rows.forwards)

@@ -43,25 +43,27 @@ class Runner:
                           else DynamicCache(config=model.config))
         self.step = compiled(model) if cfg.compile else model
         self.length = 0  # tokens held by the cache
-        self._mask: tuple[int, int, Tensor] | None = None  # (first, last query row, mask) built last
+        self._mask: tuple[int, int, tuple[int, int] | None, Tensor] | None = None
+        """(first, last query row, noisy block, mask) built last."""
 
     @property
     def cached(self) -> bool:
         return self.cache is not None
 
-    def mask(self, start: int, end: int) -> Tensor:
-        """Queries `start:end`, a slice of the last mask built when it holds them. Past the prompt a mask is built
-        for at least `MASK_ROWS` query rows at once, so the AR loop's next steps and a decode's next blocks slice
-        it instead of building their own."""
+    def mask(self, start: int, end: int, noisy: tuple[int, int] | None = None) -> Tensor:
+        """Queries `start:end` (slots `noisy[0]:noisy[1]` the block being denoised), a slice of the last mask built
+        when it holds them with the same noisy block. Past the prompt a mask is built for at least `MASK_ROWS` query
+        rows at once, so the AR loop's next steps and a block's later passes slice it instead of building their
+        own."""
         if self._mask is not None:
-            lo, hi, mask = self._mask
-            if lo <= start and end <= hi:
+            lo, hi, built_for, mask = self._mask
+            if lo <= start and end <= hi and built_for == noisy:
                 return self._rows(mask, start - lo, end - lo, end)
         rows_end = end if start < self.layout.prompt_len else min(self.layout.total, max(end, start + MASK_ROWS))
-        mask = self.layout.mask(start, rows_end, self.layout.total if self.static else rows_end)
+        mask = self.layout.mask(start, rows_end, self.layout.total if self.static else rows_end, noisy)
         if self.eager:
             mask = additive_mask(mask, self.model.dtype)
-        self._mask = (start, rows_end, mask)
+        self._mask = (start, rows_end, noisy, mask)
         return self._rows(mask, 0, end - start, end)
 
     def _rows(self, mask: Tensor, first: int, last: int, end: int) -> Tensor:
@@ -71,20 +73,22 @@ class Runner:
         return rows if self.static else rows[..., :end]
 
     def __call__(self, seq: Tensor, start: int, end: int, keep: int | Tensor, *, first: bool = False,
-                 mask: Tensor | None = None) -> Tensor:
+                 noisy: tuple[int, int] | None = None, mask: Tensor | None = None) -> Tensor:
         """Logits `(B, K, V)` for `keep` (the last `keep` inputs, or input-relative indices).
 
         `first` marks a forward that feeds the prompt (a prefill, or a first pass), which runs uncompiled: its
-        shape is the prompt's. `mask`: the caller's own (speculative decoding's noisy blocks); else the layout's.
+        shape is the prompt's. `noisy`: the slots of the block being denoised (none: every input is committed).
+        `mask`: the caller's own, built fresh from a layout it edits (speculative decoding's holes).
         """
         step = self.model if first else self.step
-        out = step(input_ids=seq[:, start:end], attention_mask=self.mask(start, end) if mask is None else mask,
+        out = step(input_ids=seq[:, start:end], attention_mask=self.mask(start, end, noisy) if mask is None else mask,
                    position_ids=self.layout.position_ids[:, start:end], cache=self.cache,
                    use_cache=self.cached, logits_to_keep=keep)
         self.length = end if self.cached else 0
         return out.logits
 
-    def subset(self, rows: Tensor, seq: Tensor, start: int, end: int, keep: int | Tensor) -> Tensor:
+    def subset(self, rows: Tensor, seq: Tensor, start: int, end: int, keep: int | Tensor,
+               noisy: tuple[int, int] | None = None) -> Tensor:
         """Logits of `rows` only, for a later pass of a block (the others have nothing left to commit).
 
         The cache holds `:start` and stays as it is: the block's KV is recomputed every pass, so the
@@ -96,7 +100,7 @@ class Runner:
             data = [(layer.keys[rows, :, :start], layer.values[rows, :, :start]) for layer in self.cache.layers]
             cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
         step = self.step if self.cached else self.model  # no cache: a new shape every pass, run uncompiled
-        out = step(input_ids=seq[rows, lo:end], attention_mask=self.mask(lo, end)[rows][..., :end],
+        out = step(input_ids=seq[rows, lo:end], attention_mask=self.mask(lo, end, noisy)[rows][..., :end],
                    position_ids=self.layout.position_ids[rows, lo:end], cache=cache, use_cache=self.cached,
                    logits_to_keep=keep)
         return out.logits
@@ -119,5 +123,5 @@ class Runner:
         if self.cached and self.length:
             self.cache.reorder_cache(rows)
         if self._mask is not None:
-            lo, hi, mask = self._mask
-            self._mask = (lo, hi, mask[rows])
+            lo, hi, noisy, mask = self._mask
+            self._mask = (lo, hi, noisy, mask[rows])

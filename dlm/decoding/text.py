@@ -96,10 +96,11 @@ def complete(backbone: Backbone, meta: CheckpointMeta, prompts: list[str], decod
     ids, attention = encode_prompts(backbone, render_prompts(backbone.tokenizer, prompts, chat), device)
     tok = backbone.tokenizer
     start = time.perf_counter()
-    if ar or meta.pattern == "causal":
+    if ar or meta.attention_pattern.autoregressive:
         decode = dataclasses.replace(decode, mode="ar")
     out = generate(backbone.model, ids, attention_mask=attention, mask_token_id=backbone.mask_token_id,
-                   config=decode, eos_token_id=tok.eos_token_id, stop=stop, tokenizer=tok)
+                   config=decode, eos_token_id=tok.eos_token_id, stop=stop, tokenizer=tok,
+                   pattern=meta.attention_pattern)
     seconds = time.perf_counter() - start
     texts = tok.batch_decode(out.tokens, skip_special_tokens=True)
     return Completions(texts, out, seconds)

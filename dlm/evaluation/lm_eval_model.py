@@ -9,7 +9,7 @@ the engine's lean greedy AR mode for `causal` checkpoints (or `decode.mode=ar`);
 are honoured, the decoder knobs come from `model_args` (`block_size`, `threshold`, `sub_block_size`,
 `gen_length` = `max_new_tokens`, any `DecodeConfig` field).
 
-loglikelihood / loglikelihood_rolling: exact scores from `dlm.tensor.likelihood` (the chain rule under the
+loglikelihood / loglikelihood_rolling: exact scores from `dlm.evaluation.likelihood` (the chain rule under the
 decoder's block layout for diffusion patterns, the plain causal log-likelihood for `causal`); this class
 only tokenizes, batches and caches the requests.
 """
@@ -35,12 +35,12 @@ from dlm.data.chat import ChatFormat, chat_format_of
 from dlm.decoding.engine import generate
 from dlm.decoding.output import GenerationOutput
 from dlm.decoding.text import left_pad, pad_token_id
+from dlm.evaluation.likelihood import score_continuations
 from dlm.models.backbone import Backbone
 from dlm.models.checkpoint import CheckpointMeta, load_checkpoint, read_meta
 from dlm.models.device import resolve_device
 from dlm.settings import ConfigError, DecodeConfig, check
 from dlm.settings.eval import LIKELIHOODS
-from dlm.tensor.likelihood import score_continuations
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class DLMEvalModel(TemplateLM):
         super().__init__()  # max_batch_size: passed by lm-eval, unused (no auto batch size)
         _check_keys(knobs)  # every check before the weights load: a typo fails in a second
         check(loglikelihood in LIKELIHOODS, "model_args.loglikelihood", loglikelihood, "unknown method",
-              LIKELIHOODS)  # the chain rule or the Monte-Carlo ELBO (dlm.tensor.likelihood)
+              LIKELIHOODS)  # the chain rule or the Monte-Carlo ELBO (dlm.evaluation.likelihood)
         self.likelihood_method, self.mc_num = loglikelihood, _positive_int("model_args.mc_num", mc_num)
         self.seed = _coerce("seed", seed, 0)
         self.batch_size = _positive_int("batch_size", batch_size)
@@ -95,7 +95,7 @@ class DLMEvalModel(TemplateLM):
     # -- what lm-eval reads -------------------------------------------------------------------------
     @property
     def is_ar(self) -> bool:
-        return self.meta.pattern == "causal"
+        return self.meta.attention_pattern.autoregressive
 
     @property
     def eot_token_id(self) -> int:
@@ -152,10 +152,11 @@ class DLMEvalModel(TemplateLM):
     # -- scoring ------------------------------------------------------------------------------------
     def _score(self, pairs: list[tuple[list[int], list[int]]], disable_tqdm: bool) -> list[tuple[float, bool]]:
         """(log p(continuation | context), greedy) per (context ids, continuation ids) pair."""
-        return score_continuations(self.model, pairs, causal=self.is_ar, block_size=self.decode.block_size,
-                                   mask_token_id=self.backbone.mask_token_id, shift=self.decode.shift,
-                                   max_length=self.max_length, pad_token_id=self._pad_id, batch_size=self.batch_size,
-                                   disable_tqdm=disable_tqdm, method=self.likelihood_method, mc_num=self.mc_num,
+        pattern = self.meta.attention_pattern.resized(self.decode.block_size)
+        return score_continuations(self.model, pairs, pattern=pattern, mask_token_id=self.backbone.mask_token_id,
+                                   shift=self.decode.shift, max_length=self.max_length, pad_token_id=self._pad_id,
+                                   batch_size=self.batch_size, disable_tqdm=disable_tqdm,
+                                   method=self.likelihood_method, mc_num=self.mc_num,
                                    seed=self.seed)
 
     def loglikelihood(self, requests: list[Instance], disable_tqdm: bool = False) -> list[tuple[float, bool]]:
@@ -254,7 +255,8 @@ class DLMEvalModel(TemplateLM):
         common = dict(attention_mask=mask, eos_token_id=self._eos_ids, stop=options["until"], tokenizer=self.tokenizer)
         cfg = dataclasses.replace(self.decode, max_new_tokens=options["max_new_tokens"], mode="ar" if self.is_ar
                                   else self.decode.mode, temperature=options["temperature"], top_p=options["top_p"])
-        result = generate(self.model, ids, mask_token_id=self.backbone.mask_token_id, config=cfg, **common)
+        result = generate(self.model, ids, mask_token_id=self.backbone.mask_token_id, config=cfg,
+                          pattern=self.meta.attention_pattern, **common)
         self._count(result)
         return [_cut(self.tok_decode(tokens), options["until"]) for tokens in result.tokens]
 

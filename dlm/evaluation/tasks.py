@@ -1,12 +1,13 @@
-"""Which lm-eval tasks to run: the offline variants of the stock tasks shipped in `evals/` and the data
+"""Which lm-eval tasks to run: the offline variants of the stock tasks shipped in `dlm/evals/` and the data
 folder they read.
 
-`evals/` holds copies of lm-eval's `gsm8k` and `mmlu` tasks (`gsm8k_local`, the `mmlu_local` group) and
-`gsm8k_synthetic`, which read local files through `dlm.evaluation.datasets`. The data folder is found at run
-time -- metadata `data_dir`, else `$DLM_DATA_DIR`, else `../shared/data` beside the source tree -- so the
-YAMLs hold no paths and work from any working directory, also with lm-eval's own CLI
-(`--include_path evals/`). `gsm8k`, `mmlu` and `mmlu_<subject>` run their local variants whenever that
-folder holds the data (same files as the hub datasets) and are logged under the stock names.
+`dlm/evals/` (package data, so an installed wheel has it; `evals/` in the source tree links to it) holds copies
+of lm-eval's `gsm8k` and `mmlu` tasks (`gsm8k_local`, the `mmlu_local` group) and `gsm8k_synthetic`, which read
+local files through `dlm.evaluation.datasets`. The data folder is found at run time -- metadata `data_dir`, else
+`$DLM_DATA_DIR`, else `../shared/data` beside the source tree -- so the YAMLs hold no paths and work from any
+working directory, also with lm-eval's own CLI (`--include_path evals/`, or `EVALS_DIR` of an installed package).
+`gsm8k`, `mmlu` and `mmlu_<subject>` run their local variants whenever that folder holds the data (same files as
+the hub datasets) and are logged under the stock names.
 """
 
 from __future__ import annotations
@@ -23,23 +24,25 @@ from dlm.settings import ConfigError
 if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 
-REPO = Path(__file__).resolve().parents[2]
-EVALS_DIR = REPO / "evals"
-"""Task YAMLs shipped with the source tree (`--include_path evals/`)."""
+EVALS_DIR = Path(__file__).resolve().parents[1] / "evals"
+"""Task YAMLs shipped inside the package (`--include_path` for lm-eval's own CLI)."""
 DATA_ENV = "DLM_DATA_DIR"
 LOCAL_FAMILIES = {"gsm8k": ("gsm8k_local", "gsm8k/test.jsonl"), "mmlu": ("mmlu_local", "mmlu/test.jsonl")}
 """Stock task family -> (local variant prefix, the data file it needs under the data folder)."""
 
 
 def find_data_dir(data_dir: str | Path | None = None) -> Path | None:
-    """The benchmark data folder: `data_dir`, else $DLM_DATA_DIR, else ../shared/data (source tree, then cwd)."""
+    """The benchmark data folder: `data_dir`, else $DLM_DATA_DIR, else ../shared/data beside the source tree (an
+    editable install), else beside the working directory."""
     if data_dir is not None:
         path = Path(data_dir).expanduser()
         if not path.is_dir():
             raise ConfigError(f"data_dir={str(data_dir)!r}: no such folder; allowed: a folder with gsm8k/ and mmlu/ "
                               "(see ../shared/data/README.md)")
         return path.resolve()
-    candidates = [os.environ.get(DATA_ENV), REPO.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    source_tree = Path(__file__).resolve().parents[2]
+    candidates = [os.environ.get(DATA_ENV), source_tree.parent / "shared" / "data",
+                  Path.cwd().parent / "shared" / "data"]
     return next((Path(c).resolve() for c in candidates if c and Path(c).is_dir()), None)
 
 

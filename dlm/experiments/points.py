@@ -10,8 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
-from dlm.settings import ConfigError, ExperimentConfig, TrackingConfig, check, load_config
+from dlm.settings import ConfigError, ExperimentConfig, TrackingConfig, check
 from dlm.settings.sweep import POINT_ID, SweepConfig
+from dlm.tensor.patterns import load_experiment
 from dlm.tracking.runs import DEFAULT_TRACKING_URI
 
 RUNNING, DONE, FAILED = "running", "done", "failed"
@@ -76,7 +77,7 @@ def slug(value: Any) -> str:
 def point_config(sweep: SweepConfig, point: Point, parent_run_id: str | None = None) -> ExperimentConfig:
     """The point's full experiment config, with the sweep's name, output folder, resume and tracking."""
     try:
-        cfg = load_config(sweep.experiment, overrides=[*sweep.overrides, *point.overrides])
+        cfg = load_experiment(sweep.experiment, overrides=[*sweep.overrides, *point.overrides])
     except ConfigError as err:
         raise ConfigError(f"sweep point {point.id!r}: {err}") from None
     tags = {"dlm.sweep": sweep.name, "dlm.point": point.id, "dlm.point_index": str(point.index), "dlm.role": "child",

@@ -51,6 +51,7 @@ from dlm.experiments.sweep_runs import done_points_if_any, ensure_parent, finish
 from dlm.measurement.bench import run_bench
 from dlm.settings import SYNTHETIC, ConfigError, ExperimentConfig, LogTarget, check
 from dlm.settings.sweep import SweepBench, SweepConfig, SweepEval, SweepRunConfig, check_sweep, load_sweep
+from dlm.tensor import patterns
 from dlm.tracking import lock, runs
 from dlm.training.callbacks.drift import WeightDriftCallback
 from dlm.training.trainer import train
@@ -142,7 +143,7 @@ def bench_point(checkpoint: Path, settings: SweepBench, cfg: ExperimentConfig, r
         prompts = str(synthetic_dir(cfg.data) / "test.jsonl")  # the split held out from this point's training
     bench = dataclasses.replace(settings, prompts=prompts, output_dir=str(Path(cfg.output_dir) / "bench"),
                                 # speculative rows where the point's clean half is causal; its AR mode everywhere
-                                speculative=settings.speculative and cfg.attention.clean_context == "causal",
+                                speculative=settings.speculative and patterns.of(cfg.attention).verifies,
                                 ar_mode=settings.ar_mode or settings.speculative)
     run_bench(checkpoint, bench, log=LogTarget(run_id, cfg.tracking.tracking_uri))
 

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from dlm.settings import ConfigError, TrainBenchConfig, load_config
+from dlm.settings import ConfigError, TrainBenchConfig
+from dlm.tensor import patterns
+from dlm.tensor.patterns import load_experiment
 
 
 @dataclass
@@ -51,7 +53,7 @@ def bench_training(config: str, settings: TrainBenchConfig | None = None, *, ove
     settings = settings or TrainBenchConfig()
     steps, rows = settings.steps, []
     with tempfile.TemporaryDirectory(prefix="dlm-bench-train-") as tmp:
-        cfgs = [load_config(config, overrides=[*overrides, f"attention.pattern={p}", f"trainer.max_steps={steps}",
+        cfgs = [load_experiment(config, overrides=[*overrides, f"attention.pattern={p}", f"trainer.max_steps={steps}",
                                                f"output_dir={tmp}/{p}", "tracking.enabled=false",
                                                f"trainer.throughput_window={max(2, steps // 2)}",
                                                f"trainer.val_every_n_steps={steps}", "trainer.limit_val_batches=1",
@@ -66,7 +68,7 @@ def bench_training(config: str, settings: TrainBenchConfig | None = None, *, ove
 
 
 def format_rows(rows: Sequence[TrainSpeed]) -> str:
-    base = next((r.tokens_per_sec for r in rows if r.pattern == "causal"), None)
+    base = next((r.tokens_per_sec for r in rows if patterns.get(r.pattern).autoregressive), None)
     lines = ["| pattern | tokens/s | vs causal | MFU |", "|---|---:|---:|---:|"]
     for r in rows:
         rel = f"{r.tokens_per_sec / base:.2f}x" if base else "-"

@@ -134,14 +134,15 @@ def _load_target(path: str | Path, block_size: int | None, device: torch.device,
     else:
         backbone, meta = load_checkpoint(path, dtype=dtype)
     model = backbone.model.to(device).eval()
-    return Target(model, backbone.tokenizer, backbone.mask_token_id, block_size or meta.block_size, meta.shift)
+    return Target(model, backbone.tokenizer, backbone.mask_token_id, block_size or meta.block_size, meta.shift,
+                  pattern=meta.attention_pattern)
 
 
 def _source_meta(checkpoint: str | Path) -> CheckpointMeta:
     if Path(checkpoint).suffix in (".yaml", ".yml"):
         cfg = load_config(checkpoint)
         return CheckpointMeta(cfg.attention.pattern, cfg.attention.block_size, cfg.model.mask_token, 0,
-                              clean_context=cfg.attention.clean_context)
+                              clean_context=cfg.attention.clean_context, pattern_options=dict(cfg.attention.options))
     return read_meta(checkpoint)
 
 
@@ -170,7 +171,7 @@ def run_bench(checkpoint: str | Path, settings: BenchConfig | None = None, *,
     """
     s = settings or BenchConfig()
     source = _source_meta(checkpoint)
-    if source.pattern == "causal":
+    if source.attention_pattern.autoregressive:
         raise ConfigError(f"checkpoint={str(checkpoint)!r}: pattern=causal is an AR model; pass it as --ar-baseline")
     if s.speculative:
         source.check_decode_mode("speculative")

@@ -22,6 +22,7 @@ from dlm.decoding.text import chat_format_for, decode_config_for, encode_texts, 
 from dlm.models.backbone import Backbone
 from dlm.settings import DecodeConfig, check
 from dlm.settings.errors import check_positive_int
+from dlm.tensor.patterns import Pattern
 
 PAIRS = ("cache", "batch", "speculative")
 
@@ -59,7 +60,8 @@ def check_exactness(checkpoint: str | Path, *, prompts: str, num_prompts: int = 
     form = chat_format_for(meta, backbone.tokenizer, chat)
     texts = [p.text for p in load_prompts(prompts, limit=num_prompts, chat=form is not None)]
     texts = render_prompts(backbone.tokenizer, texts, form)
-    base = decode_config_for(meta, max_new_tokens=max_new_tokens, mode="ar" if meta.pattern == "causal" else None)
+    ar = meta.attention_pattern.autoregressive
+    base = decode_config_for(meta, max_new_tokens=max_new_tokens, mode="ar" if ar else None)
     if "speculative" in pairs:
         meta.check_decode_mode("speculative")
     runs = {
@@ -71,7 +73,9 @@ def check_exactness(checkpoint: str | Path, *, prompts: str, num_prompts: int = 
     results = []
     for pair in pairs:
         (fast, fast_batch), (ref, ref_batch) = runs[pair]
-        got, want = _decode(backbone, texts, fast, fast_batch), _decode(backbone, texts, ref, ref_batch)
+        pattern = meta.attention_pattern
+        got = _decode(backbone, texts, fast, fast_batch, pattern)
+        want = _decode(backbone, texts, ref, ref_batch, pattern)
         causal = ref.mode == "ar"  # the margin is read off a causal forward: it means something for AR references
         diffs = [_difference(backbone, texts[i], i, a, b, causal=causal)
                  for i, (a, b) in enumerate(zip(got, want)) if a != b]
@@ -87,13 +91,14 @@ def format_results(results: Sequence[PairResult], *, checkpoint: str | Path, dty
     return "\n".join(head + [r.line() for r in results]) + note
 
 
-def _decode(backbone: Backbone, texts: list[str], cfg: DecodeConfig, batch_size: int) -> list[list[int]]:
+def _decode(backbone: Backbone, texts: list[str], cfg: DecodeConfig, batch_size: int,
+            pattern: Pattern) -> list[list[int]]:
     out: list[list[int]] = []
     tok = backbone.tokenizer
     for i in range(0, len(texts), batch_size):
         ids, attention = encode_texts(tok, texts[i : i + batch_size])
         out += generate(backbone.model, ids, attention_mask=attention, mask_token_id=backbone.mask_token_id,
-                        config=cfg, eos_token_id=tok.eos_token_id).tokens
+                        config=cfg, eos_token_id=tok.eos_token_id, pattern=pattern).tokens
     return out
 
 

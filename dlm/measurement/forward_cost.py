@@ -18,6 +18,7 @@ from transformers import PreTrainedModel
 from dlm.decoding.layout import Layout
 from dlm.decoding.runner import Runner
 from dlm.settings.decode import DecodeConfig
+from dlm.tensor import patterns
 
 
 def _clock(device: torch.device) -> float:
@@ -35,7 +36,8 @@ def forward_costs(model: PreTrainedModel, queries: Sequence[int], *, context: in
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, context + max(sizes)), generator=gen).to(device)
     cfg = DecodeConfig(block_size=max(sizes), max_new_tokens=max(sizes), compile=compile)
-    run = Runner(model, Layout.build(torch.ones_like(ids[:, :context]), max(sizes), max(sizes)), cfg)
+    one_block = patterns.get("block", block_size=max(sizes))  # every query size fits in one block
+    run = Runner(model, Layout.build(torch.ones_like(ids[:, :context]), max(sizes), one_block), cfg)
     times: dict[int, list[float]] = {q: [] for q in sizes}
     with torch.inference_mode():
         run(ids, 0, context, 1, first=True)

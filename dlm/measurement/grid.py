@@ -22,6 +22,7 @@ from dlm.decoding.engine import generate
 from dlm.decoding.output import GenerationOutput
 from dlm.decoding.text import encode_texts, render_prompts
 from dlm.settings import BenchConfig, DecodeConfig
+from dlm.tensor.patterns import Pattern
 
 METHODS = {"ar": "AR, lean loop (same engine)", "ar-hf": "AR, transformers generate", "dlm-1tpf": "dLM 1 token/forward",
            "dlm": "dLM cached", "dlm-fixed": "dLM cached, fixed", "dlm-nocache": "dLM no cache",
@@ -56,6 +57,7 @@ class Target:
     block_size: int
     shift: bool = False
     chat: ChatFormat | None = None  # prompts rendered as a user turn of this chat template
+    pattern: Pattern | None = None  # the checkpoint's, whose rules the decode masks follow (None: block-causal)
 
     @property
     def device(self) -> torch.device:
@@ -98,7 +100,7 @@ def decode_batch(target: Target, setting: Setting, batch: Batch, *, max_new_toke
                            max_new_tokens=max_new_tokens, eos_token_id=eos)
     cfg = decode_config(target, setting, max_new_tokens=max_new_tokens, compile=compile)
     return generate(target.model, batch.input_ids, attention_mask=batch.attention_mask,
-                    mask_token_id=target.mask_token_id, config=cfg, eos_token_id=eos)
+                    mask_token_id=target.mask_token_id, config=cfg, eos_token_id=eos, pattern=target.pattern)
 
 
 @dataclass

@@ -26,6 +26,8 @@ from dlm.models.lora import is_adapter_folder, load_adapter
 from dlm.settings import CLEAN_CONTEXTS, PATTERNS, ConfigError, ExperimentConfig, ModelConfig, check
 from dlm.settings.errors import check_positive_int
 from dlm.settings.loading import read_yaml_mapping
+from dlm.tensor import patterns
+from dlm.tensor.patterns import Pattern
 
 META_FILE = "dlm.yaml"
 
@@ -53,10 +55,13 @@ class CheckpointMeta:
     """The system turn of that rendering (None: the template's own default)."""
     source: str = ""
     """What `dlm import` read (a GGUF file, HF folder or hub id); empty for a trained checkpoint."""
+    pattern_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """`attention.options` of training (a pattern's own options, e.g. a window)."""
 
     def __post_init__(self) -> None:
         """Validated like a config: a checkpoint whose dlm.yaml says `pattern: bogus` must not decode as if valid."""
         check(self.pattern in PATTERNS, "pattern", self.pattern, "unknown pattern", PATTERNS)
+        check(isinstance(self.pattern_options, dict), "pattern_options", self.pattern_options, "must be a mapping")
         check_positive_int("block_size", self.block_size)
         check(isinstance(self.mask_token, str) and self.mask_token != "", "mask_token", self.mask_token,
               "must be a non-empty string")
@@ -72,6 +77,13 @@ class CheckpointMeta:
         check(self.system_prompt is None or isinstance(self.system_prompt, str), "system_prompt",
               self.system_prompt, "must be a string or null")
         check(isinstance(self.source, str), "source", self.source, "must be a string")
+        self.attention_pattern  # noqa: B018 -- its options and clean context are checked by building it
+
+    @property
+    def attention_pattern(self) -> Pattern:
+        """The pattern the model was trained with, at its training block size: what decoding and scoring ask."""
+        return patterns.get(self.pattern, block_size=self.block_size, clean_context=self.clean_context,
+                            options=self.pattern_options)
 
     @classmethod
     def causal(cls, *, source: str = "", mask_token: str = "<|mask|>") -> "CheckpointMeta":
@@ -80,7 +92,7 @@ class CheckpointMeta:
 
     def check_decode_mode(self, mode: str) -> None:
         """Speculative decoding verifies with the causal clean path, which only a causal clean context trains."""
-        check(mode != "speculative" or self.clean_context == "causal", "decode.mode", mode,
+        check(mode != "speculative" or self.attention_pattern.verifies, "decode.mode", mode,
               f"needs a checkpoint trained with attention.clean_context=causal (this one: pattern {self.pattern}, "
               f"clean_context {self.clean_context}); allowed: diffusion, ar")
 
@@ -96,7 +108,7 @@ class CheckpointMeta:
         chat = (chat_template or "") if cfg.data.chat_template else ""
         return cls(cfg.attention.pattern, block_size, cfg.model.mask_token, mask_token_id,
                    cfg.objective.shift, cfg.name, base, cfg.attention.clean_context, chat,
-                   cfg.data.system_prompt if chat else None)
+                   cfg.data.system_prompt if chat else None, pattern_options=dict(cfg.attention.options))
 
 
 def save_checkpoint(
@@ -152,7 +164,8 @@ def read_meta(path: str | Path, *, quiet: bool = False) -> CheckpointMeta:
     where = f"checkpoint={str(path)!r}: {META_FILE}"
     fields = read_yaml_mapping(meta_path, label=f"checkpoint {META_FILE}")
     known = [f.name for f in dataclasses.fields(CheckpointMeta)]
-    required = [f.name for f in dataclasses.fields(CheckpointMeta) if f.default is dataclasses.MISSING]
+    required = [f.name for f in dataclasses.fields(CheckpointMeta)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     for key in fields:
         check(key in known, f"{where} {key}", rule="unknown key", allowed=known)
     for key in required:

@@ -22,9 +22,10 @@ def import_model(source: str, out: str | Path, *, dtype: Dtype = "float32") -> P
     check(dtype in DTYPES, "--dtype", dtype, "unknown weight dtype", DTYPES)
     out = Path(out)
     if (Path(source) / META_FILE).is_file():
-        pattern = read_meta(source).pattern
-        check(pattern == "causal", "source", source, f"a dlm checkpoint of pattern {pattern}; importing would relabel "
-              "it as an AR model; allowed: an AR model (GGUF file, HF folder, hub id, causal dlm checkpoint)")
+        pattern = read_meta(source).attention_pattern
+        check(pattern.autoregressive, "source", source, f"a dlm checkpoint of pattern {pattern.name}; importing "
+              "would relabel it as an AR model; allowed: an AR model (GGUF file, HF folder, hub id, causal dlm "
+              "checkpoint)")
         check(Path(source).resolve() != out.resolve(), "out", str(out), "the source itself; allowed: another folder")
     local = Path(source).expanduser()
     recorded = str(local.resolve()) if local.exists() else source

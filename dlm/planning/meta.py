@@ -21,7 +21,8 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, P
 
 from dlm.models.sharding import decoder_layers
 from dlm.settings import ConfigError, ExperimentConfig
-from dlm.tensor.attention import build_attention_inputs, total_length
+from dlm.tensor import patterns
+from dlm.tensor.attention import build_attention_inputs
 
 
 def architecture_file(name_or_path: str, folder: Path) -> Path:
@@ -70,11 +71,10 @@ class SavedActivations:
 
 
 def count_saved(model: PreTrainedModel, cfg: ExperimentConfig, *, batch_size: int) -> SavedActivations:
-    """Run the pattern's 2L (block_clean) or L positions through the meta model and add up the saved tensors."""
-    a, seq_len = cfg.attention, cfg.data.max_length
-    positions = total_length(a.pattern, seq_len)
-    attn = build_attention_inputs(a.pattern, batch_size=batch_size, seq_len=seq_len, block_size=a.block_size,
-                                  backend="sdpa", device="meta")
+    """Run the pattern's 2L (two halves) or L positions through the meta model and add up the saved tensors."""
+    pattern, seq_len = patterns.of(cfg.attention), cfg.data.max_length
+    positions = pattern.input_length(seq_len)
+    attn = build_attention_inputs(pattern, batch_size=batch_size, seq_len=seq_len, backend="sdpa", device="meta")
     layers = decoder_layers(model)
     weights = {p.untyped_storage()._cdata for p in model.parameters()}  # saved by matmuls, counted as parameters
     saved: dict[int, tuple[int, int]] = {}  # storage -> (bytes, layer index or -1)

@@ -20,7 +20,8 @@ from dlm.models.sharding import decoder_layers
 from dlm.planning.meta import architecture_config, count_saved, meta_backbone
 from dlm.settings import ConfigError, ExperimentConfig
 from dlm.settings.scaling import PlanConfig
-from dlm.tensor.attention import dense_mask, resolve_backend, total_length
+from dlm.tensor import patterns
+from dlm.tensor.attention import dense_mask, resolve_backend
 
 GIB = 2**30
 KNOWN_STRATEGIES = ("auto", "ddp", "fsdp", "fsdp2", "single_device")
@@ -92,24 +93,23 @@ def _static(cfg: ExperimentConfig, params: int, root: int, layer: int) -> dict[s
 
 def _loss_bytes(cfg: ExperimentConfig, batch: int, vocab: int, act: int) -> float:
     """Logits (B, T, V) and their gradient, plus float32 log-probabilities of the scored rows (and gradients)."""
-    a, seq_len = cfg.attention, cfg.data.max_length
-    positions = total_length(a.pattern, seq_len)
-    scored = batch * seq_len * (1.0 if a.pattern == "causal" else 0.5)  # E[t] = 1/2 of the tokens are masked
+    pattern, seq_len = patterns.of(cfg.attention), cfg.data.max_length
+    positions = pattern.input_length(seq_len)
+    scored = batch * seq_len * (1.0 if pattern.autoregressive else 0.5)  # E[t] = 1/2 of the tokens are masked
     return 2 * batch * positions * vocab * act + scored * vocab * (4 + 4 + act)
 
 
 def _attention_keys(cfg: ExperimentConfig) -> float:
     """Mean number of keys a query attends to under the pattern (what a block-sparse kernel computes)."""
-    a = cfg.attention
-    return float(dense_mask(a.pattern, cfg.data.max_length, a.block_size).float().sum(1).mean())
+    return float(dense_mask(patterns.of(cfg.attention), cfg.data.max_length).float().sum(1).mean())
 
 
 def _flops_per_token(cfg: ExperimentConfig, model, matmul_params: int) -> float:
     """6N per position for the weights + 12 * layers * heads * head_dim * keys for the scores, per data token."""
-    c, a = model.config, cfg.attention
+    c, pattern = model.config, patterns.of(cfg.attention)
     per_position = 6 * matmul_params + 12 * c.num_hidden_layers * c.num_attention_heads * _head_dim(c) * \
         _attention_keys(cfg)
-    return per_position * total_length(a.pattern, cfg.data.max_length) / cfg.data.max_length
+    return per_position * pattern.input_length(cfg.data.max_length) / cfg.data.max_length
 
 
 def _head_dim(c) -> int:
@@ -119,7 +119,7 @@ def _head_dim(c) -> int:
 def plan(cfg: ExperimentConfig, settings: PlanConfig, *, config_dir: Path, device: str = "cuda") -> Plan:
     """The plan of `cfg` on `settings.gpu` x `trainer.devices` x `trainer.num_nodes`."""
     folder = Path(settings.architectures) if settings.architectures else config_dir / "architectures"
-    kernel = resolve_backend(cfg.attention.backend, cfg.attention.pattern, device)
+    kernel = resolve_backend(cfg.attention.backend, patterns.of(cfg.attention), device)
     _, act = _bytes(cfg.trainer.precision)
     arch = architecture_config(cfg, folder, vocab_size=_tiny_vocab(cfg))
     model = meta_backbone(arch, dtype={2: torch.bfloat16, 4: torch.float32, 8: torch.float64}[act], kernel=kernel)
@@ -189,7 +189,7 @@ def _with(cfg: ExperimentConfig, section: str, **changes) -> ExperimentConfig:
 def format_plan(cfg: ExperimentConfig, settings: PlanConfig, p: Plan, verdict: str) -> str:
     t = cfg.trainer
     lines = [f"{cfg.name}: {p.params / 1e9:.3f}B parameters, {cfg.attention.pattern} "
-             f"({total_length(cfg.attention.pattern, cfg.data.max_length)} positions per sequence), micro-batch "
+             f"({patterns.of(cfg.attention).input_length(cfg.data.max_length)} positions per sequence), micro-batch "
              f"{cfg.data.batch_size} x accumulation {t.accumulate_grad_batches} x {p.world} GPUs, {t.precision}, "
              f"strategy {t.strategy}" + (f" {t.fsdp.sharding_strategy}" if t.strategy in FSDP else "")
              + f", activation checkpointing {'on' if t.activation_checkpointing else 'off'}",

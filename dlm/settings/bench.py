@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from dlm.settings.errors import check, check_block_size, check_choices, check_positive_int
-from dlm.settings.experiment import SYNTHETIC, Dtype, Pattern
+from dlm.settings.experiment import PATTERNS, SYNTHETIC, Dtype
 
 
 @dataclass
@@ -108,7 +108,7 @@ class BenchConfig:
 
 @dataclass
 class TrainBenchConfig:
-    patterns: List[Pattern] = field(default_factory=lambda: ["causal", "block", "block_clean"])
+    patterns: List[str] = field(default_factory=lambda: ["causal", "block", "block_clean"])
     """Attention patterns to train, one short run each."""
     steps: int = 30
     """Optimizer steps per pattern."""
@@ -116,5 +116,7 @@ class TrainBenchConfig:
     def __post_init__(self) -> None:
         check_choices(self, "bench_train.")
         check(bool(self.patterns), "bench_train.patterns", self.patterns, "need at least one pattern")
+        for name in self.patterns:
+            check(name in PATTERNS, "bench_train.patterns", name, "unknown pattern", PATTERNS)
         check_positive_int("bench_train.steps", self.steps)
 

@@ -1,6 +1,6 @@
 """The one error type for bad settings, the one check helper and the one formatter of omegaconf errors.
 
-Every message is one line, `key=value: rule; allowed: ...` (STYLE.md §2), so the CLI prints it as
+Every message is one line, `key=value: rule; allowed: ...` (docs/design.md §2), so the CLI prints it as
 `error: ...` and exits 2 before any compute starts.
 """
 

@@ -21,14 +21,16 @@ from dlm.settings.tracking import TrackingConfig
 __all__ = ["ConfigError", "ExperimentConfig", "flatten", "load_config", "save_config", "to_yaml", "validate"]
 """ConfigError, flatten and to_yaml are re-exported: the experiment config's API in one import."""
 
-Pattern = Literal["causal", "bidirectional", "block", "block_clean"]
 CleanContext = Literal["block", "causal"]
 Backend = Literal["auto", "sdpa", "flex", "flash", "eager"]
 MaskingStrategy = Literal["uniform", "position"]
 Weighting = Literal["elbo", "none"]
 Dtype = Literal["float32", "bfloat16", "float16", "float64"]
 Precision = Literal["32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "64-true"]
-PATTERNS = typing.get_args(Pattern)
+PATTERNS = tuple(sorted(p.stem for p in (Path(__file__).parents[1] / "tensor" / "patterns").glob("[!_]*.py")
+                       if p.stem != "base"))
+"""The registered attention patterns: the modules of `dlm/tensor/patterns/`, listed here without importing them
+(settings stay torch-free); the registry there checks that each module defines the pattern of its name."""
 CLEAN_CONTEXTS = typing.get_args(CleanContext)
 BACKENDS = typing.get_args(Backend)
 DTYPES = typing.get_args(Dtype)
@@ -62,8 +64,9 @@ class ModelConfig:
 
 @dataclass
 class AttentionConfig:
-    pattern: Pattern = "block_clean"
-    """causal | bidirectional | block | block_clean (DESIGN.md §1; paper winner: block_clean)."""
+    pattern: str = "block_clean"
+    """A registered pattern (`PATTERNS`: causal | bidirectional | block | block_clean | ...; docs/design.md §1;
+    paper winner: block_clean). Each is one module of `dlm/tensor/patterns/`."""
     block_size: int = 16
     """Diffusion block length L' in tokens (paper: 16 for 1.5B, 64 for 4B/8B)."""
     backend: Backend = "auto"
@@ -71,6 +74,8 @@ class AttentionConfig:
     clean_context: CleanContext = "block"
     """block_clean's clean half x_0: block (BD3-LM, block-causal) | causal (token-causal, so the clean KV cache
     is a causal LM's: joint AR + diffusion training with `objective.ar_weight`, speculative decoding)."""
+    options: Dict[str, Any] = field(default_factory=dict)
+    """The pattern's own options (its dataclass fields beyond block_size), e.g. `{window: 2}` for `window`."""
     block_size_schedule: List[List[int]] = field(default_factory=list)
     """Training block-size stages [[step, block_size], ...] from step 0 (LLaDA 2.0 warm-up, SDAR / TDAR
     progressive blocks), e.g. [[0, 2], [400, 4], [800, 8]]; replaces `block_size` in training, and the
@@ -233,9 +238,8 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     a, m, d = cfg.attention, cfg.masking, cfg.data
     check_positive_int("data.max_length", d.max_length)
     check_block_size(a.block_size, d.max_length)
+    check(a.pattern in PATTERNS, "attention.pattern", a.pattern, "unknown pattern", PATTERNS)
     check_schedule(a, d.max_length)
-    check(a.clean_context == "block" or a.pattern == "block_clean", "attention.clean_context", a.clean_context,
-          f"only block_clean has a clean half (attention.pattern={a.pattern!r}); allowed: block")
     check(m.half_life > 0, "masking.half_life", m.half_life, "must be > 0 (large = uniform)")
     check(0 < m.eps < 1, "masking.eps", m.eps, "must be in (0, 1)")
     check(cfg.model.name_or_path is not None or cfg.model.arch is not None, "model.name_or_path", None,
@@ -261,16 +265,10 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
 
 
 def _validate_objective(cfg: ExperimentConfig) -> None:
-    """The joint AR + diffusion weights: the AR term reads the clean half's logits, which predict the next
-    token only when that half is token-causal."""
-    o, a = cfg.objective, cfg.attention
+    """The joint AR + diffusion weights' ranges (which patterns take the AR term: `Pattern.check`)."""
+    o = cfg.objective
     check(o.ar_weight >= 0, "objective.ar_weight", o.ar_weight, "must be >= 0 (0 = diffusion only)")
     check(o.diffusion_weight >= 0, "objective.diffusion_weight", o.diffusion_weight, "must be >= 0")
-    check(o.ar_weight > 0 or o.diffusion_weight > 0 or a.pattern == "causal", "objective.diffusion_weight",
-          o.diffusion_weight, "must be > 0 when objective.ar_weight is 0 (nothing would train)")
-    check(o.ar_weight == 0 or (a.pattern == "block_clean" and a.clean_context == "causal"), "objective.ar_weight",
-          o.ar_weight, f"needs attention.pattern=block_clean with attention.clean_context=causal (got "
-          f"{a.pattern}, clean_context {a.clean_context}: its clean half is not token-causal)")
 
 
 def _validate_optim(o: OptimConfig) -> None:
@@ -324,7 +322,6 @@ def check_schedule(a: AttentionConfig, max_length: int) -> None:
     if not schedule:
         return
     key = "attention.block_size_schedule"
-    check(a.pattern != "causal", key, schedule, "the causal pattern has no blocks; set a diffusion pattern")
     check(all(len(stage) == 2 for stage in schedule), key, schedule, "each stage is [step, block_size]",
           "e.g. [[0, 2], [400, 4], [800, 8]]")
     steps = [step for step, _ in schedule]

@@ -2,7 +2,7 @@
 
 Sequence length L (``seq_len``), block size L' (``block_size``), ``nb = L // L'`` blocks. Each block gets
 its own rate ``t ~ U[eps, 1]`` and exactly ``k = round(t * n)`` of its ``n`` eligible tokens are masked,
-drawn without replacement (DESIGN.md §1):
+drawn without replacement (docs/design.md §1):
 - ``uniform``: every eligible subset of size k is equally likely;
 - ``position``: in proportion to ``w_i(t) = exp(beta * (1 - t) * i)`` (Efficient-DLM's position-dependent
   masking), by Gumbel-top-k. ``beta = ln2 / (half_life * L')``, so at t = 0 the weight doubles every

@@ -1,12 +1,10 @@
 """Losses: the masked-diffusion ELBO over the noisy sequence, and plain next-token cross-entropy.
 
-Which logit row predicts token i depends on the attention pattern and on `shift` (DESIGN.md §1):
+Which logit row predicts token i depends on the attention pattern and on `shift` (docs/design.md §1):
 - no shift (LLaDA, the paper's choice): row i predicts token i;
 - shift (Dream): row i-1 predicts token i, and token 0 has no prediction.
-For ``block_clean`` the model sees ``x_t ⊕ x_0`` (2L rows) and only the noisy half is scored; with shift,
-the first token of block b > 0 is predicted from the *clean* row of token i-1, because the noisy row i-1
-sits in block b-1 and cannot see block b. That is also what decoding does: a new block's first token is
-predicted from the last committed token.
+For a two-halves pattern (``block_clean``) the model sees ``x_t ⊕ x_0`` (2L rows) and only the noisy half is
+scored; which row predicts each token is the pattern's (`Pattern.predicting_rows`).
 
 Log-softmax runs in float32, on the scored rows only (V can be 150k, so a full (B, L, V) float32 copy is
 what we avoid).
@@ -21,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dlm.settings import WEIGHTINGS, ConfigError
-from dlm.tensor.attention import check_pattern, total_length
+from dlm.tensor.patterns import Pattern
 
 
 class LossOutput(NamedTuple):
@@ -39,41 +37,21 @@ def shift_valid(seq_len: int, shift: bool, *, device: torch.device | str | None 
     return valid
 
 
-def source_rows(
-    *, pattern: str, seq_len: int, block_size: int, shift: bool, device: torch.device | str | None = None
-) -> Tensor:
-    """(L,) long: the index along the logits' sequence axis of the row that predicts token i.
-
-    Row 0 under shift is a placeholder (0); callers exclude it with :func:`shift_valid`.
-    """
-    check_pattern(pattern, block_size)
-    i = torch.arange(seq_len, device=device)
-    if not shift:
-        return i
-    rows = (i - 1).clamp_min(0)
-    if pattern == "block_clean":
-        block_start = (i % block_size == 0) & (i > 0)
-        rows = torch.where(block_start, seq_len + i - 1, rows)  # clean row of token i-1
-    return rows
-
-
-def _check_logits(logits: Tensor, pattern: str, seq_len: int) -> None:
-    expected = total_length(pattern, seq_len)
+def _check_logits(logits: Tensor, pattern: Pattern, seq_len: int) -> None:
+    expected = pattern.input_length(seq_len)
     if logits.dim() != 3 or logits.shape[1] != expected:
-        raise ValueError(
-            f"logits.shape={tuple(logits.shape)}: must be (B, {expected}, V) for pattern={pattern!r}, seq_len={seq_len}"
-        )
+        raise ValueError(f"logits.shape={tuple(logits.shape)}: must be (B, {expected}, V) for "
+                         f"pattern={pattern.name!r}, seq_len={seq_len}")
 
 
-def predictions_for_targets(logits: Tensor, *, pattern: str, seq_len: int, block_size: int, shift: bool) -> Tensor:
+def predictions_for_targets(logits: Tensor, *, pattern: Pattern, seq_len: int, shift: bool) -> Tensor:
     """(B, L, V): at index i, the logit row that predicts token i of the noisy sequence.
 
-    `logits` is (B, L, V), or (B, 2L, V) for block_clean (noisy half first). A gathered copy: for
+    `logits` is (B, L, V), or (B, 2L, V) for a two-halves pattern (noisy half first). A gathered copy: for
     inspection and tests; :func:`diffusion_loss` gathers only the scored rows.
     """
     _check_logits(logits, pattern, seq_len)
-    rows = source_rows(pattern=pattern, seq_len=seq_len, block_size=block_size, shift=shift, device=logits.device)
-    return logits.index_select(1, rows)
+    return logits.index_select(1, pattern.predicting_rows(seq_len, shift, logits.device))
 
 
 def block_weights(num_masked: Tensor, num_eligible: Tensor, block_size: int, weighting: str) -> Tensor:
@@ -81,7 +59,7 @@ def block_weights(num_masked: Tensor, num_eligible: Tensor, block_size: int, wei
 
     ``elbo``: the realised inverse rate n/k (= L'/k with every token eligible), not 1/t: with exactly
     k = round(t * n) masked, small t gives k in {0, 1} and 1/t would put weights up to 1/eps on single
-    tokens (DESIGN.md §1). ``none``: 1.
+    tokens (docs/design.md §1). ``none``: 1.
     """
     if weighting not in WEIGHTINGS:
         raise ConfigError(f"objective.weighting={weighting!r}: unknown weighting; allowed: {', '.join(WEIGHTINGS)}")
@@ -110,9 +88,8 @@ def diffusion_loss(
     mask: Tensor,
     *,
     weights: Tensor,
-    pattern: str,
+    pattern: Pattern,
     seq_len: int,
-    block_size: int,
     shift: bool,
     eligible: Optional[Tensor] = None,
 ) -> LossOutput:
@@ -129,7 +106,7 @@ def diffusion_loss(
     for name, tensor in (("target_ids", target_ids), ("mask", mask), ("weights", weights), ("eligible", eligible)):
         if tensor.shape != (batch_size, seq_len):
             raise ValueError(f"{name}.shape={tuple(tensor.shape)}: must be (B, L)=({batch_size}, {seq_len})")
-    rows = source_rows(pattern=pattern, seq_len=seq_len, block_size=block_size, shift=shift, device=logits.device)
+    rows = pattern.predicting_rows(seq_len, shift, logits.device)
     scored = mask & shift_valid(seq_len, shift, device=logits.device)
     b, i = scored.nonzero(as_tuple=True)  # (N,), (N,)
     tok_nll, tok_correct = _token_nll(logits[b, rows[i]], target_ids[b, i])  # rows: (N, V)

@@ -1,8 +1,8 @@
 """LightningModule: an unmodified HF backbone run under the configured attention pattern and loss.
 
-Wiring only: masks come from `dlm.tensor.attention`, noise from the DataModule's collate, the loss from
-`dlm.tensor.objective`. The `causal` pattern trains with the plain AR loss (the AR baseline and the tiny
-AR pretraining); every other pattern with the masked-diffusion ELBO.
+Wiring only: the pattern object (`dlm.tensor.patterns`) gives the masks and the input layout, noise comes from the
+DataModule's collate, the loss from `dlm.tensor.objective`. An autoregressive pattern (`causal`) trains with the
+plain AR loss (the AR baseline and the tiny AR pretraining); every other pattern with the masked-diffusion ELBO.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from dlm.models.backbone import Backbone, load_backbone
 from dlm.models.lora import apply_lora, parameter_counts
 from dlm.settings import ExperimentConfig
-from dlm.tensor.attention import build_attention_inputs, diffusion_input, resolve_backend, sequence_length
+from dlm.tensor import patterns
+from dlm.tensor.attention import build_attention_inputs, resolve_backend
 from dlm.tensor.objective import LossOutput, ar_loss, block_weights, diffusion_loss
 from dlm.training.resume import rng_state, set_rng_state
 
@@ -28,7 +29,7 @@ from dlm.training.resume import rng_state, set_rng_state
 def kernel_for(cfg: ExperimentConfig) -> str:
     """The attention kernel this run will use (flex on CUDA by default, sdpa on CPU)."""
     on_cuda = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    return resolve_backend(cfg.attention.backend, cfg.attention.pattern, "cuda" if on_cuda else "cpu")
+    return resolve_backend(cfg.attention.backend, patterns.of(cfg.attention), "cuda" if on_cuda else "cpu")
 
 
 class DiffusionLM(L.LightningModule):
@@ -39,6 +40,7 @@ class DiffusionLM(L.LightningModule):
         self.save_hyperparameters({"config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)},
                                   logger=False)
         self.cfg = cfg
+        self.pattern = patterns.of(cfg.attention)
         backbone = backbone or load_backbone(cfg.model, attn_implementation=kernel_for(cfg))
         self.model, self.tokenizer, self.mask_token_id = backbone.model, backbone.tokenizer, backbone.mask_token_id
         if cfg.model.lora.enabled:
@@ -74,28 +76,26 @@ class DiffusionLM(L.LightningModule):
     def forward(self, input_ids: Tensor, document_ids: Tensor | None = None, block_size: int | None = None) -> Tensor:
         """Logits of `input_ids`; `document_ids` `(B, L)` (data.document_mask) adds the same-document rule;
         `block_size` is the schedule's current stage (default `attention.block_size`)."""
-        a = self.cfg.attention
-        attn = build_attention_inputs(a.pattern, batch_size=input_ids.shape[0],
-                                      seq_len=sequence_length(a.pattern, input_ids.shape[1]),
-                                      block_size=block_size or a.block_size, backend=self.kernel,
+        pattern = self.pattern.resized(block_size or self.pattern.block_size)
+        attn = build_attention_inputs(pattern, batch_size=input_ids.shape[0],
+                                      seq_len=pattern.sequence_length(input_ids.shape[1]), backend=self.kernel,
                                       device=input_ids.device, dtype=self.model.dtype, document_ids=document_ids,
-                                      restart_positions=self.cfg.data.restart_positions,
-                                      clean_context=a.clean_context)
+                                      restart_positions=self.cfg.data.restart_positions)
         self.flops_per_batch = self._training_flops(input_ids)
         return self.model(input_ids=input_ids, **attn.as_kwargs(), use_cache=False).logits
 
     def loss(self, batch: dict[str, Tensor]) -> LossOutput:
-        a, o = self.cfg.attention, self.cfg.objective
-        docs, bs = batch.get("document_ids"), batch.get("block_size", a.block_size)
-        if a.pattern == "causal":
+        o = self.cfg.objective
+        docs, bs = batch.get("document_ids"), batch.get("block_size", self.pattern.block_size)
+        if self.pattern.autoregressive:
             return ar_loss(self(batch["input_ids"], docs), batch["input_ids"], batch["eligible"])
-        noised = batch["noised_ids"]
-        inputs = diffusion_input(a.pattern, noised, batch["input_ids"])
+        noised, pattern = batch["noised_ids"], self.pattern.resized(bs)
+        inputs = pattern.model_input(noised, batch["input_ids"])
         weights = block_weights(batch["num_masked"], batch["num_eligible"], bs, o.weighting)
         logits = self(inputs, docs, bs)
         diffusion = diffusion_loss(logits, batch["input_ids"], batch["mask"], weights=weights,
-                                   eligible=batch["eligible"], pattern=a.pattern, seq_len=noised.shape[1],
-                                   block_size=bs, shift=o.shift)
+                                   eligible=batch["eligible"], pattern=pattern, seq_len=noised.shape[1],
+                                   shift=o.shift)
         if o.ar_weight == 0:
             return diffusion._replace(loss=o.diffusion_weight * diffusion.loss)
         return self._joint(diffusion, logits[:, noised.shape[1]:], batch)

@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import Strategy
 
 from dlm.data.datamodule import DiffusionDataModule
 from dlm.settings import ConfigError, ExperimentConfig, flatten, to_yaml
+from dlm.tensor import patterns
 from dlm.tracking import lock, runs
 from dlm.training.callbacks.export import HFExportCallback, export_complete, export_module
 from dlm.training.module import DiffusionLM
@@ -128,6 +129,7 @@ def train(cfg: ExperimentConfig, callbacks: list[L.Callback] = ()) -> TrainResul
     Order: every check that can fail on bad input (trainer knobs, the resume checkpoint, the data), then the
     model, the packed data, the output folder's lock, and only then the MLflow run and the first file.
     """
+    patterns.check_experiment(cfg)
     check_trainer(cfg)
     check_tracking(cfg)
     ckpt_path, run_id, ckpt_step = _resume_state(cfg)

@@ -46,16 +46,18 @@ def run_main(argv: list[str], capsys) -> tuple[int, str, str, float]:
 
 
 # -- attention-demo, config -----------------------------------------------------------------------------------
-def test_attention_demo_defaults_print_the_four_patterns_at_length_8_block_4(capsys):
+def test_attention_demo_defaults_print_every_registered_pattern_at_length_8_block_4(capsys):
     assert main(["attention-demo"]) == 0
     headers = [line.split(";")[0] for line in capsys.readouterr().out.splitlines() if "(L=" in line]
-    assert headers == [f"{p} (L=8, block_size=4)" for p in ("causal", "bidirectional", "block", "block_clean")]
+    assert headers == [f"{p} (L=8, block_size=4)" for p in ("bidirectional", "block")] + [
+        "block_clean (L=8, block_size=4, clean_context=block)", "block_window (L=8, block_size=4, window=2)",
+        "causal (L=8, block_size=4)"]
 
 
 def test_attention_demo_prints_only_the_patterns_asked_for_in_that_order(capsys):
     assert main(["attention-demo", "--patterns", "block_clean", "causal"]) == 0
     headers = [line.split(";")[0] for line in capsys.readouterr().out.splitlines() if "(L=" in line]
-    assert headers == ["block_clean (L=8, block_size=4)", "causal (L=8, block_size=4)"]
+    assert headers == ["block_clean (L=8, block_size=4, clean_context=block)", "causal (L=8, block_size=4)"]
 
 
 def test_config_takes_overrides_before_or_after_the_yaml_and_prints_loadable_yaml(capsys):
@@ -69,7 +71,7 @@ def test_config_with_an_unknown_key_suggests_the_near_match_in_one_line(capsys):
     assert status == 2 and out == ""
     assert err.splitlines() == [
         "error: attention.blok_size: unknown key (did you mean 'block_size'?); allowed: pattern, block_size, backend, "
-        "clean_context, block_size_schedule"]
+        "clean_context, options, block_size_schedule"]
 
 
 # -- the parser -----------------------------------------------------------------------------------------------
@@ -146,8 +148,8 @@ BAD_FLAGS = {
     "eval-decode-bool-not-true-false": (["eval", MISSING_CKPT, "--decode.use_cache", "maybe"],
                                         "dlm eval: error: argument --decode.use_cache: 'maybe': must be true or false"),
     "bench-train-unknown-pattern": (["bench-train", TINY, "--patterns", "blok"],
-                                    "error: bench_train.patterns='blok': unknown pattern; allowed: causal, "
-                                    "bidirectional, block, block_clean"),
+                                    "error: bench_train.patterns='blok': unknown pattern; allowed: bidirectional, "
+                                    "block, block_clean, block_window, causal"),
     "bench-train-zero-steps": (["bench-train", TINY, "--steps", "0"],
                                "error: bench_train.steps=0: must be a positive integer"),
     "drift-negative-step": (["drift", MISSING_CKPT, "--reference", "ar", "--step", "-1"],

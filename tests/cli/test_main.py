@@ -11,8 +11,9 @@ from dlm.cli.main import main
 def test_attention_demo_prints_all_patterns(capsys):
     assert main(["attention-demo", "--seq-len", "4", "--block-size", "2"]) == 0
     out = capsys.readouterr().out
-    for pattern in ("causal", "bidirectional", "block", "block_clean"):
-        assert f"{pattern} (L=4, block_size=2)" in out
+    for header in ("causal (L=4, block_size=2)", "bidirectional (L=4, block_size=2)", "block (L=4, block_size=2)",
+                   "block_clean (L=4, block_size=2, clean_context=block)"):
+        assert header in out
     assert "  c3 ....####" in out  # clean half of block_clean is block-causal
 
 
@@ -27,7 +28,8 @@ def test_bad_config_is_one_error_line_and_exit_2():
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: attention.pattern='blok': unknown pattern; allowed: causal, bidirectional, block, block_clean"
+        "error: attention.pattern='blok': unknown pattern; allowed: bidirectional, block, block_clean, block_window, "
+        "causal"
     ]
 
 

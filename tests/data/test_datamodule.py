@@ -9,6 +9,7 @@ import torch
 
 from dlm.data.datamodule import DiffusionCollator, DiffusionDataModule
 from dlm.settings import ConfigError, load_config
+from dlm.tensor import patterns
 
 
 def _cfg(tmp_path, *overrides):
@@ -19,7 +20,7 @@ def _cfg(tmp_path, *overrides):
 
 def test_collate_noises_only_eligible_with_mask_token(tmp_path):
     cfg = _cfg(tmp_path)
-    collate = DiffusionCollator("block_clean", 4, mask_token_id=1, masking=cfg.masking)
+    collate = DiffusionCollator(patterns.get("block_clean", block_size=4), mask_token_id=1, masking=cfg.masking)
     rows = [{"input_ids": list(range(10, 26)), "eligible": [0] * 6 + [1] * 10} for _ in range(3)]
     torch.manual_seed(0)
     batch = collate(rows)
@@ -31,14 +32,14 @@ def test_collate_noises_only_eligible_with_mask_token(tmp_path):
 
 def test_collate_complementary_doubles_batch_and_covers_every_token(tmp_path):
     cfg = _cfg(tmp_path, "masking.complementary=true")
-    collate = DiffusionCollator("block", 4, mask_token_id=1, masking=cfg.masking)
+    collate = DiffusionCollator(patterns.get("block", block_size=4), mask_token_id=1, masking=cfg.masking)
     batch = collate([{"input_ids": list(range(16)), "eligible": [1] * 16} for _ in range(2)])
     assert batch["mask"].shape == (4, 16)
     assert torch.equal(batch["mask"][:2] ^ batch["mask"][2:], torch.ones(2, 16, dtype=torch.bool))
 
 
 def test_collate_causal_has_no_noise(tmp_path):
-    collate = DiffusionCollator("causal", 4, mask_token_id=1, masking=_cfg(tmp_path).masking)
+    collate = DiffusionCollator(patterns.get("causal", block_size=4), mask_token_id=1, masking=_cfg(tmp_path).masking)
     batch = collate([{"input_ids": [5, 6, 7, 8], "eligible": [1, 1, 1, 1]}])
     assert set(batch) == {"input_ids", "eligible", "position_ids"}
 
@@ -46,7 +47,8 @@ def test_collate_causal_has_no_noise(tmp_path):
 @pytest.mark.parametrize("restart", [True, False])
 def test_collate_document_ids_restart_positions_per_document(tmp_path, restart):
     cfg = _cfg(tmp_path, "masking.complementary=true")
-    collate = DiffusionCollator("block_clean", 4, mask_token_id=1, masking=cfg.masking, restart_positions=restart)
+    collate = DiffusionCollator(patterns.get("block_clean", block_size=4), mask_token_id=1, masking=cfg.masking,
+                                restart_positions=restart)
     docs = [0] * 3 + [1] * 5
     batch = collate([{"input_ids": list(range(8)), "eligible": [1] * 8, "document_ids": docs}])
     assert batch["document_ids"].tolist() == [docs, docs]  # doubled with the complementary copy

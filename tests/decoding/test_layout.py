@@ -5,10 +5,16 @@ from __future__ import annotations
 import torch
 
 from dlm.decoding.layout import Layout
+from dlm.tensor import patterns
+
+
+def block(size: int) -> patterns.Pattern:
+    return patterns.get("block", block_size=size)
+
 
 
 def test_each_row_has_the_positions_and_blocks_it_would_have_alone():
-    layout = Layout.build(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), max_new_tokens=4, block_size=2)
+    layout = Layout.build(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), max_new_tokens=4, pattern=block(2))
     assert layout.prompt_len == 5 and layout.total == 9
     assert layout.position_ids.tolist() == [[0, 0, 0, 1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5, 6, 7, 8]]
     # row 0: 3 prompt tokens -> prompt blocks 0, 0, 1; generation starts at block ceil(3 / 2) = 2
@@ -17,7 +23,7 @@ def test_each_row_has_the_positions_and_blocks_it_would_have_alone():
 
 
 def test_mask_is_block_causal_over_real_keys_and_pads_see_only_themselves():
-    layout = Layout.build(torch.tensor([[0, 1, 1]]), max_new_tokens=4, block_size=2)
+    layout = Layout.build(torch.tensor([[0, 1, 1]]), max_new_tokens=4, pattern=block(2))
     mask = layout.mask(3, 5, keys=7)[0, 0]  # the first generated block over every key of the sequence
     assert mask.tolist() == [[False, True, True, True, True, False, False]] * 2  # own block yes, the next no
     pad = layout.mask(0, 1, keys=3)[0, 0]
@@ -25,12 +31,12 @@ def test_mask_is_block_causal_over_real_keys_and_pads_see_only_themselves():
 
 
 def test_block_size_one_is_token_causal():
-    layout = Layout.build(torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, block_size=1)
+    layout = Layout.build(torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, pattern=block(1))
     mask = layout.mask(0, 5, keys=5)[0, 0]
     assert torch.equal(mask, torch.ones(5, 5, dtype=torch.bool).tril())
 
 
 def test_select_keeps_the_rows_asked_for():
-    layout = Layout.build(torch.tensor([[0, 1], [1, 1], [0, 1]]), max_new_tokens=2, block_size=2)
+    layout = Layout.build(torch.tensor([[0, 1], [1, 1], [0, 1]]), max_new_tokens=2, pattern=block(2))
     kept = layout.select(torch.tensor([2, 0]))
     assert torch.equal(kept.position_ids, layout.position_ids[[2, 0]]) and kept.prompt_len == 2

@@ -14,7 +14,13 @@ from dlm.decoding.layout import Layout
 from dlm.decoding.runner import Runner
 from dlm.decoding.text import left_pad
 from dlm.settings import DecodeConfig
+from dlm.tensor import patterns
 from tests.conftest import make_backbone, sharp_backbone
+
+
+def block(size: int) -> patterns.Pattern:
+    return patterns.get("block", block_size=size)
+
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,7 +32,7 @@ def model(tokenizer):
 
 def setup(model, cache="static", use_cache=True):
     ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
-    layout = Layout.build(torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6]), max_new_tokens=4, block_size=2)
+    layout = Layout.build(torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6]), max_new_tokens=4, pattern=block(2))
     return ids, Runner(model, layout, DecodeConfig(block_size=2, max_new_tokens=4, cache=cache, use_cache=use_cache))
 
 

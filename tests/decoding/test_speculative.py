@@ -3,9 +3,12 @@ token, on a batch of mixed-length prompts (with EOS and stop strings)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 
+from dlm.decoding.drafting import DraftRequest
 from dlm.decoding.engine import generate
 from dlm.decoding.speculative import accept, accepted_counts
 from dlm.decoding.text import left_pad
@@ -125,71 +128,59 @@ def _lookup(ar_seq: torch.Tensor, mask: torch.Tensor, first: torch.Tensor, width
     return ar_seq[ids].gather(1, cols.clamp(max=ar_seq.shape[1] - 1))
 
 
-def _oracle(ar_seq: torch.Tensor, mask: torch.Tensor, wrong_every: int):
-    """A draft from the AR mode's own output, wrong at one column every `wrong_every` steps: drafts that the
-    verify accepts in part or in full, so holes are left after accepted drafts on a real model."""
+@dataclass
+class Oracle:
+    """A drafter proposing the AR mode's own output (`ar_seq` = left-padded prompts + AR output), wrong at one
+    column every `wrong_every` steps (counted in draft calls for the separate form, in positions for the fused one,
+    so rows are wrong at different steps); `wrong_every == 1`: every draft token wrong. `wrong_rows`: rows whose
+    drafts are always wrong. Accepted in part or in full, so holes are left after accepted drafts."""
 
-    def draft(run, seq, pos, k, mask_token_id, shift, first, ids):
-        guess = _lookup(ar_seq, mask, first, k, ids)
-        if pos % wrong_every == 0:
-            guess[:, k // 2] = mask_token_id  # never a causal argmax
+    ar_seq: torch.Tensor
+    mask: torch.Tensor
+    mask_token_id: int
+    wrong_every: int = 10**6
+    by_position: bool = True
+    wrong_rows: tuple[int, ...] = ()
+    noisy_pass: bool = True
+    calls: int = 0
+
+    def draft(self, request: DraftRequest) -> torch.Tensor:
+        self.calls += 1
+        guess = _lookup(self.ar_seq, self.mask, request.first, request.length, request.rows)
+        if self.wrong_every == 1:
+            guess[:] = self.mask_token_id
+        elif guess.shape[1] and self.by_position:
+            guess[request.first % self.wrong_every == 0, guess.shape[1] // 2] = self.mask_token_id
+        elif guess.shape[1] and self.calls % self.wrong_every == 0:
+            guess[:, request.length // 2] = self.mask_token_id  # never a causal argmax
+        guess[[r in self.wrong_rows for r in request.rows]] = self.mask_token_id
         return guess
 
-    return draft
 
-
-def _fused_oracle(ar_seq: torch.Tensor, mask: torch.Tensor, wrong_every: int):
-    """The same oracle in place of the fused form's noisy-block draft (for positions `first..`, per row: rows are
-    wrong at different steps); with `wrong_every == 1` every draft token is wrong."""
-
-    def draft(logits, first, mask_token_id, ids):
-        guess = _lookup(ar_seq, mask, first, logits.shape[1], ids)
-        if wrong_every == 1:
-            guess[:] = mask_token_id
-        elif guess.shape[1]:
-            guess[first % wrong_every == 0, guess.shape[1] // 2] = mask_token_id
-        return guess
-
-    return draft
-
-
-def _with_oracle(bb, tokenizer, monkeypatch, form: str, wrong_every: int):
-    """(speculative, AR) outputs, 21 tokens at block 5, with the drafts of `form` replaced by the oracle."""
-    import dlm.decoding.speculative as speculative
-
+def _with_oracle(bb, tokenizer, form: str, wrong_every: int):
+    """(speculative, AR) outputs, 21 tokens at block 5, the drafts proposed by the oracle."""
     ids, mask = _batch(tokenizer)
     ar = _decode(bb, ids, mask, "ar", max_new_tokens=21)
-    ar_seq = torch.cat([ids, torch.tensor(ar.tokens)], dim=1)
-    if form == "separate":
-        monkeypatch.setattr(speculative, "draft_tokens", _oracle(ar_seq, mask, wrong_every))
-    else:
-        monkeypatch.setattr(speculative, "noisy_draft", _fused_oracle(ar_seq, mask, wrong_every))
-    return _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21, speculative_form=form), ar
+    oracle = Oracle(torch.cat([ids, torch.tensor(ar.tokens)], dim=1), mask, bb.mask_token_id, wrong_every,
+                    by_position=form == "fused")
+    return _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21, speculative_form=form,
+                   drafter=oracle), ar
 
 
-def test_each_row_advances_by_its_own_accepted_count(bb, tokenizer, monkeypatch):
+def test_each_row_advances_by_its_own_accepted_count(bb, tokenizer):
     """Row 0's drafts are always wrong, the others' always right: the others finish in the forwards they would
     take alone, while row 0 decodes one token per forward, and every row still equals the AR mode."""
-    import dlm.decoding.speculative as speculative
-
     ids, mask = _batch(tokenizer)
     ar = _decode(bb, ids, mask, "ar", max_new_tokens=21)
-    ar_seq = torch.cat([ids, torch.tensor(ar.tokens)], dim=1)
-
-    def draft(logits, first, mask_token_id, rows):
-        guess = _lookup(ar_seq, mask, first, logits.shape[1], rows)
-        guess[[r == 0 for r in rows]] = mask_token_id
-        return guess
-
-    monkeypatch.setattr(speculative, "noisy_draft", draft)
-    spec = _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21)
+    oracle = Oracle(torch.cat([ids, torch.tensor(ar.tokens)], dim=1), mask, bb.mask_token_id, wrong_rows=(0,))
+    spec = _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21, drafter=oracle)
     assert spec.tokens == ar.tokens
     assert spec.row_forwards == [21, 5, 5, 5]  # 5: the prefill (token 1 and a draft), then 5 tokens a forward
 
 
 @pytest.mark.parametrize("wrong_every", [1, 2, 10**6])
-def test_accepted_drafts_keep_the_output_and_cut_the_forwards(bb, tokenizer, monkeypatch, wrong_every):
-    spec, ar = _with_oracle(bb, tokenizer, monkeypatch, "separate", wrong_every)
+def test_accepted_drafts_keep_the_output_and_cut_the_forwards(bb, tokenizer, wrong_every):
+    spec, ar = _with_oracle(bb, tokenizer, "separate", wrong_every)
     assert spec.tokens == ar.tokens
     if wrong_every == 10**6:  # always right: k + 1 = 5 tokens per verify, 20 after the prefill's first one
         assert spec.nfe == 1 + 2 * 4
@@ -198,9 +189,8 @@ def test_accepted_drafts_keep_the_output_and_cut_the_forwards(bb, tokenizer, mon
 
 
 @pytest.mark.parametrize("wrong_every", [1, 2, 10**6])
-def test_fused_form_accepts_a_whole_block_per_forward_when_the_drafts_are_right(bb, tokenizer, monkeypatch,
-                                                                              wrong_every):
-    spec, ar = _with_oracle(bb, tokenizer, monkeypatch, "fused", wrong_every)
+def test_fused_form_accepts_a_whole_block_per_forward_when_the_drafts_are_right(bb, tokenizer, wrong_every):
+    spec, ar = _with_oracle(bb, tokenizer, "fused", wrong_every)
     assert spec.tokens == ar.tokens
     if wrong_every == 10**6:  # prefill: token 1 and a draft of the next 4; then 5 a forward (20 in 4)
         assert spec.nfe == 1 + 4
@@ -227,3 +217,14 @@ def test_shifted_checkpoints_draft_from_the_previous_row_and_still_equal_ar(bb, 
     ids, mask = _batch(tokenizer)
     spec = _decode(bb, ids, mask, "speculative", block_size=4, shift=True, speculative_form=form)
     assert spec.tokens == _decode(bb, ids, mask, "ar").tokens
+
+
+def test_a_drafter_without_the_noisy_pass_costs_no_draft_forward(bb, tokenizer):
+    """An external drafter (no noisy-block logits): the separate form runs only its verify forwards."""
+    ids, mask = _batch(tokenizer)
+    ar = _decode(bb, ids, mask, "ar", max_new_tokens=21)
+    oracle = Oracle(torch.cat([ids, torch.tensor(ar.tokens)], dim=1), mask, bb.mask_token_id, noisy_pass=False)
+    spec = _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21, speculative_form="separate",
+                   drafter=oracle)
+    assert spec.tokens == ar.tokens
+    assert spec.nfe == 1 + 4  # the prefill, then 5 tokens per verify forward

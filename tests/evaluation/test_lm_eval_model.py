@@ -7,12 +7,13 @@ from lm_eval.api.instance import Instance
 from lm_eval.api.registry import get_model, model_registry
 
 from dlm.decoding.text import pad_token_id
+from dlm.evaluation.likelihood import score_continuations
 from dlm.evaluation.lm_eval_model import DLMEvalModel, rolling_windows
 from dlm.models.checkpoint import CheckpointMeta
 from dlm.settings import ConfigError
-from dlm.tensor.likelihood import score_continuations
+from dlm.tensor import patterns
 from tests.conftest import save_tiny, sharp_backbone
-from tests.tensor.test_likelihood import CONTEXT, CONTINUATIONS
+from tests.evaluation.test_likelihood import CONTEXT, CONTINUATIONS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,7 +43,7 @@ def test_scores_are_dlm_likelihood_under_the_checkpoints_layout(bb, tokenizer, p
     lm = adapter(bb, pattern=pattern, shift=shift, block_size=8, max_length=40, batch_size=2)
     ctx, conts = tokenizer.encode(CONTEXT), [tokenizer.encode(c) for c in CONTINUATIONS]
     got = lm._loglikelihood_tokens([(("", ""), ctx, c) for c in conts])  # ids: no re-tokenization
-    want = score_continuations(bb.model, [(ctx, c) for c in conts], causal=pattern == "causal", block_size=8,
+    want = score_continuations(bb.model, [(ctx, c) for c in conts], pattern=patterns.get(pattern, block_size=8),
                                mask_token_id=bb.mask_token_id, shift=shift, max_length=40,
                                pad_token_id=pad_token_id(tokenizer), batch_size=2)
     assert got == want
@@ -176,7 +177,8 @@ def test_loglikelihood_elbo_comes_from_model_args_and_bad_values_fail_in_one_lin
     pairs = [(ctx, tokenizer.encode(c)) for c in CONTINUATIONS]
     lm = adapter(bb, loglikelihood="elbo", mc_num="3", seed="5")  # lm-eval hands model_args over as strings
     got = [lp for lp, _ in lm._score(pairs, disable_tqdm=True)]
-    want = score_continuations(bb.model, pairs, causal=False, block_size=4, mask_token_id=bb.mask_token_id,
+    block = patterns.get("block", block_size=4)
+    want = score_continuations(bb.model, pairs, pattern=block, mask_token_id=bb.mask_token_id,
                                shift=False, max_length=lm.max_length, pad_token_id=pad_token_id(tokenizer),
                                batch_size=1, method="elbo", mc_num=3, seed=5)
     assert got == pytest.approx([lp for lp, _ in want], abs=1e-9)

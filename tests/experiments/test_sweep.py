@@ -140,7 +140,8 @@ def test_an_invalid_point_fails_the_sweep_before_any_run_naming_point_and_key(tm
     path = write_sweep(tmp_path, ar_checkpoint,
                        grid={"attention.pattern": ["block", "blok"], "objective.shift": [True]})
     with pytest.raises(ConfigError, match=r"^sweep point 'pattern-blok_shift-true': attention.pattern='blok': "
-                                          r"unknown pattern; allowed: causal, bidirectional, block, block_clean$"):
+                                          r"unknown pattern; allowed: bidirectional, block, block_clean, "
+                                          r"block_window, causal$"):
         run_sweep(path)
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out").exists()
 

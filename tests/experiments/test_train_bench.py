@@ -23,7 +23,7 @@ def test_format_rows_relative_to_causal():
 
 
 def test_unknown_pattern_is_one_line():
-    with pytest.raises(ConfigError, match=r"^bench_train.patterns='blok': unknown pattern; allowed: causal"):
+    with pytest.raises(ConfigError, match=r"^bench_train.patterns='blok': unknown pattern; allowed: bidirectional"):
         TrainBenchConfig(["blok"])
 
 

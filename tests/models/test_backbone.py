@@ -8,14 +8,15 @@ from torch.testing import assert_close
 
 from dlm.models.backbone import ensure_mask_token, forward_logits, load_backbone
 from dlm.settings import PATTERNS, ConfigError, ModelConfig
+from dlm.tensor import patterns
 from dlm.tensor.attention import build_attention_inputs
 from tests.conftest import TINY
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_forward_under_every_pattern(backbone, pattern):
-    ids = torch.randint(5, 300, (2, 16 if pattern == "block_clean" else 8))
-    attn = build_attention_inputs(pattern, batch_size=2, seq_len=8, block_size=4)
+    ids = torch.randint(5, 300, (2, 16 if patterns.get(pattern).two_halves else 8))
+    attn = build_attention_inputs(patterns.get(pattern, block_size=4), batch_size=2, seq_len=8)
     logits = forward_logits(backbone.model, ids, attn)
     assert logits.shape == (2, ids.shape[1], backbone.model.config.vocab_size)
     assert torch.isfinite(logits).all()
@@ -54,7 +55,7 @@ def test_load_from_local_folder_roundtrip(qwen3, tmp_path):
     qwen3.tokenizer.save_pretrained(tmp_path)
     loaded = load_backbone(ModelConfig(name_or_path=str(tmp_path)))
     ids = torch.randint(5, 300, (1, 8))
-    attn = build_attention_inputs("block", batch_size=1, seq_len=8, block_size=4)
+    attn = build_attention_inputs(patterns.get("block", block_size=4), batch_size=1, seq_len=8)
     with torch.no_grad():
         assert_close(forward_logits(loaded.model, ids, attn), forward_logits(qwen3.model, ids, attn))
     assert loaded.mask_token_id == qwen3.mask_token_id

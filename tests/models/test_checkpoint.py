@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from dlm.models.backbone import forward_logits
 from dlm.models.checkpoint import META_FILE, CheckpointMeta, load_checkpoint, read_meta, save_checkpoint
 from dlm.settings import ConfigError, load_config
+from dlm.tensor import patterns
 from dlm.tensor.attention import build_attention_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,8 +26,9 @@ def _meta(bb, **kw):
 
 
 def _logits(model, ids, pattern="block_clean", block_size=4):
-    seq_len = ids.shape[1] // 2 if pattern == "block_clean" else ids.shape[1]
-    attn = build_attention_inputs(pattern, batch_size=ids.shape[0], seq_len=seq_len, block_size=block_size)
+    seq_len = ids.shape[1] // 2 if patterns.get(pattern).two_halves else ids.shape[1]
+    attn = build_attention_inputs(patterns.get(pattern, block_size=block_size), batch_size=ids.shape[0],
+                                  seq_len=seq_len)
     with torch.no_grad():
         return forward_logits(model, ids, attn)
 
@@ -68,7 +70,7 @@ def test_three_exports_within_one_second_keep_every_earlier_one(qwen3, tmp_path,
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"pattern": "bogus"}, r"dlm\.yaml pattern='bogus': unknown pattern; allowed: causal, bidirectional"),
+    ({"pattern": "bogus"}, r"dlm\.yaml pattern='bogus': unknown pattern; allowed: bidirectional, block"),
     ({"block_size": "4"}, r"dlm\.yaml block_size='4': must be a positive integer"),
     ({"shift": 1}, r"dlm\.yaml shift=1: must be true or false"),
     ({"extra": 1}, r"dlm\.yaml extra: unknown key; allowed: pattern, block_size"),

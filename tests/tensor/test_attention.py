@@ -7,11 +7,12 @@ from torch.nn.functional import scaled_dot_product_attention
 from torch.testing import assert_close
 from transformers import DynamicCache
 
+from dlm.decoding.layout import Layout
 from dlm.settings import PATTERNS, ConfigError
+from dlm.tensor import patterns
 from dlm.tensor.attention import (
     additive_mask,
     build_attention_inputs,
-    decode_mask,
     dense_document_mask,
     dense_mask,
     describe,
@@ -22,29 +23,20 @@ from dlm.tensor.attention import (
 )
 
 T, F = True, False
+
+
+def P(name, block_size=1, clean_context="block"):
+    return patterns.get(name, block_size=block_size, clean_context=clean_context)
+
+
+def decode_mask(query_len: int, cache_len: int, block_size: int):
+    """The decoder's mask for a block of `query_len` after `cache_len` cached tokens (no padding)."""
+    layout = Layout.build(torch.ones(1, cache_len, dtype=torch.long), query_len, P("block", block_size))
+    end = cache_len + query_len
+    return layout.mask(cache_len, end, end, (cache_len, end))[0, 0]
+
+
 CASES = [(p, bs) for p in PATTERNS for bs in (3, 4)]  # odd and even block sizes, L = 12
-
-
-def test_literal_masks_l4_block2():
-    assert dense_mask("causal", 4, 2).tolist() == [[T, F, F, F], [T, T, F, F], [T, T, T, F], [T, T, T, T]]
-    assert dense_mask("bidirectional", 4, 2).all()
-    assert dense_mask("block", 4, 2).tolist() == [[T, T, F, F], [T, T, F, F], [T, T, T, T], [T, T, T, T]]
-    # rows/cols: noisy n0..n3, clean c0..c3
-    assert dense_mask("block_clean", 4, 2).int().tolist() == [
-        [1, 1, 0, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0, 0, 0],
-        [0, 0, 1, 1, 1, 1, 0, 0],
-        [0, 0, 1, 1, 1, 1, 0, 0],
-        [0, 0, 0, 0, 1, 1, 0, 0],
-        [0, 0, 0, 0, 1, 1, 0, 0],
-        [0, 0, 0, 0, 1, 1, 1, 1],
-        [0, 0, 0, 0, 1, 1, 1, 1],
-    ]
-
-
-def test_block_size_one_is_causal_and_full_block_is_bidirectional():
-    assert torch.equal(dense_mask("block", 10, 1), dense_mask("causal", 10, 1))
-    assert torch.equal(dense_mask("block", 10, 10), dense_mask("bidirectional", 10, 10))
 
 
 def _flex_dense_form(block_mask, n: int) -> torch.Tensor:
@@ -57,29 +49,29 @@ def _flex_dense_form(block_mask, n: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("pattern,block_size", CASES)
 def test_dense_mask_equals_flex_block_mask(pattern, block_size):
-    dense = dense_mask(pattern, 12, block_size)
-    block_mask = flex_block_mask(pattern, 12, block_size, "cpu")
+    dense = dense_mask(P(pattern, block_size), 12)
+    block_mask = flex_block_mask(P(pattern, block_size), 12, "cpu")
     assert torch.equal(_flex_dense_form(block_mask, dense.shape[0]), dense)
 
 
 @pytest.mark.parametrize("pattern,block_size", CASES)
 def test_uncompiled_flex_matches_sdpa_kernel(pattern, block_size):
     torch.manual_seed(0)
-    dense = dense_mask(pattern, 12, block_size)
+    dense = dense_mask(P(pattern, block_size), 12)
     n = dense.shape[0]
     q, k, v = (torch.randn(2, 4, n, 16) for _ in range(3))
     expected = scaled_dot_product_attention(q, k, v, attn_mask=dense)
-    got = flex_attention(q, k, v, block_mask=flex_block_mask(pattern, 12, block_size, "cpu"))
+    got = flex_attention(q, k, v, block_mask=flex_block_mask(P(pattern, block_size), 12, "cpu"))
     assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_flex_block_mask_is_cached_per_shape():
-    assert flex_block_mask("block", 12, 4, "cpu") is flex_block_mask("block", 12, 4, "cpu")
+    assert flex_block_mask(P("block", 4), 12, "cpu") is flex_block_mask(P("block", 4), 12, "cpu")
 
 
 def _logits(model, ids, pattern, block_size, backend="sdpa"):
-    seq_len = ids.shape[1] // 2 if pattern == "block_clean" else ids.shape[1]
-    attn = build_attention_inputs(pattern, batch_size=ids.shape[0], seq_len=seq_len, block_size=block_size,
+    seq_len = ids.shape[1] // 2 if patterns.get(pattern).two_halves else ids.shape[1]
+    attn = build_attention_inputs(P(pattern, block_size), batch_size=ids.shape[0], seq_len=seq_len,
                                   backend=backend, dtype=model.dtype)
     with torch.no_grad():
         return model(input_ids=ids, **attn.as_kwargs()).logits
@@ -136,7 +128,7 @@ def test_kv_cache_block_by_block_equals_full_forward(backbone, block_size):
 
 
 def test_decode_mask_matches_rows_of_block_mask():
-    full = dense_mask("block", 12, 4)
+    full = dense_mask(P("block", 4), 12)
     assert torch.equal(decode_mask(4, 8, 4), full[8:12, :12])
     assert torch.equal(decode_mask(3, 5, 4), full[5:8, :8])
 
@@ -147,7 +139,7 @@ def test_eager_additive_mask_matches_sdpa(tokenizer, pattern):
 
     sdpa = make_backbone("qwen3", tokenizer, attn_implementation="sdpa", seed=1).model
     eager = make_backbone("qwen3", tokenizer, attn_implementation="eager", seed=1).model
-    n = 16 if pattern == "block_clean" else 8
+    n = 16 if patterns.get(pattern).two_halves else 8
     ids = torch.randint(5, 300, (2, n))
     assert_close(_logits(eager, ids, pattern, 4, backend="eager"), _logits(sdpa, ids, pattern, 4), atol=1e-5, rtol=1e-5)
 
@@ -158,12 +150,12 @@ def test_additive_mask_values():
 
 
 def test_block_clean_position_ids_repeat_for_clean_half():
-    assert position_ids("block_clean", 1, 3)[0].tolist() == [0, 1, 2, 0, 1, 2]
-    assert position_ids("block", 2, 3).tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert position_ids(P("block_clean"), 1, 3)[0].tolist() == [0, 1, 2, 0, 1, 2]
+    assert position_ids(P("block"), 2, 3).tolist() == [[0, 1, 2], [0, 1, 2]]
 
 
 def test_describe_prints_each_row():
-    text = describe("block", 4, 2)
+    text = describe(P("block", 2), 4)
     assert text.splitlines()[1].strip().endswith("##..")
     assert len(text.splitlines()) == 5
 
@@ -172,7 +164,7 @@ def test_describe_prints_each_row():
     "kwargs,match",
     [
         (dict(pattern="blok"), r"attention.pattern='blok': unknown pattern; "
-                               r"allowed: causal, bidirectional, block, block_clean"),
+                               r"allowed: bidirectional, block, block_clean, block_window, causal"),
         (dict(block_size=0), r"attention.block_size=0: must be a positive integer"),
         (dict(backend="xformers"), r"attention.backend='xformers': unknown backend; allowed: auto"),
         (dict(backend="flex"), r"attention.backend='flex': needs CUDA"),
@@ -182,12 +174,12 @@ def test_describe_prints_each_row():
 def test_bad_attention_input_fails_in_one_line(kwargs, match):
     args = dict(pattern="block", batch_size=1, seq_len=8, block_size=4, backend="sdpa") | kwargs
     with pytest.raises(ConfigError, match=match) as info:
-        build_attention_inputs(args.pop("pattern"), **args)
+        build_attention_inputs(P(args.pop("pattern"), args.pop("block_size")), **args)
     assert "\n" not in str(info.value)
 
 
 def test_auto_backend_is_sdpa_on_cpu():
-    assert build_attention_inputs("block", batch_size=1, seq_len=8, block_size=4).backend == "sdpa"
+    assert build_attention_inputs(P("block", 4), batch_size=1, seq_len=8).backend == "sdpa"
 
 
 @pytest.mark.cuda
@@ -198,13 +190,13 @@ def test_full_model_flex_matches_sdpa_on_cuda(tokenizer, pattern):
 
     sdpa = make_backbone("qwen3", tokenizer, attn_implementation="sdpa", seed=2).model.cuda()
     flex = make_backbone("qwen3", tokenizer, attn_implementation="flex_attention", seed=2).model.cuda()
-    ids = torch.randint(5, 300, (2, 256 if pattern == "block_clean" else 128), device="cuda")
+    ids = torch.randint(5, 300, (2, 256 if patterns.get(pattern).two_halves else 128), device="cuda")
     got = _logits(flex, ids, pattern, 16, backend="flex")
     expected = _logits(sdpa, ids, pattern, 16, backend="sdpa")
     assert_close(got, expected, atol=2e-4, rtol=2e-4)
-    loss = flex(input_ids=ids, **build_attention_inputs(pattern, batch_size=2,
-                                                        seq_len=ids.shape[1] // (2 if pattern == "block_clean" else 1),
-                                                        block_size=16, backend="flex",
+    seq_len = P(pattern).sequence_length(ids.shape[1])
+    loss = flex(input_ids=ids, **build_attention_inputs(P(pattern, 16), batch_size=2, seq_len=seq_len,
+                                                        backend="flex",
                                                         device="cuda").as_kwargs()).logits.float().logsumexp(-1).mean()
     loss.backward()  # flex has a backward on CUDA
 
@@ -217,7 +209,7 @@ def _perturb_doc_a(x: torch.Tensor, pattern: str, positions: list[int], L: int =
     """`x` (B, H, T, D) with row 0's token at each doc-A position changed (both halves under block_clean)."""
     x = x.clone()
     for i in positions:
-        for j in ([i, L + i] if pattern == "block_clean" else [i]):
+        for j in ([i, L + i] if patterns.get(pattern).two_halves else [i]):
             x[0, :, j] += 1.0
     return x
 
@@ -226,13 +218,13 @@ def _perturb_doc_a(x: torch.Tensor, pattern: str, positions: list[int], L: int =
 @pytest.mark.parametrize("pattern,block_size", CASES)
 def test_document_a_changes_no_output_in_document_b_at_kernel_level(pattern, block_size, kind):
     torch.manual_seed(0)
-    n = 24 if pattern == "block_clean" else 12
+    n = 24 if patterns.get(pattern).two_halves else 12
     q, k, v = (torch.randn(2, 2, n, 8) for _ in range(3))
     if kind == "dense":
-        mask = dense_document_mask(pattern, 12, block_size, DOCS)
+        mask = dense_document_mask(P(pattern, block_size), 12, DOCS)
         attend = lambda q, k, v: scaled_dot_product_attention(q, k, v, attn_mask=mask)  # noqa: E731
     else:
-        block_mask = flex_document_mask(pattern, 12, block_size, DOCS)
+        block_mask = flex_document_mask(P(pattern, block_size), 12, DOCS)
         attend = lambda q, k, v: flex_attention(q, k, v, block_mask=block_mask)  # noqa: E731
     base = attend(q, k, v)
     changed = attend(*(_perturb_doc_a(x, pattern, [1, 4]) for x in (q, k, v)))
@@ -245,8 +237,8 @@ def test_document_a_changes_no_output_in_document_b_at_kernel_level(pattern, blo
 
 @pytest.mark.parametrize("pattern,block_size", CASES)
 def test_flex_document_mask_equals_dense(pattern, block_size):
-    dense = dense_document_mask(pattern, 12, block_size, DOCS)
-    block_mask = flex_document_mask(pattern, 12, block_size, DOCS)
+    dense = dense_document_mask(P(pattern, block_size), 12, DOCS)
+    block_mask = flex_document_mask(P(pattern, block_size), 12, DOCS)
     n = dense.shape[-1]
     q = torch.zeros(2, 1, n, 8)
     out = flex_attention(q, torch.zeros(2, 1, n, 8), torch.eye(n).expand(2, 1, n, n), block_mask=block_mask)
@@ -256,21 +248,21 @@ def test_flex_document_mask_equals_dense(pattern, block_size):
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_document_a_token_changes_no_model_output_in_document_b(backbone, pattern):
     L = 12
-    ids = torch.randint(5, 300, (2, 2 * L if pattern == "block_clean" else L))
+    ids = torch.randint(5, 300, (2, 2 * L if patterns.get(pattern).two_halves else L))
     changed = ids.clone()
     changed[0, 3] += 1  # document A (positions 0..4) of row 0
-    if pattern == "block_clean":
+    if patterns.get(pattern).two_halves:
         changed[0, L + 3] += 1
     logits = [_doc_logits(backbone.model, x, pattern, 4) for x in (ids, changed)]
     diff = (logits[0] - logits[1]).abs().amax(-1)[0]
     assert diff[5:L].max() == 0 and diff[:5].max() > 0
-    if pattern == "block_clean":
+    if patterns.get(pattern).two_halves:
         assert diff[L + 5:].max() == 0
 
 
 def _doc_logits(model, ids, pattern, block_size, docs=DOCS):
-    seq_len = ids.shape[1] // 2 if pattern == "block_clean" else ids.shape[1]
-    attn = build_attention_inputs(pattern, batch_size=ids.shape[0], seq_len=seq_len, block_size=block_size,
+    seq_len = ids.shape[1] // 2 if patterns.get(pattern).two_halves else ids.shape[1]
+    attn = build_attention_inputs(P(pattern, block_size), batch_size=ids.shape[0], seq_len=seq_len,
                                   document_ids=docs)
     with torch.no_grad():
         return model(input_ids=ids, **attn.as_kwargs()).logits
@@ -286,7 +278,7 @@ def test_packed_document_equals_the_document_alone(backbone, pattern):
 
 def test_document_positions_restart_per_document():
     assert document_positions(DOCS)[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]
-    pos = position_ids("block_clean", 2, 12, document_ids=DOCS)
+    pos = position_ids(P("block_clean"), 2, 12, document_ids=DOCS)
     assert pos.shape == (2, 24) and pos[1, 12:].tolist() == document_positions(DOCS)[1].tolist()
 
 
@@ -294,34 +286,11 @@ def test_document_positions_restart_per_document():
 # --- attention.clean_context: causal (joint AR + diffusion) ---------------------------------------------------
 
 
-def test_literal_causal_clean_context_l4_block2():
-    # rows/cols: noisy n0..n3, clean c0..c3; the clean half is token-causal, the noisy half as block_clean
-    assert dense_mask("block_clean", 4, 2, clean_context="causal").int().tolist() == [
-        [1, 1, 0, 0, 0, 0, 0, 0],
-        [1, 1, 0, 0, 0, 0, 0, 0],
-        [0, 0, 1, 1, 1, 1, 0, 0],
-        [0, 0, 1, 1, 1, 1, 0, 0],
-        [0, 0, 0, 0, 1, 0, 0, 0],
-        [0, 0, 0, 0, 1, 1, 0, 0],
-        [0, 0, 0, 0, 1, 1, 1, 0],
-        [0, 0, 0, 0, 1, 1, 1, 1],
-    ]
-
-
-@pytest.mark.parametrize("block_size", [3, 4])
-def test_causal_clean_context_halves(block_size):
-    L = 12
-    causal, block = (dense_mask("block_clean", L, block_size, clean_context=c) for c in ("causal", "block"))
-    assert torch.equal(causal[L:, L:], dense_mask("causal", L, 1))  # the clean half is a causal LM
-    assert torch.equal(causal[:L], block[:L])  # noisy rows unchanged
-    assert not causal[L:, :L].any()  # clean never sees noisy
-
-
 @pytest.mark.parametrize("block_size", [3, 4])
 def test_causal_clean_context_flex_equals_dense_and_sdpa_kernel(block_size):
     torch.manual_seed(0)
-    dense = dense_mask("block_clean", 12, block_size, clean_context="causal")
-    block_mask = flex_block_mask("block_clean", 12, block_size, "cpu", "causal")
+    dense = dense_mask(P("block_clean", block_size, "causal"), 12)
+    block_mask = flex_block_mask(P("block_clean", block_size, "causal"), 12, "cpu")
     assert torch.equal(_flex_dense_form(block_mask, dense.shape[0]), dense)
     q, k, v = (torch.randn(2, 4, 24, 16) for _ in range(3))
     expected = scaled_dot_product_attention(q, k, v, attn_mask=dense)
@@ -329,16 +298,16 @@ def test_causal_clean_context_flex_equals_dense_and_sdpa_kernel(block_size):
 
 
 def test_causal_clean_context_flex_document_mask_equals_dense():
-    dense = dense_document_mask("block_clean", 12, 4, DOCS, clean_context="causal")
-    block_mask = flex_document_mask("block_clean", 12, 4, DOCS, clean_context="causal")
+    dense = dense_document_mask(P("block_clean", 4, "causal"), 12, DOCS)
+    block_mask = flex_document_mask(P("block_clean", 4, "causal"), 12, DOCS)
     out = flex_attention(torch.zeros(2, 1, 24, 8), torch.zeros(2, 1, 24, 8), torch.eye(24).expand(2, 1, 24, 24),
                          block_mask=block_mask)
     assert torch.equal(out[:, 0] > 0, dense[:, 0])
 
 
 def _clean_logits(model, ids, block_size):
-    attn = build_attention_inputs("block_clean", batch_size=1, seq_len=ids.shape[1] // 2, block_size=block_size,
-                                  dtype=model.dtype, clean_context="causal")
+    attn = build_attention_inputs(P("block_clean", block_size, "causal"), batch_size=1, seq_len=ids.shape[1] // 2,
+                                  dtype=model.dtype)
     with torch.no_grad():
         return model(input_ids=ids, **attn.as_kwargs()).logits
 
@@ -362,4 +331,4 @@ def test_causal_clean_half_equals_the_model_run_causally(backbone):
 
 def test_bad_clean_context_fails_in_one_line():
     with pytest.raises(ConfigError, match=r"attention.clean_context='tokens': unknown clean context"):
-        dense_mask("block_clean", 4, 2, clean_context="tokens")
+        dense_mask(P("block_clean", 2, "tokens"), 4)

@@ -9,11 +9,15 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from dlm.settings import PATTERNS, ConfigError
-from dlm.tensor.attention import total_length
+from dlm.tensor import patterns
 from dlm.tensor.objective import ar_loss, block_weights, diffusion_loss, predictions_for_targets, shift_valid
 
 T, F_ = True, False
 L, BS, V = 8, 4, 11
+
+
+def P(name: str, block_size: int = BS) -> patterns.Pattern:
+    return patterns.get(name, block_size=block_size)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -22,22 +26,22 @@ def gen(seed: int = 0) -> torch.Generator:
 
 def row_id_logits(pattern: str, batch_size: int = 2) -> torch.Tensor:
     """Logits whose channel 0 holds the row index, so the row a prediction came from is readable."""
-    n = total_length(pattern, L)
+    n = P(pattern).input_length(L)
     logits = torch.zeros(batch_size, n, V)
     logits[..., 0] = torch.arange(n, dtype=torch.float32)
     return logits
 
 
 def source_of(pattern: str, shift: bool) -> list[int]:
-    preds = predictions_for_targets(row_id_logits(pattern), pattern=pattern, seq_len=L, block_size=BS, shift=shift)
+    preds = predictions_for_targets(row_id_logits(pattern), pattern=P(pattern), seq_len=L, shift=shift)
     assert preds.shape == (2, L, V)
     return preds[0, :, 0].long().tolist()
 
 
 def loss_for(logits, targets, mask, *, pattern="block_clean", shift=False, weights=None, eligible=None):
     weights = torch.ones(mask.shape) if weights is None else weights
-    return diffusion_loss(logits, targets, mask, weights=weights, pattern=pattern, seq_len=mask.shape[1],
-                          block_size=BS, shift=shift, eligible=eligible)
+    return diffusion_loss(logits, targets, mask, weights=weights, pattern=P(pattern), seq_len=mask.shape[1],
+                          shift=shift, eligible=eligible)
 
 
 def test_shift_valid():
@@ -117,7 +121,7 @@ def test_loss_matches_hand_computation():
     targets = torch.tensor([[0, 2, 1, 2]])
     mask = torch.tensor([[T, F_, T, T]])  # block 0: 1 of 2 masked (weight 2); block 1: 2 of 2 (weight 1)
     weights = block_weights(torch.tensor([[1, 2]]), torch.tensor([[2, 2]]), 2, "elbo")
-    out = diffusion_loss(logits, targets, mask, weights=weights, pattern="block", seq_len=4, block_size=2,
+    out = diffusion_loss(logits, targets, mask, weights=weights, pattern=P("block", 2), seq_len=4,
                          shift=False)
     nll = [math.log(2), 0.0, math.log(4), math.log(3)]
     assert_close(out.nll, torch.tensor([nll]))
@@ -125,7 +129,7 @@ def test_loss_matches_hand_computation():
     assert out.correct.tolist() == [[T, F_, F_, F_]]  # argmax 0 (ties at [0,0,0] resolve to 0 != target 2)
     # only 3 tokens eligible: same numerator, normalised by 3
     eligible = torch.tensor([[T, F_, T, T]])
-    out = diffusion_loss(logits, targets, mask, weights=weights, pattern="block", seq_len=4, block_size=2,
+    out = diffusion_loss(logits, targets, mask, weights=weights, pattern=P("block", 2), seq_len=4,
                          shift=False, eligible=eligible)
     assert out.loss.item() == pytest.approx((2 * nll[0] + nll[2] + nll[3]) / 3)
 
@@ -134,7 +138,7 @@ def test_loss_matches_hand_computation():
 @pytest.mark.parametrize("shift", [False, True])
 def test_loss_matches_dense_log_softmax_reference(pattern, shift):
     batch_size = 3
-    logits = torch.randn(batch_size, total_length(pattern, L), V, generator=gen(10))
+    logits = torch.randn(batch_size, P(pattern).input_length(L), V, generator=gen(10))
     targets = torch.randint(V, (batch_size, L), generator=gen(11))
     mask = torch.rand(batch_size, L, generator=gen(12)) < 0.6
     weights = torch.rand(batch_size, L, generator=gen(13)) * 3
@@ -146,7 +150,7 @@ def test_loss_matches_dense_log_softmax_reference(pattern, shift):
         for i in range(L):
             if not mask[b, i] or (shift and i == 0):
                 continue
-            row = i if not shift else (L + i - 1 if pattern == "block_clean" and i % BS == 0 else i - 1)
+            row = i if not shift else (L + i - 1 if patterns.get(pattern).two_halves and i % BS == 0 else i - 1)
             total += -weights[b, i] * logp[b, row, targets[b, i]]
     assert_close(out.loss, total / (batch_size * L))
 
@@ -196,12 +200,12 @@ def test_bad_shapes_raise_one_line():
     logits = torch.zeros(2, L, V)
     msg = "logits.shape=(2, 8, 11): must be (B, 16, V) for pattern='block_clean', seq_len=8"
     with pytest.raises(ValueError, match=f"^{re.escape(msg)}$"):
-        predictions_for_targets(logits, pattern="block_clean", seq_len=L, block_size=BS, shift=False)
+        predictions_for_targets(logits, pattern=P("block_clean"), seq_len=L, shift=False)
     with pytest.raises(ValueError, match=r"^mask.shape=\(2, 7\): must be \(B, L\)=\(2, 8\)$"):
         diffusion_loss(logits, torch.zeros(2, L, dtype=torch.long), torch.zeros(2, L - 1, dtype=torch.bool),
-                       weights=torch.ones(2, L), pattern="causal", seq_len=L, block_size=BS, shift=False)
+                       weights=torch.ones(2, L), pattern=P("causal"), seq_len=L, shift=False)
     with pytest.raises(ConfigError, match=r"^attention.pattern='blok': unknown pattern"):
-        predictions_for_targets(logits, pattern="blok", seq_len=L, block_size=BS, shift=False)
+        predictions_for_targets(logits, pattern=P("blok"), seq_len=L, shift=False)
 
 
 @pytest.mark.cuda

@@ -47,7 +47,7 @@ class FixedRows(L.LightningDataModule):
 def fixed_rows(module: DiffusionLM) -> list[dict[str, torch.Tensor]]:
     """STEPS global batches, noised once with a fixed seed, as rows (the loader re-batches them per rank)."""
     cfg = module.cfg
-    collate = DiffusionCollator(cfg.attention.pattern, cfg.attention.block_size, module.mask_token_id, cfg.masking)
+    collate = DiffusionCollator(module.pattern, module.mask_token_id, cfg.masking)
     gen = torch.Generator().manual_seed(1)
     rows = []
     for _ in range(STEPS):

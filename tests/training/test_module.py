@@ -13,6 +13,7 @@ from torch.testing import assert_close
 from dlm.data.datamodule import DiffusionDataModule
 from dlm.models.backbone import forward_logits
 from dlm.settings import load_config
+from dlm.tensor import patterns
 from dlm.tensor.attention import build_attention_inputs
 from dlm.training.module import DiffusionLM
 from tests.conftest import make_backbone
@@ -58,7 +59,8 @@ def test_built_from_config_has_the_configured_model_in_train_mode(tmp_path):
     assert module.mask_token_id == module.tokenizer.mask_token_id == module.tokenizer.convert_tokens_to_ids("<|mask|>")
     assert module.kernel == "sdpa"  # CPU
     assert module.hparams["config"]["attention"] == {"pattern": "block_clean", "block_size": 4, "backend": "auto",
-                                                     "clean_context": "block", "block_size_schedule": []}
+                                                     "clean_context": "block", "options": {},
+                                                     "block_size_schedule": []}
 
 
 def test_given_backbone_is_used_and_put_in_train_mode(tmp_path, tokenizer):
@@ -97,8 +99,8 @@ def test_block_clean_forward_runs_the_clean_half_block_causally_at_the_noisy_pos
     L = ids.shape[1]
     with torch.no_grad():
         both = module(torch.cat([noised, ids], 1))
-        alone = forward_logits(module.model, ids, build_attention_inputs("block", batch_size=ids.shape[0], seq_len=L,
-                                                                          block_size=4))
+        block = patterns.get("block", block_size=4)
+        alone = forward_logits(module.model, ids, build_attention_inputs(block, batch_size=ids.shape[0], seq_len=L))
     assert_close(both[:, L:], alone)
 
 
@@ -193,7 +195,8 @@ def test_document_mask_run_trains_under_the_per_row_document_mask(tmp_path):
     with torch.no_grad():
         got = module(ids, docs)
         plain = module(ids)
-    attn = build_attention_inputs("block_clean", batch_size=ids.shape[0], seq_len=32, block_size=4, document_ids=docs)
+    attn = build_attention_inputs(patterns.get("block_clean", block_size=4), batch_size=ids.shape[0], seq_len=32,
+                                  document_ids=docs)
     assert_close(got, forward_logits(module.model, ids, attn))
     assert not torch.allclose(got, plain)  # rows of several documents see less under the document mask
     with warnings.catch_warnings():

@@ -11,7 +11,8 @@ from torch.distributed.fsdp import MixedPrecision
 
 from dlm.settings import load_config
 from dlm.settings.scaling import FSDPConfig
-from dlm.tensor.attention import build_attention_inputs, diffusion_input
+from dlm.tensor import patterns
+from dlm.tensor.attention import build_attention_inputs
 from dlm.training.module import DiffusionLM
 from dlm.training.scaling import build_strategy, enable_activation_checkpointing, mixed_precision
 
@@ -25,7 +26,7 @@ def _grads(pattern: str, checkpointing: bool) -> dict[str, torch.Tensor]:
     if checkpointing:
         enable_activation_checkpointing(module.model)
     ids = torch.randint(0, module.mask_token_id, (2, 16), generator=torch.Generator().manual_seed(1))
-    inputs = diffusion_input(pattern, ids.clone().fill_(module.mask_token_id), ids)
+    inputs = module.pattern.model_input(ids.clone().fill_(module.mask_token_id), ids)
     module(inputs).float().square().mean().backward()
     return {n: p.grad for n, p in module.model.named_parameters()}
 
@@ -46,7 +47,7 @@ def test_activation_checkpointing_recomputes_each_decoder_layer():
     for layer in module.model.model.layers:
         layer.self_attn.register_forward_hook(lambda *_: calls.append(1))
     ids = torch.randint(0, 100, (1, 16))
-    attn = build_attention_inputs("causal", batch_size=1, seq_len=16, block_size=4)
+    attn = build_attention_inputs(patterns.get("causal", block_size=4), batch_size=1, seq_len=16)
     module.model(input_ids=ids, **attn.as_kwargs(), use_cache=False).logits.sum().backward()
     assert len(calls) == 2 * len(module.model.model.layers)  # forward + recompute in backward (mask passed again)
 

@@ -96,10 +96,11 @@ class ThroughputCallback(L.Callback):
         cfg = pl_module.cfg
         prompts = load_prompts(self.prompts, limit=self.num_prompts, data=cfg.data)
         scored = all(p.answer is not None for p in prompts)
-        method = "ar" if cfg.attention.pattern == "causal" else "dlm"
+        method = "ar" if pl_module.pattern.autoregressive else "dlm"
         with decoding_mode(pl_module.model) as model:
             target = Target(model, pl_module.tokenizer, pl_module.mask_token_id,
-                            self.block_size or cfg.attention.block_size_at(pl_module.global_step), cfg.objective.shift)
+                            self.block_size or cfg.attention.block_size_at(pl_module.global_step), cfg.objective.shift,
+                            pattern=pl_module.pattern)
             check_positions("the training model", target, prompts, self.max_new_tokens)
             batches = encode_batches(target.tokenizer, prompts, self.batch_size, target.device)
             setting = Setting(method, self.batch_size, None if method == "ar" else self.threshold)

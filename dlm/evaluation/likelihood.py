@@ -40,7 +40,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dlm.settings import ConfigError
-from dlm.tensor.attention import additive_mask, block_causal
+from dlm.tensor.attention import additive_mask
+from dlm.tensor.patterns import Pattern, Slots
 
 
 @dataclass
@@ -71,16 +72,17 @@ class Row:
 Method = Literal["chain", "elbo"]
 
 
-def score_continuations(model, pairs: list[tuple[list[int], list[int]]], *, causal: bool, block_size: int,
+def score_continuations(model, pairs: list[tuple[list[int], list[int]]], *, pattern: Pattern,
                         mask_token_id: int, shift: bool, max_length: int, pad_token_id: int, batch_size: int,
                         disable_tqdm: bool = True, method: Method = "chain", mc_num: int = 128,
                         seed: int = 0) -> list[tuple[float, bool]]:
     """(log p(continuation | context), every step is the argmax) per (context ids, continuation ids) pair.
 
-    `causal=True` scores with the plain causal forward (`block_size`, `mask_token_id`, `shift` unused);
-    otherwise by the chain rule above (or `method="elbo"`: the Monte-Carlo ELBO with `mc_num` samples), in
-    the decoder's layout for `block_size` and `shift`.
+    An autoregressive `pattern` scores with the plain causal forward (`mask_token_id`, `shift` unused); any other
+    by the chain rule above (or `method="elbo"`: the Monte-Carlo ELBO with `mc_num` samples), in the decoder's
+    layout and masks for the pattern (at its block size) and `shift`.
     """
+    causal, block_size = pattern.autoregressive, pattern.block_size
     rows, owner = [], []
     for k, (ctx, cont) in enumerate(pairs):
         if causal:
@@ -93,8 +95,8 @@ def score_continuations(model, pairs: list[tuple[list[int], list[int]]], *, caus
                                  max_length=max_length)
         rows += new
         owner += [k] * len(new)
-    per_row = score_rows(model, rows, exclude_token=None if causal else mask_token_id, pad_token_id=pad_token_id,
-                         batch_size=batch_size, disable_tqdm=disable_tqdm)
+    per_row = score_rows(model, rows, pattern=pattern, exclude_token=None if causal else mask_token_id,
+                         pad_token_id=pad_token_id, batch_size=batch_size, disable_tqdm=disable_tqdm)
     totals = [(0.0, True) for _ in pairs]
     for k, (lp, greedy) in zip(owner, per_row):
         totals[k] = (totals[k][0] + lp, totals[k][1] and greedy)
@@ -107,7 +109,7 @@ def ar_rows(context: list[int], continuation: list[int], *, max_length: int) -> 
     seq = (context + continuation)[-(max_length + 1):][:-1]
     n = len(continuation)
     row = Row()
-    row.add(seq, list(range(len(seq))), list(range(len(seq))), 0)  # block size 1 = causal
+    row.add(seq, list(range(len(seq))), list(range(len(seq))), 0)  # committed tokens under the causal rule
     row.reads, row.targets = list(range(len(seq) - n, len(seq))), list(continuation)
     return [row]
 
@@ -189,27 +191,27 @@ def _check_fits(continuation: list[int], limit: int) -> None:
                           f"(max_length); allowed: shorter continuations or a larger model_args max_length")
 
 
-def row_masks(rows: list[Row], length: int, device: torch.device | str) -> Tensor:
-    """`(B, 1, T, T)` bool, True = may attend, for rows right-padded to `length`.
+def row_masks(rows: list[Row], length: int, device: torch.device | str, pattern: Pattern) -> Tensor:
+    """`(B, 1, T, T)` bool, True = may attend, for rows right-padded to `length`: the pattern's view, as in decoding.
 
-    Clean queries see clean keys of their own or earlier blocks; a copy sees the clean keys of earlier
-    blocks and itself. A pad query sees only itself (no empty softmax row); nothing sees a pad.
+    Clean tokens (segment 0) are committed tokens; each copy is one noisy group, seeing itself and the clean keys
+    the pattern's noisy rule allows. A pad query sees only itself (no empty softmax row); nothing sees a pad.
     """
     def pad(values: list[int], fill: int) -> list[int]:
         return values + [fill] * (length - len(values))
 
-    blk = torch.tensor([pad(r.block_ids, 0) for r in rows], device=device)[:, :, None]  # (B, T, 1)
-    seg = torch.tensor([pad(r.segment, -1) for r in rows], device=device)[:, :, None]
-    blk_k, seg_k = blk.transpose(1, 2), seg.transpose(1, 2)  # (B, 1, T)
-    clean_k = seg_k == 0
-    earlier = torch.where(seg == 0, block_causal(blk, blk_k), blk_k < blk)
-    sees = (clean_k & earlier) | ((seg > 0) & (seg_k == seg))
+    pos = torch.tensor([pad(r.position_ids, 0) for r in rows], device=device)
+    blk = torch.tensor([pad(r.block_ids, 0) for r in rows], device=device)
+    seg = torch.tensor([pad(r.segment, -1) for r in rows], device=device)
+    q = Slots(pos[:, :, None], blk[:, :, None], seg[:, :, None] > 0, seg[:, :, None])
+    k = Slots(pos[:, None, :], blk[:, None, :], seg[:, None, :] > 0, seg[:, None, :])
+    sees = pattern.view(q, k) & (seg[:, None, :] >= 0)
     itself = torch.eye(length, dtype=torch.bool, device=device)[None]
-    return torch.where(seg >= 0, sees, itself)[:, None]
+    return torch.where(seg[:, :, None] >= 0, sees, itself)[:, None]
 
 
-def score_rows(model, rows: list[Row], *, exclude_token: int | None, pad_token_id: int, batch_size: int,
-               disable_tqdm: bool = True) -> list[tuple[float, bool]]:
+def score_rows(model, rows: list[Row], *, pattern: Pattern, exclude_token: int | None, pad_token_id: int,
+               batch_size: int, disable_tqdm: bool = True) -> list[tuple[float, bool]]:
     """(sum of target log-probs, every target is the argmax) per row; `exclude_token` leaves the softmax."""
     device = next(model.parameters()).device
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].ids))  # similar lengths share a batch
@@ -217,12 +219,12 @@ def score_rows(model, rows: list[Row], *, exclude_token: int | None, pad_token_i
     for start in tqdm(range(0, len(order), batch_size), disable=disable_tqdm, desc="dlm loglikelihood"):
         batch = [rows[i] for i in order[start:start + batch_size]]
         for i, result in zip(order[start:start + batch_size],
-                             _score_batch(model, batch, exclude_token, pad_token_id, device)):
+                             _score_batch(model, batch, pattern, exclude_token, pad_token_id, device)):
             out[i] = result
     return out
 
 
-def _score_batch(model, rows: list[Row], exclude_token: int | None, pad_token_id: int,
+def _score_batch(model, rows: list[Row], pattern: Pattern, exclude_token: int | None, pad_token_id: int,
                  device) -> list[tuple[float, bool]]:
     length = max(len(r.ids) for r in rows)
     ids = torch.tensor([r.ids + [pad_token_id] * (length - len(r.ids)) for r in rows], device=device)
@@ -230,7 +232,7 @@ def _score_batch(model, rows: list[Row], exclude_token: int | None, pad_token_id
     keep = torch.zeros_like(ids, dtype=torch.bool)
     for b, r in enumerate(rows):
         keep[b, r.reads] = True
-    mask = row_masks(rows, length, device)
+    mask = row_masks(rows, length, device, pattern)
     if model.config._attn_implementation == "eager":
         mask = additive_mask(mask, model.dtype)
     with torch.inference_mode():

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from dlm.decoding.text import pad_token_id
-from dlm.tensor.attention import block_causal
-from dlm.tensor.likelihood import diffusion_rows, score_continuations
+from dlm.evaluation.likelihood import diffusion_rows, score_continuations
+from dlm.tensor import patterns
+from dlm.tensor.patterns import block_causal
 from tests.conftest import sharp_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -25,7 +26,8 @@ def bb(tokenizer):
 
 def scores(bb, pairs, *, causal=False, shift=False, block_size=4, max_length=256, batch_size=1):
     """`score_continuations` with what a block-4 checkpoint of `bb` gives it (max_length: its positions)."""
-    return score_continuations(bb.model, pairs, causal=causal, block_size=block_size, mask_token_id=bb.mask_token_id,
+    pattern = patterns.get("causal" if causal else "block", block_size=block_size)
+    return score_continuations(bb.model, pairs, pattern=pattern, mask_token_id=bb.mask_token_id,
                                shift=shift, max_length=max_length, pad_token_id=pad_token_id(bb.tokenizer),
                                batch_size=batch_size)
 
@@ -97,7 +99,8 @@ def test_ar_scoring_is_the_plain_causal_forward(bb, tokenizer):
 
 # -- the Monte-Carlo ELBO --------------------------------------------------------------------------
 def elbo(bb, pairs, *, mc_num, seed=0, batch_size=1):
-    return score_continuations(bb.model, pairs, causal=False, block_size=4, mask_token_id=bb.mask_token_id,
+    block = patterns.get("block", block_size=4)
+    return score_continuations(bb.model, pairs, pattern=block, mask_token_id=bb.mask_token_id,
                                shift=False, max_length=256, pad_token_id=pad_token_id(bb.tokenizer),
                                batch_size=batch_size, method="elbo", mc_num=mc_num, seed=seed)
 
