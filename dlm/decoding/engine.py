@@ -23,6 +23,7 @@ together with the token that starts it, so the decoded text holds no part of it.
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -47,101 +48,119 @@ MASK_IMPLEMENTATIONS = ("sdpa", "eager")
 """HF attention implementations that take the dense 4-D mask the decoder builds."""
 
 
-def _block_logits(run: Runner, rows: ActiveRows, span: tuple[int, int, int], cols: list[int], cfg: DecodeConfig,
-                  sub: Tensor | None) -> Tensor:
-    """Logits `(B, len(cols), V)` predicting block columns `cols` from this pass's input `seq[:, a:end]`
-    (of rows `sub` only, when the other rows have nothing left to commit in this block)."""
-    a, start, end = span
-    offset = start - a
-    from_prev = cfg.shift and offset == 0 and cols[0] == 0  # predicted by the previous block's last logit
-    index = [offset + c - cfg.shift for c in cols[from_prev:]]
-    lead = cfg.shift and offset > 0 and cols[0] != 0  # the input reaches back: keep the logit predicting col 0
-    index = [offset - 1] * lead + index
-    n = end - a
-    tail = index and index == list(range(n - len(index), n))  # the last k inputs: no index tensor to build
-    keep = len(index) if tail else torch.tensor(index, dtype=torch.long, device=rows.seq.device)
-    first = a == 0  # the input holds the prompt (no cache: every pass), a new shape each time: it runs uncompiled
-    noisy = (start, end)
-    logits = (run(rows.seq, a, end, keep, first=first, noisy=noisy) if sub is None
-              else run.subset(sub, rows.seq, a, end, keep, noisy))
-    if cfg.shift and offset > 0 and sub is None:
-        rows.prev = logits[:, 0]
-    logits = logits[:, 1:] if lead else logits
-    if from_prev:
-        prev = rows.prev if sub is None else rows.prev[sub]
-        logits = torch.cat([prev[:, None], logits], dim=1)
-    return logits
+@dataclass
+class _Pass:
+    """One forward over a block: inputs `seq[:, lo:end]` (the completed block or the prompt folded in first), the
+    block `start:end`, the block columns still masked in some row (`cols`), and the rows that take part (`sub`; None:
+    all of them, else those with something left to commit)."""
+
+    lo: int
+    start: int
+    end: int
+    cols: list[int]
+    sub: Tensor | None
 
 
-def _commit(rows: ActiveRows, logits: Tensor, cols: list[int], span: tuple[int, int], sub: Tensor | None,
-            cfg: DecodeConfig, mask_token_id: int, generator: torch.Generator | None, fresh: bool) -> None:
-    """Propose tokens for `cols`, choose which [MASK]s to commit under the policy, write them into `rows.seq`.
-    On a block's first pass (`fresh`: everything masked, most passes) every position is a candidate; a pass over
-    the whole block skips the scatter to the block's width."""
-    start, end = span
-    block = rows.seq[:, start:end] if sub is None else rows.seq[sub, start:end]
-    tokens, conf = propose(logits, cfg, mask_token_id, generator)
-    if len(cols) < end - start:  # columns no row has masked are never candidates
-        index = torch.tensor(cols, device=block.device)
-        wide_tokens, wide_conf = block.clone(), torch.full(block.shape, -1.0, device=block.device, dtype=conf.dtype)
-        wide_tokens[:, index], wide_conf[:, index] = tokens, conf
-        tokens, conf = wide_tokens, wide_conf
-    if fresh:  # everything masked: no comparison to make
-        cand = None if cfg.sub_block_size is None else candidates(torch.ones_like(block, dtype=torch.bool),
-                                                                  cfg.sub_block_size)
-    else:  # a committed token is never [MASK]: `propose` excludes it
-        cand = candidates(block == mask_token_id, cfg.sub_block_size)
-    chosen = choose(conf, cand, cfg)
-    if sub is None:
-        block.copy_(torch.where(chosen, tokens, block))  # `block` is a view of `rows.seq`
-    else:
-        rows.seq[sub, start:end] = torch.where(chosen, tokens, block)
+class _BlockDecoder:
+    """One diffusion generate call: the block loop. Holds the runner (cache, layout), the batch (`rows`), the
+    settings and the stopping rules; `denoise` decodes one block in place, pass by pass."""
 
+    def __init__(self, run: Runner, rows: ActiveRows, cfg: DecodeConfig, mask_token_id: int, stopper: Stopper,
+                 generator: torch.Generator | None) -> None:
+        self.run, self.rows, self.cfg = run, rows, cfg
+        self.mask_token_id, self.stopper, self.generator = mask_token_id, stopper, generator
 
-def _denoise_block(run: Runner, rows: ActiveRows, span: tuple[int, int, int], cfg: DecodeConfig,
-                   mask_token_id: int, stopper: Stopper, generator: torch.Generator | None) -> None:
-    """Decode `seq[:, start:end]` in place; the first pass also feeds `seq[:, lo:start]` (the completed
-    block whose KV is not cached yet, or the prompt). Rows that finish leave `rows` as soon as they do; rows
-    whose block is complete sit out the block's later passes."""
-    a, start, end = span
-    masked_host, sub, fresh = [[True] * (end - start) for _ in rows.ids], None, True
-    while True:
-        cols = [c for c in range(end - start) if any(row[c] for row in masked_host)]
-        logits = _block_logits(run, rows, (a, start, end), cols, cfg, sub)
-        a = run.keep_until(start)
-        _commit(rows, logits, cols, (start, end), sub, cfg, mask_token_id, generator, fresh)
-        rows.count_forward(None if sub is None else sub.tolist())
-        masked_host, finished = _sync(rows, mask_token_id, stopper, (start, end), cfg.early_exit)
-        fresh = False
-        if not any(any(row) for row in masked_host):
-            finished = _at_block_end(rows, finished, stopper, end, cfg)
-        if any(finished):
-            run.select(rows.drop(finished, end))
-            masked_host = [m for m, f in zip(masked_host, finished) if not f]
-        waiting = [k for k, row in enumerate(masked_host) if any(row)]
-        if not waiting:
-            return
-        sub = None if len(waiting) == len(masked_host) else torch.tensor(waiting, device=rows.seq.device)
+    def logits(self, p: _Pass) -> tuple[Tensor, Tensor | None]:
+        """(logits `(B, len(cols), V)` predicting the block columns `p.cols`, the logit to keep for the block's first
+        column when this pass reaches back into the block before: with `shift`, the previous token predicts it)."""
+        shift, offset = self.cfg.shift, p.start - p.lo
+        from_prev = shift and offset == 0 and p.cols[0] == 0  # predicted by the previous block's last logit
+        index = [offset + c - shift for c in p.cols[from_prev:]]
+        lead = shift and offset > 0 and p.cols[0] != 0  # the input reaches back: keep the logit predicting col 0
+        index = [offset - 1] * lead + index
+        n = p.end - p.lo
+        tail = index and index == list(range(n - len(index), n))  # the last k inputs: no index tensor to build
+        keep = len(index) if tail else torch.tensor(index, dtype=torch.long, device=self.rows.seq.device)
+        noisy, seq = (p.start, p.end), self.rows.seq
+        if p.sub is None:  # the input holds the prompt (no cache: every pass), a new shape each time: uncompiled
+            logits = self.run(seq, p.lo, p.end, keep, first=p.lo == 0, noisy=noisy)
+        else:
+            logits = self.run.subset(p.sub, seq, p.lo, p.end, keep, noisy)
+        first_col = logits[:, 0] if shift and offset > 0 and p.sub is None else None
+        logits = logits[:, 1:] if lead else logits
+        if from_prev:
+            prev = self.rows.prev if p.sub is None else self.rows.prev[p.sub]
+            logits = torch.cat([prev[:, None], logits], dim=1)
+        return logits, first_col
 
+    def commit(self, logits: Tensor, p: _Pass, fresh: bool) -> None:
+        """Propose tokens for `p.cols`, choose which [MASK]s to commit under the policy, write them into `rows.seq`.
+        On a block's first pass (`fresh`: everything masked, most passes) every position is a candidate; a pass over
+        the whole block skips the scatter to the block's width."""
+        cfg, rows = self.cfg, self.rows
+        block = rows.seq[:, p.start:p.end] if p.sub is None else rows.seq[p.sub, p.start:p.end]
+        tokens, conf = propose(logits, cfg, self.mask_token_id, self.generator)
+        if len(p.cols) < p.end - p.start:  # columns no row has masked are never candidates
+            index = torch.tensor(p.cols, device=block.device)
+            wide_tokens = block.clone()
+            wide_conf = torch.full(block.shape, -1.0, device=block.device, dtype=conf.dtype)
+            wide_tokens[:, index], wide_conf[:, index] = tokens, conf
+            tokens, conf = wide_tokens, wide_conf
+        if fresh:  # everything masked: no comparison to make
+            everything = torch.ones_like(block, dtype=torch.bool)
+            cand = None if cfg.sub_block_size is None else candidates(everything, cfg.sub_block_size)
+        else:  # a committed token is never [MASK]: `propose` excludes it
+            cand = candidates(block == self.mask_token_id, cfg.sub_block_size)
+        chosen = choose(conf, cand, cfg)
+        if p.sub is None:
+            block.copy_(torch.where(chosen, tokens, block))  # `block` is a view of `rows.seq`
+        else:
+            rows.seq[p.sub, p.start:p.end] = torch.where(chosen, tokens, block)
 
-def _sync(rows: ActiveRows, mask_token_id: int, stopper: Stopper, span: tuple[int, int],
-          early_exit: bool) -> tuple[list[list[bool]], list[bool]]:
-    """The pass's one host sync: the block's tokens, from which what is still masked and (early exit) the rows
-    that finished are read on the host."""
-    start, end = span
-    block = rows.seq[:, start:end].tolist()
-    masked_host = [[t == mask_token_id for t in row] for row in block]
-    if not (early_exit and stopper.active):
-        return masked_host, [False] * len(block)
-    return masked_host, stopper.done_in_block(rows.seq, block, masked_host, start, rows.prompt_len)
+    def denoise(self, lo: int, start: int, end: int) -> None:
+        """Decode `seq[:, start:end]` in place; the first pass also feeds `seq[:, lo:start]` (the completed block
+        whose KV is not cached yet, or the prompt). Rows that finish leave the batch as soon as they do; rows whose
+        block is complete sit out the block's later passes."""
+        rows, run = self.rows, self.run
+        masked_host, sub, fresh = [[True] * (end - start) for _ in rows.ids], None, True
+        while True:
+            cols = [c for c in range(end - start) if any(row[c] for row in masked_host)]
+            p = _Pass(lo, start, end, cols, sub)
+            logits, first_col = self.logits(p)
+            if first_col is not None:
+                rows.prev = first_col
+            lo = run.keep_until(start)
+            self.commit(logits, p, fresh)
+            rows.count_forward(None if sub is None else sub.tolist())
+            masked_host, finished = self.sync(start, end)
+            fresh = False
+            if not any(any(row) for row in masked_host):
+                finished = self.at_block_end(finished, end)
+            if any(finished):
+                run.select(rows.drop(finished, end))
+                masked_host = [m for m, f in zip(masked_host, finished) if not f]
+            waiting = [k for k, row in enumerate(masked_host) if any(row)]
+            if not waiting:
+                return
+            sub = None if len(waiting) == len(masked_host) else torch.tensor(waiting, device=rows.seq.device)
 
+    def sync(self, start: int, end: int) -> tuple[list[list[bool]], list[bool]]:
+        """The pass's one host sync: the block's tokens, from which what is still masked and (early exit) the rows
+        that finished are read on the host."""
+        rows, stopper = self.rows, self.stopper
+        block = rows.seq[:, start:end].tolist()
+        masked_host = [[t == self.mask_token_id for t in row] for row in block]
+        if not (self.cfg.early_exit and stopper.active):
+            return masked_host, [False] * len(block)
+        return masked_host, stopper.done_in_block(rows.seq, block, masked_host, start, rows.prompt_len)
 
-def _at_block_end(rows: ActiveRows, finished: list[bool], stopper: Stopper, end: int,
-                  cfg: DecodeConfig) -> list[bool]:
-    """Without early exit, rows are checked for EOS / stop strings once their block is complete."""
-    if cfg.early_exit:
-        return finished
-    return stopper.update(torch.tensor(finished, device=rows.seq.device), rows.seq[:, rows.prompt_len:end]).tolist()
+    def at_block_end(self, finished: list[bool], end: int) -> list[bool]:
+        """Without early exit, rows are checked for EOS / stop strings once their block is complete."""
+        if self.cfg.early_exit:
+            return finished
+        rows = self.rows
+        return self.stopper.update(torch.tensor(finished, device=rows.seq.device),
+                                   rows.seq[:, rows.prompt_len:end]).tolist()
 
 
 def _decode(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, cfg: DecodeConfig, mask_token_id: int,
@@ -151,10 +170,11 @@ def _decode(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, c
     run = Runner(model, Layout.build(attention_mask, cfg.max_new_tokens, pattern.resized(cfg.block_size)), cfg)
     rows = ActiveRows(torch.cat([input_ids, input_ids.new_full((input_ids.shape[0], cfg.max_new_tokens),
                                                                 mask_token_id)], dim=1), prompt_len)
+    decoder = _BlockDecoder(run, rows, cfg, mask_token_id, stopper, generator)
     lo, start = 0, prompt_len  # the first pass feeds the prompt too: its KV enters the cache there, no prefill forward
     while start < total and rows.active:
         end = min(start + cfg.block_size, total)
-        _denoise_block(run, rows, (lo, start, end), cfg, mask_token_id, stopper, generator)
+        decoder.denoise(lo, start, end)
         lo = start if run.cached else 0  # the completed block enters the cache in the next pass
         start = end
     rows.drop([True] * len(rows.ids), start)

@@ -52,14 +52,15 @@ class Runner:
 
     def mask(self, start: int, end: int, noisy: tuple[int, int] | None = None) -> Tensor:
         """Queries `start:end` (slots `noisy[0]:noisy[1]` the block being denoised), a slice of the last mask built
-        when it holds them with the same noisy block. Past the prompt a mask is built for at least `MASK_ROWS` query
-        rows at once, so the AR loop's next steps and a block's later passes slice it instead of building their
-        own."""
+        when it holds them with the same noisy block: a block's later passes slice its first pass's mask. Past the
+        prompt, the AR loop's mask is built for at least `MASK_ROWS` query rows at once, so its next steps slice it
+        instead of building their own."""
         if self._mask is not None:
             lo, hi, built_for, mask = self._mask
             if lo <= start and end <= hi and built_for == noisy:
                 return self._rows(mask, start - lo, end - lo, end)
-        rows_end = end if start < self.layout.prompt_len else min(self.layout.total, max(end, start + MASK_ROWS))
+        ahead = start >= self.layout.prompt_len and noisy is None  # the AR loop's steps: build for the next ones too
+        rows_end = min(self.layout.total, max(end, start + MASK_ROWS)) if ahead else end
         mask = self.layout.mask(start, rows_end, self.layout.total if self.static else rows_end, noisy)
         if self.eager:
             mask = additive_mask(mask, self.model.dtype)

@@ -61,6 +61,15 @@ def test_the_block_mask_is_built_once_and_sliced_by_later_passes(model):
     assert first.shape == (2, 1, 4, 10)  # static cache: queries over every key slot
 
 
+def test_a_blocks_later_passes_slice_its_first_pass_mask_and_a_new_block_builds_its_own(model):
+    _, run = setup(model)
+    first = run.mask(4, 8, (6, 8))  # the completed block 4:6 folded into block 6:8's first pass
+    later = run.mask(6, 8, (6, 8))
+    assert later.data_ptr() == first[:, :, 2:].data_ptr()
+    assert torch.equal(first, run.layout.mask(4, 8, 10, (6, 8)))
+    assert run.mask(6, 10, (8, 10)).data_ptr() != first.data_ptr()  # the next block: another noisy group
+
+
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 def test_one_token_steps_slice_one_mask_built_for_many_rows(model, cache):
     """The AR loop's steps: one mask for up to MASK_ROWS query rows, each step a view of it, equal to a mask
