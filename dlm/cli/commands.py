@@ -8,6 +8,7 @@ answers at once and a bad flag fails before anything loads).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from dlm.settings import (
     TrainBenchConfig,
     check,
 )
+from dlm.settings.errors import deprecated
 from dlm.settings.scaling import PlanConfig
 from dlm.settings.sweep import ReportConfig, SweepRunConfig
 
@@ -87,7 +89,7 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     p.add_argument("--prompts-file", help="one prompt per line (write \\n for a newline inside a prompt)")
     p.add_argument("--stop", action="append", help="stop string; repeatable")
-    p.add_argument("--ar", action="store_true", help="same as --mode ar: the engine's lean greedy AR loop")
+    p.add_argument("--ar", action="store_true", help="deprecated alias of --mode ar (the engine's lean greedy AR loop)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="render each prompt as a user turn of the chat template (default: on when the checkpoint "
                         "was trained on chat-rendered data, off otherwise)")
@@ -113,11 +115,14 @@ def run_generate(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     backbone, meta = load_for_decoding(args.checkpoint, device=args.device, dtype=args.dtype)
     chat = chat_format_for(meta, backbone.tokenizer, args.chat)
-    result = complete(backbone, meta, prompts, decode, ar=args.ar, stop=args.stop, chat=chat)
+    if args.ar:
+        deprecated("dlm generate --ar", "--mode ar")
+        decode = dataclasses.replace(decode, mode="ar")
+    result = complete(backbone, meta, prompts, decode, stop=args.stop, chat=chat)
     for prompt, text in zip(prompts, result.texts):
         print(f"--- prompt\n{prompt}\n--- completion\n{text}")
     out = result.output
-    ar_mode = args.ar or decode.mode == "ar"
+    ar_mode = decode.mode == "ar"
     mode = ("AR model" if meta.attention_pattern.autoregressive else "AR mode of the dLM" if ar_mode
             else f"speculative ({decode.speculative_form}), drafts of {decode.block_size - 1}"
             if decode.mode == "speculative" else f"parallel, block {decode.block_size}, threshold {decode.threshold}")

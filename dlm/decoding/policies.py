@@ -60,16 +60,12 @@ def candidates(masked: Tensor, sub_block_size: int | None) -> Tensor:
 def choose(conf: Tensor, cand: Tensor | None, cfg: DecodeConfig) -> Tensor:
     """`(B, L)` bool: the positions to commit this pass, the top-n candidates by confidence per row (`cand`
     None: every position is one, as on a block's first pass)."""
-    if cfg.policy == "threshold" and not cfg.one_token_per_forward:
+    if cfg.policy == "threshold":
         return _above_threshold(conf, cand, cfg.threshold)
     cand = torch.ones_like(conf, dtype=torch.bool) if cand is None else cand
     sorted_conf, order = conf.masked_fill(~cand, -1.0).sort(dim=-1, descending=True, stable=True)
     n_cand = cand.sum(dim=-1)
-    if cfg.one_token_per_forward:
-        n = torch.ones_like(n_cand)
-    elif cfg.policy == "threshold":
-        n = (sorted_conf >= cfg.threshold).sum(dim=-1)
-    elif cfg.policy == "fixed":
+    if cfg.policy == "fixed":
         n = torch.full_like(n_cand, cfg.tokens_per_pass)
     else:  # factor: c_n falls while 1 - factor / (n + 1) rises, so the rule holds on a prefix
         rank = torch.arange(1, conf.shape[1] + 1, device=conf.device)

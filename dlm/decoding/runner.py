@@ -31,7 +31,7 @@ def compiled(model: PreTrainedModel):
 
 
 class Runner:
-    """Forwards of `seq[:, start:end]`; the cache holds `:start` (or nothing: `use_cache=False`)."""
+    """Forwards of `seq[:, start:end]`; the cache holds `:start` (or nothing: `cache=none`)."""
 
     def __init__(self, model: PreTrainedModel, layout: Layout, cfg: DecodeConfig):
         self.model, self.layout = model, layout

@@ -52,7 +52,8 @@ def format_table(rows: Sequence[BenchRow], meta: dict[str, Any]) -> str:
     for r in rows:
         policy = f"t {r.threshold:g}" if r.threshold is not None else f"n {r.tokens_per_pass}" if r.tokens_per_pass \
             else "–"
-        cells = [METHODS[r.method], str(r.batch_size), policy, f"{r.tokens_per_sec:.1f}",
+        method = f"{METHODS[r.method]} {r.decoder}" if r.decoder else METHODS[r.method]
+        cells = [method, str(r.batch_size), policy, f"{r.tokens_per_sec:.1f}",
                  f"{r.tokens_per_sec_min:.1f}–{r.tokens_per_sec_max:.1f}", f"{r.tpf:.2f}", f"{r.nfe:.1f}",
                  f"{r.tokens_per_prompt:.1f}", _fmt(r.exact_match, ".3f"), times(r.speedup_vs_ar),
                  times(r.speedup_vs_hf), times(r.forward_vs_ar), times(r.speedup_cache), _fmt(r.tpf_v2, ".2f"),
@@ -96,7 +97,7 @@ def bench_metrics(rows: Sequence[BenchRow]) -> dict[str, float]:
     """`bench/<setting>/<metric>`, e.g. `bench/dlm_batch1_t0.9/tokens_per_sec`."""
     keys = ("tokens_per_sec", "tpf", "nfe", "exact_match", "speedup_vs_ar", "speedup_vs_hf", "forward_vs_ar",
             "speedup_cache", "tpf_v2", "same_as_ar_mode", "same_as_ar", "same_answer_as_ar")
-    label = lambda r: Setting(r.method, r.batch_size, r.threshold, r.tokens_per_pass).label  # noqa: E731
+    label = lambda r: Setting(r.method, r.batch_size, r.threshold, r.tokens_per_pass, r.decoder).label  # noqa: E731
     return {f"bench/{label(r)}/{key}": float(getattr(r, key)) for r in rows for key in keys
             if getattr(r, key) is not None}
 

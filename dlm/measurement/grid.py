@@ -39,12 +39,15 @@ class Setting:
     batch_size: int
     threshold: float | None = None  # threshold-policy dLM settings only
     tokens_per_pass: int | None = None  # dlm-fixed only
+    decoder: str = ""  # `DecodeConfig` overrides over the cached decoder, `field=value,...` (bench.decoders)
 
     @property
     def label(self) -> str:
-        """Key part for MLflow metrics, e.g. `dlm_batch4_t0.9`, `dlm-fixed_batch1_n3`."""
+        """Key part for MLflow metrics, e.g. `dlm_batch4_t0.9`, `dlm-fixed_batch1_n3`,
+        `dlm_batch1_policy-factor_factor-1.5`."""
+        shown = "".join(f"_{k}-{v}" for k, v in DecodeConfig.overrides(self.decoder)) if self.decoder else ""
         return (f"{self.method}_batch{self.batch_size}" + ("" if self.threshold is None else f"_t{self.threshold:g}")
-                + ("" if self.tokens_per_pass is None else f"_n{self.tokens_per_pass}"))
+                + ("" if self.tokens_per_pass is None else f"_n{self.tokens_per_pass}") + shown)
 
 
 @dataclass
@@ -84,13 +87,15 @@ def encode_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]
 def decode_config(target: Target, setting: Setting, *, max_new_tokens: int, compile: bool = False) -> DecodeConfig:
     """The engine settings a grid setting stands for."""
     m = setting.method
-    return DecodeConfig(mode=MODES.get(m, "diffusion"), block_size=target.block_size,
-                        speculative_form="separate" if m == "spec-sep" else "fused",
-                        threshold=setting.threshold or 1.0, max_new_tokens=max_new_tokens,
-                        policy="fixed" if setting.tokens_per_pass else "threshold",
-                        tokens_per_pass=setting.tokens_per_pass or 1,
-                        one_token_per_forward=m == "dlm-1tpf", use_cache=m != "dlm-nocache",
-                        early_exit=m != "dlm-v2count", compile=compile, shift=target.shift)
+    fixed = setting.tokens_per_pass or (1 if m == "dlm-1tpf" else None)  # one token per forward: fixed at 1
+    cfg = DecodeConfig(mode=MODES.get(m, "diffusion"), block_size=target.block_size,
+                       speculative_form="separate" if m == "spec-sep" else "fused",
+                       threshold=setting.threshold or (DecodeConfig.threshold if setting.decoder else 1.0),
+                       max_new_tokens=max_new_tokens,
+                       policy="fixed" if fixed else "threshold", tokens_per_pass=fixed or 1,
+                       cache="none" if m == "dlm-nocache" else "auto",
+                       early_exit=m != "dlm-v2count", compile=compile, shift=target.shift)
+    return replace(cfg, **dict(DecodeConfig.overrides(setting.decoder))) if setting.decoder else cfg
 
 
 def decode_batch(target: Target, setting: Setting, batch: Batch, *, max_new_tokens: int,
@@ -189,6 +194,7 @@ class BenchRow:
     tokens_per_prompt: float  # generated tokens per prompt, mean (EOS stops make it < max_new_tokens)
     exact_match: float | None
     tokens_per_pass: int | None = None
+    decoder: str = ""  # bench.decoders rows: their `DecodeConfig` overrides
     speedup_vs_ar: float | None = None  # tokens/s over the lean AR loop's at the same batch size (the headline)
     speedup_vs_hf: float | None = None  # tokens/s over transformers generate's at the same batch size
     speedup_cache: float | None = None  # cached over no-cache tokens/s, same policy and batch size
@@ -227,7 +233,7 @@ def _share_equal(ours: Sequence, theirs: Sequence) -> float | None:
 def _row(s: Setting, m: Measurement) -> BenchRow:
     tps = m.tokens_per_sec
     return BenchRow(s.method, s.batch_size, s.threshold, statistics.median(tps), min(tps), max(tps), m.tpf,
-                    m.nfe_total / m.calls, m.generated / m.num_prompts, m.exact_match, s.tokens_per_pass,
+                    m.nfe_total / m.calls, m.generated / m.num_prompts, m.exact_match, s.tokens_per_pass, s.decoder,
                     tpf_v2=m.v2_tokens / max(m.v2_forwards, 1) if s.method == "dlm-v2count" else None)
 
 
@@ -241,6 +247,7 @@ def settings_grid(s: BenchConfig) -> list[Setting]:
         grid += [Setting("dlm-1tpf", b)] if s.one_token_reference else []
         grid += [Setting("dlm", b, t) for t in s.thresholds]
         grid += [Setting("dlm-fixed", b, tokens_per_pass=n) for n in s.tokens_per_pass]
+        grid += [Setting("dlm", b, decoder=text) for text in s.decoders]
         grid += [Setting("dlm-nocache", b, t) for t in s.no_cache_thresholds]
         grid += [Setting("dlm-nocache", b, tokens_per_pass=n) for n in s.no_cache_tokens_per_pass]
         grid += [Setting("dlm-v2count", b, t) for t in s.v2_count_thresholds]

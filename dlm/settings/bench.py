@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from dlm.settings.decode import DecodeConfig
 from dlm.settings.errors import check, check_block_size, check_choices, check_positive_int
 from dlm.settings.experiment import PATTERNS, SYNTHETIC, Dtype
 
@@ -25,6 +26,10 @@ class BenchConfig:
     """Decode block size; none: the checkpoint's training block size."""
     tokens_per_pass: List[int] = field(default_factory=list)
     """Fixed-policy settings: exactly n tokens per pass (a known TPF; times random-weight real shapes)."""
+    decoders: List[str] = field(default_factory=list)
+    """Any decoder settings, each `field=value,...` of `DecodeConfig` over the cached threshold decoder at the
+    checkpoint's block size, e.g. `policy=factor,factor=1.5` or `block_size=8,sub_block_size=4,threshold=0.7`;
+    each runs at every batch size beside the AR rows."""
     no_cache_thresholds: List[float] = field(default_factory=lambda: [0.9])
     """Thresholds of the (slow) no-cache reference; empty: none."""
     no_cache_tokens_per_pass: List[int] = field(default_factory=list)
@@ -85,8 +90,10 @@ class BenchConfig:
         for key in ("thresholds", "no_cache_thresholds"):
             for t in getattr(self, key):
                 check(0 < t <= 1, f"bench.{key}", t, "must be in (0, 1] (1.0 = one token per pass unless certain)")
-        check(bool(self.thresholds or self.tokens_per_pass), "bench.thresholds", self.thresholds,
-              "need at least one threshold (or bench.tokens_per_pass)")
+        check(bool(self.thresholds or self.tokens_per_pass or self.decoders), "bench.thresholds", self.thresholds,
+              "need at least one threshold (or bench.tokens_per_pass)")  # bench.decoders rows count too
+        for text in self.decoders:
+            DecodeConfig.overrides(text, key="bench.decoders")
         check(bool(self.batch_sizes), "bench.batch_sizes", self.batch_sizes, "need at least one batch size")
         for b in self.batch_sizes:
             check_positive_int("bench.batch_sizes", b)

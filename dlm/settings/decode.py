@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
-from dlm.settings.errors import check, check_block_size, check_choices, check_positive_int, divisors
+import yaml
+
+from dlm.settings.errors import (
+    ConfigError,
+    check,
+    check_block_size,
+    check_choices,
+    check_positive_int,
+    deprecated,
+    divisors,
+)
 
 
 @dataclass
@@ -37,14 +48,15 @@ class DecodeConfig:
     tokens_per_pass: int = 2
     """The fixed policy's tokens per pass (the last pass of a block commits what is left)."""
     one_token_per_forward: bool = False
-    """The non-parallel reference: commit exactly the single most confident position per pass."""
+    """Deprecated alias of `policy=fixed, tokens_per_pass=1` (one line says so; the setting then means that)."""
     use_cache: bool = True
-    """False: every pass forwards the whole sequence (slow, exact same tokens; a correctness reference)."""
-    cache: Literal["auto", "static", "dynamic"] = "auto"
+    """Deprecated alias: false is `cache=none`."""
+    cache: Literal["auto", "static", "dynamic", "none"] = "auto"
     """static: transformers' StaticCache, preallocated once and written in place | dynamic: DynamicCache
     (grows by concatenation; the reference the static cache is tested against) | auto: static, except for
     mode=speculative, whose per-row holes reserve (max_new_tokens + 1) x block_size slots that a static cache
-    would allocate and attend over in every forward (measured: BENCHMARKS.md §13)."""
+    would allocate and attend over in every forward (measured: BENCHMARKS.md) | none: no cache, every pass
+    forwards the whole sequence (slow, the same tokens: the correctness reference)."""
 
     early_exit: bool = True
     """Stop a row once its EOS is committed with nothing masked before it (or at a stop string), mid-block,
@@ -61,6 +73,13 @@ class DecodeConfig:
     forward, then a causal verify forward (two per step, up to block_size / 2 tokens per forward)."""
 
     def __post_init__(self) -> None:
+        if self.one_token_per_forward:
+            deprecated("decode.one_token_per_forward=true", "decode.policy=fixed decode.tokens_per_pass=1")
+            self.policy, self.tokens_per_pass, self.one_token_per_forward = "fixed", 1, False
+        if not self.use_cache and self.cache != "none":
+            deprecated("decode.use_cache=false", "decode.cache=none")
+            self.cache = "none"
+        self.use_cache = self.cache != "none"
         check_choices(self, "decode.")
         check_block_size(self.block_size, key="decode.block_size")
         check(0 < self.threshold <= 1, "decode.threshold", self.threshold, "must be in (0, 1]")
@@ -76,9 +95,28 @@ class DecodeConfig:
             check(self.block_size >= 2, "decode.block_size", self.block_size,
                   "must be >= 2 with decode.mode=speculative (it drafts block_size - 1 tokens)")
             check(self.use_cache, "decode.use_cache", self.use_cache,
-                  "decode.mode=speculative verifies over the KV cache; allowed: true")
+                  "decode.mode=speculative verifies over the KV cache; allowed: true (cache auto, static, dynamic)")
             check(self.temperature == 0, "decode.temperature", self.temperature,
                   "decode.mode=speculative is greedy (its output is the AR mode's argmax); allowed: 0")
+
+    @classmethod
+    def overrides(cls, text: str, *, key: str = "decoder") -> tuple[tuple[str, Any], ...]:
+        """`"policy=factor,factor=1.5"` -> (("policy", "factor"), ("factor", 1.5)): fields of this dataclass, values
+        read as YAML scalars, checked by building the setting (one line naming the bad part)."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        pairs = []
+        for part in filter(None, (p.strip() for p in text.split(","))):
+            check("=" in part, key, text, "each part is field=value", "e.g. policy=factor,factor=1.5")
+            name, value = (x.strip() for x in part.split("=", 1))
+            check(name in fields and name != "max_new_tokens", key, text, f"unknown decoder field {name!r}",
+                  [n for n in fields if n != "max_new_tokens"])
+            pairs.append((name, yaml.safe_load(value)))
+        check(bool(pairs), key, text, "empty", "e.g. policy=factor,factor=1.5")
+        try:
+            cls(**dict(pairs))
+        except ConfigError as err:
+            raise ConfigError(f"{key}={text!r}: {err}") from None
+        return tuple(pairs)
 
     @property
     def static_cache(self) -> bool:

@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import functools
 import re
+import sys
 import types
 import typing
 from typing import Any, Literal, Sequence, Union
@@ -31,6 +32,16 @@ def check(ok: bool, key: str, value: Any = NO_VALUE, rule: str = "invalid", allo
     allowed = allowed if isinstance(allowed, str) else ", ".join(map(str, allowed))
     shown = "" if value is NO_VALUE else f"={value!r}"
     raise ConfigError(f"{key}{shown}: {rule}" + (f"; allowed: {allowed}" if allowed else ""))
+
+
+_DEPRECATED: set[str] = set()
+
+
+def deprecated(old: str, new: str) -> None:
+    """One `deprecated: OLD; use NEW` line on stderr, once per process per setting."""
+    if old not in _DEPRECATED:
+        _DEPRECATED.add(old)
+        print(f"deprecated: {old}; use {new}", file=sys.stderr)
 
 
 def check_positive_int(key: str, value: Any, *, optional: bool = False) -> None:

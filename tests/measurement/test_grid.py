@@ -18,12 +18,13 @@ from dlm.measurement.grid import (
     Target,
     build_rows,
     decode_batch,
+    decode_config,
     encode_batches,
     measure,
     measure_grid,
     settings_grid,
 )
-from dlm.settings import BenchConfig
+from dlm.settings import BenchConfig, ConfigError
 from tests.conftest import sharp_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -211,3 +212,20 @@ def test_measure_grid_times_every_setting_repeats_times_with_the_counts_of_one_m
         assert len(m.seconds) == 3
         assert (m.generated, m.row_forwards, m.nfe_total, m.calls) == (once.generated, once.row_forwards,
                                                                       once.nfe_total, once.calls)
+
+
+def test_any_decoder_setting_is_a_row_the_factor_policy_included():
+    grid = settings_grid(BenchConfig(batch_sizes=[1], thresholds=[], decoders=["policy=factor,factor=1.5"],
+                                     no_cache_thresholds=[], hf_generate=False, one_token_reference=False))
+    assert grid == [Setting("ar", 1), Setting("dlm", 1, decoder="policy=factor,factor=1.5")]
+    target = Target(model=None, tokenizer=None, mask_token_id=0, block_size=4)
+    cfg = decode_config(target, grid[1], max_new_tokens=8)
+    assert (cfg.policy, cfg.factor, cfg.block_size, cfg.threshold) == ("factor", 1.5, 4, 0.9)
+    assert grid[1].label == "dlm_batch1_policy-factor_factor-1.5"
+
+
+def test_a_bad_decoder_setting_fails_in_one_line():
+    with pytest.raises(ConfigError, match=r"^bench.decoders='policy=factr': .*decode.policy='factr': unknown"):
+        BenchConfig(decoders=["policy=factr"])
+    with pytest.raises(ConfigError, match=r"^bench.decoders='polcy=factor': unknown decoder field 'polcy'"):
+        BenchConfig(decoders=["polcy=factor"])
