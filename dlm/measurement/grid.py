@@ -39,7 +39,7 @@ class Setting:
     batch_size: int
     threshold: float | None = None  # threshold-policy dLM settings only
     tokens_per_pass: int | None = None  # dlm-fixed only
-    decoder: str = ""  # `DecodeConfig` overrides over the cached decoder, `field=value,...` (bench.decoders)
+    decoder: str = ""  # `DecodeConfig` overrides over the cached decoder, `field=value ...` (bench.decoders)
 
     @property
     def label(self) -> str:

@@ -30,7 +30,19 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
 
 
 def _by(rows: Sequence[Row], method: str, batch_size: int) -> list[Row]:
-    return sorted((r for r in rows if r["method"] == method and r["batch_size"] == batch_size), key=lambda r: r["tpf"])
+    """The rows of `method` at `batch_size` by TPF; `bench.decoders` rows are points of their own, not on a curve."""
+    return sorted((r for r in rows if r["method"] == method and r["batch_size"] == batch_size
+                   and not r.get("decoder")), key=lambda r: r["tpf"])
+
+
+def _decoder_points(ax: Axes, rows: Sequence[Row], key: str, color, size) -> None:
+    """`bench.decoders` rows: a diamond each, labelled with its setting."""
+    for r in rows:
+        if r.get("decoder") and r[key] is not None:
+            ax.scatter(r["tpf"], r[key], s=size(r), marker="D", color=color, edgecolor="black", linewidth=0.5,
+                       zorder=3)
+            ax.annotate(r["decoder"], (r["tpf"], r[key]), textcoords="offset points", xytext=(6, 5), fontsize=7,
+                        color=color)
 
 
 def _annotate_thresholds(ax: Axes, rows: Sequence[Row], key: str, color, below: bool) -> None:
@@ -57,6 +69,7 @@ def _accuracy_panel(ax: Axes, rows: Sequence[Row], batch_sizes: list[int], color
         ax.scatter([r["tpf"] for r in cached], [r["exact_match"] for r in cached], s=[size(r) for r in cached],
                    color=c, edgecolor="black", linewidth=0.5, label=f"dLM cached, batch {b}", zorder=3)
         _annotate_thresholds(ax, cached, "exact_match", c, below=batch_sizes.index(b) % 2 == 1)
+        _decoder_points(ax, [r for r in rows if r["batch_size"] == b], "exact_match", c, size)
         for r in _by(rows, "dlm-1tpf", b):
             ax.scatter(r["tpf"], r["exact_match"], s=size(r), marker="s", color=c, edgecolor="black", linewidth=0.5,
                        zorder=3)

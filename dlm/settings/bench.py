@@ -27,9 +27,9 @@ class BenchConfig:
     tokens_per_pass: List[int] = field(default_factory=list)
     """Fixed-policy settings: exactly n tokens per pass (a known TPF; times random-weight real shapes)."""
     decoders: List[str] = field(default_factory=list)
-    """Any decoder settings, each `field=value,...` of `DecodeConfig` over the cached threshold decoder at the
-    checkpoint's block size, e.g. `policy=factor,factor=1.5` or `block_size=8,sub_block_size=4,threshold=0.7`;
-    each runs at every batch size beside the AR rows."""
+    """Any decoder settings, each `field=value field=value ...` of `DecodeConfig` over the cached threshold decoder
+    at the checkpoint's block size, e.g. `policy=factor factor=1.5` or `block_size=8 sub_block_size=4 threshold=0.7`
+    (on the command line a comma separates settings); each runs at every batch size beside the AR rows."""
     no_cache_thresholds: List[float] = field(default_factory=lambda: [0.9])
     """Thresholds of the (slow) no-cache reference; empty: none."""
     no_cache_tokens_per_pass: List[int] = field(default_factory=list)

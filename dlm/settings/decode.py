@@ -101,17 +101,17 @@ class DecodeConfig:
 
     @classmethod
     def overrides(cls, text: str, *, key: str = "decoder") -> tuple[tuple[str, Any], ...]:
-        """`"policy=factor,factor=1.5"` -> (("policy", "factor"), ("factor", 1.5)): fields of this dataclass, values
+        """`"policy=factor factor=1.5"` -> (("policy", "factor"), ("factor", 1.5)): fields of this dataclass, values
         read as YAML scalars, checked by building the setting (one line naming the bad part)."""
         fields = [f.name for f in dataclasses.fields(cls)]
         pairs = []
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            check("=" in part, key, text, "each part is field=value", "e.g. policy=factor,factor=1.5")
+        for part in text.split():
+            check("=" in part, key, text, "each part is field=value", "e.g. policy=factor factor=1.5")
             name, value = (x.strip() for x in part.split("=", 1))
             check(name in fields and name != "max_new_tokens", key, text, f"unknown decoder field {name!r}",
                   [n for n in fields if n != "max_new_tokens"])
             pairs.append((name, yaml.safe_load(value)))
-        check(bool(pairs), key, text, "empty", "e.g. policy=factor,factor=1.5")
+        check(bool(pairs), key, text, "empty", "e.g. policy=factor factor=1.5")
         try:
             cls(**dict(pairs))
         except ConfigError as err:

@@ -13,7 +13,7 @@ import yaml
 
 from dlm.cli.main import main
 from dlm.data.synthetic import format_example, problems
-from dlm.measurement.bench import run_bench
+from dlm.measurement.bench import bench_metrics, format_table, run_bench
 from dlm.settings import BenchConfig, ConfigError, LogTarget
 from tests.conftest import save_tiny, sharp_backbone
 
@@ -265,3 +265,15 @@ def test_bf16_bench_decodes_in_bf16_and_says_so(files, tmp_path):
                 output_dir=tmp_path)
     assert out.meta["dtype"] == "bfloat16" and "bfloat16" in out.table
     assert _row(out, "ar-hf", 1).same_as_ar == 1.0  # one token a forward on both sides: no rounding difference
+
+
+def test_any_decoder_setting_benches_beside_the_ar_rows_the_factor_policy_included(files, tmp_path):
+    out = bench(files["dlm"], ar_baseline=files["ar"], thresholds=(), decoders=["policy=factor factor=2.0",
+                "policy=fixed tokens_per_pass=4"], batch_sizes=(1,), max_new_tokens=GEN, repeats=1, warmup=0,
+                prompts=files["prompts"], ignore_eos=True, hf_generate=False, one_token_reference=False,
+                no_cache_thresholds=(), output_dir=tmp_path)
+    rows = {r.decoder: r for r in out.rows if r.method == "dlm"}
+    assert set(rows) == {"policy=factor factor=2.0", "policy=fixed tokens_per_pass=4"}
+    assert rows["policy=fixed tokens_per_pass=4"].tpf == 4.0 and rows["policy=factor factor=2.0"].tpf >= 1.0
+    assert "dlm_batch1_policy-factor_factor-2.0/tpf" in " ".join(bench_metrics(out.rows))
+    assert "policy=factor factor=2.0" in format_table(out.rows, out.meta)

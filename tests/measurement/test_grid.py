@@ -215,9 +215,9 @@ def test_measure_grid_times_every_setting_repeats_times_with_the_counts_of_one_m
 
 
 def test_any_decoder_setting_is_a_row_the_factor_policy_included():
-    grid = settings_grid(BenchConfig(batch_sizes=[1], thresholds=[], decoders=["policy=factor,factor=1.5"],
+    grid = settings_grid(BenchConfig(batch_sizes=[1], thresholds=[], decoders=["policy=factor factor=1.5"],
                                      no_cache_thresholds=[], hf_generate=False, one_token_reference=False))
-    assert grid == [Setting("ar", 1), Setting("dlm", 1, decoder="policy=factor,factor=1.5")]
+    assert grid == [Setting("ar", 1), Setting("dlm", 1, decoder="policy=factor factor=1.5")]
     target = Target(model=None, tokenizer=None, mask_token_id=0, block_size=4)
     cfg = decode_config(target, grid[1], max_new_tokens=8)
     assert (cfg.policy, cfg.factor, cfg.block_size, cfg.threshold) == ("factor", 1.5, 4, 0.9)
