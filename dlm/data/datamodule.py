@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import lightning as L
 import torch
@@ -84,6 +84,26 @@ class DiffusionCollator:
         noised = torch.where(sample.mask, self.mask_token_id, ids)
         return {"input_ids": ids, "eligible": eligible, "noised_ids": noised, "mask": sample.mask, "t": sample.t,
                 "num_masked": sample.num_masked, "num_eligible": sample.num_eligible}
+
+
+class ConsumedPositionLoader(StatefulDataLoader):
+    """A `StatefulDataLoader` whose saved state is the position after the last batch a step consumed.
+
+    A stream has no length, so Lightning fetches one batch ahead, and the loader's own state is one batch past the
+    step a checkpoint means; `consumed()` (the DataModule's record of what the step took) answers instead, so
+    Lightning saves and restores the right position through its usual loader state."""
+
+    def __init__(self, *args: Any, consumed: Callable[[], dict[str, Any] | None], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._consumed = consumed
+
+    def state_dict(self) -> dict[str, Any]:
+        position = self._consumed()
+        return super().state_dict() if position is None else position
+
+    def fetched_state_dict(self) -> dict[str, Any]:
+        """The position after the last batch fetched (ahead of the step)."""
+        return super().state_dict()
 
 
 class DiffusionDataModule(L.LightningDataModule):
@@ -169,9 +189,10 @@ class DiffusionDataModule(L.LightningDataModule):
         if self.trainer is not None or self.cfg.attention.block_size_schedule:  # a stage is known only at the step
             collate = dataclasses.replace(self.collator, noise=False)
         generator = torch.Generator().manual_seed(self.cfg.seed + (0 if shuffle else 1))
-        return StatefulDataLoader(dataset, batch_size=d.batch_size, shuffle=shuffle and not stream, drop_last=shuffle,
-                                  num_workers=d.num_workers, collate_fn=collate, generator=generator,
-                                  persistent_workers=d.num_workers > 0)
+        return ConsumedPositionLoader(dataset, batch_size=d.batch_size, shuffle=shuffle and not stream,
+                                      drop_last=shuffle, num_workers=d.num_workers, collate_fn=collate,
+                                      generator=generator, persistent_workers=d.num_workers > 0,
+                                      consumed=self.stream_position if shuffle else lambda: None)
 
     # -- noise at consumption, its generators in every checkpoint (exact resume) -------------------------
     def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, Any]:
@@ -195,13 +216,15 @@ class DiffusionDataModule(L.LightningDataModule):
         """A stream has no length, so Lightning fetches one batch ahead and the loader's own state is one batch
         past the step being trained; keep the state of one step earlier, which is the one a checkpoint means."""
         loader = self.trainer.train_dataloader
-        if isinstance(self.train_set, IterableDataset) and hasattr(loader, "state_dict"):
-            self._stream_states = (self._stream_states[1], (self.trainer.current_epoch, loader.state_dict()))
+        if isinstance(self.train_set, IterableDataset) and isinstance(loader, ConsumedPositionLoader):
+            self._stream_states = (self._stream_states[1], (self.trainer.current_epoch, loader.fetched_state_dict()))
 
     def stream_position(self) -> dict[str, Any] | None:
         """The train stream's state after the last trained batch (None: not a stream, or not known yet)."""
         before = self._stream_states[0]
-        return before[1] if before is not None and before[0] == self.trainer.current_epoch else None
+        if before is None or self.trainer is None:
+            return None
+        return before[1] if before[0] == self.trainer.current_epoch else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"train_noise": self.train_noise.get_state()}

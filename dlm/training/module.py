@@ -117,9 +117,6 @@ class DiffusionLM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """The global RNG (dropout) goes into every checkpoint: a resumed run redraws the same dropout masks."""
         checkpoint["dlm_rng"] = rng_state()
-        position = getattr(self.trainer.datamodule, "stream_position", lambda: None)()
-        if position is not None:  # Lightning saved the stream one prefetched batch ahead
-            checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] = [position]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         set_rng_state(checkpoint.get("dlm_rng"))

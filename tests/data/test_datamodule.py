@@ -159,3 +159,20 @@ def test_streaming_too_long_max_length_is_named(tokenizer, tmp_path):
     with pytest.raises(ConfigError, match=r"^data.max_length=4096: longer than the packed validation stream "
                                           r"\(data.val_rows=1 rows\)"):
         DiffusionDataModule(cfg, tokenizer, mask_token_id=1).setup()
+
+
+def test_the_loader_saves_the_position_of_the_last_consumed_batch_not_the_prefetched_one():
+    from dlm.data.datamodule import ConsumedPositionLoader
+
+    consumed = {"position": None}
+    loader = ConsumedPositionLoader(list(range(10)), batch_size=2, consumed=lambda: consumed["position"])
+    it = iter(loader)
+    next(it)
+    after_one = loader.fetched_state_dict()
+    next(it)  # fetched ahead
+    assert loader.state_dict() == loader.fetched_state_dict()  # nothing recorded: the loader's own position
+    consumed["position"] = after_one
+    assert loader.state_dict() == after_one
+    fresh = ConsumedPositionLoader(list(range(10)), batch_size=2, consumed=lambda: None)
+    fresh.load_state_dict(loader.state_dict())
+    assert next(iter(fresh)).tolist() == [2, 3]  # resumes after the consumed batch
