@@ -20,36 +20,31 @@ from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
+from dlm.data.batch import TrainBatch
 from dlm.data.chat import chat_format_of
 from dlm.data.sources import AnyDataset, check_columns, check_source, column_names, load_raw, tokenize_and_pack
 from dlm.data.synthetic import synthetic_dir
 from dlm.settings import SYNTHETIC, ConfigError, ExperimentConfig, MaskingConfig
 from dlm.tensor import patterns
-from dlm.tensor.attention import position_ids
 from dlm.tensor.masking import complementary, sample_mask
 from dlm.tensor.patterns import Pattern
 
 
 @dataclass
 class DiffusionCollator:
-    """Stacks packed rows and applies the masking: the batch carries everything the loss needs.
-
-    Keys: input_ids (x_0), eligible, position_ids; for diffusion patterns also noised_ids (x_t), mask, t,
-    num_masked, num_eligible; with `data.document_mask` also document_ids (B, L) (position ids then restart
-    per document when `restart_positions`). With `complementary`, the batch is doubled with the complementary
-    mask.
-    """
+    """Stacks packed rows and applies the masking: a `TrainBatch`, exactly what the step consumes (position ids
+    are the pattern's, built with the mask). With `complementary`, the batch is doubled with the complementary
+    mask."""
 
     pattern: Pattern
     """At the configured block size (a schedule's stage resizes it per batch)."""
     mask_token_id: int
     masking: MaskingConfig
-    restart_positions: bool = True
     noise: bool = True
     """False: stack only; the DataModule noises the batch when Lightning consumes it (`finish`): the noise
     generator is then saved in checkpoints, and a block-size schedule's stage is the step's."""
 
-    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, rows: list[dict[str, Any]]) -> TrainBatch | dict[str, torch.Tensor]:
         batch = {"input_ids": torch.tensor([r["input_ids"] for r in rows], dtype=torch.long),
                  "eligible": torch.tensor([r["eligible"] for r in rows], dtype=torch.bool)}
         if "document_ids" in rows[0]:
@@ -57,23 +52,20 @@ class DiffusionCollator:
         return self.finish(batch) if self.noise else batch
 
     def finish(self, stacked: dict[str, torch.Tensor], block_size: int | None = None,
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Noise (diffusion patterns, from `generator`, at `block_size`) and position ids for stacked rows."""
-        stage, block_size = block_size, block_size or self.pattern.block_size
+               generator: torch.Generator | None = None) -> TrainBatch:
+        """The training batch of stacked rows: noised (diffusion patterns, from `generator`, at `block_size`: a
+        schedule's stage, which the loss must use too)."""
         ids, eligible, docs = stacked["input_ids"], stacked["eligible"], stacked.get("document_ids")
-        batch = {"input_ids": ids, "eligible": eligible}
+        batch = TrainBatch(ids, eligible, block_size=block_size)
         if not self.pattern.autoregressive:
-            batch = self._noise(ids, eligible, block_size, generator)
+            batch = self._noise(ids, eligible, block_size or self.pattern.block_size, generator)
+            batch.block_size = block_size
         if docs is not None:
-            batch["document_ids"] = docs = docs.repeat(batch["input_ids"].shape[0] // ids.shape[0], 1)
-        restart = docs if self.restart_positions else None
-        batch["position_ids"] = position_ids(self.pattern, *batch["input_ids"].shape, document_ids=restart)
-        if stage is not None:
-            batch["block_size"] = stage  # a schedule's stage: the loss must use the size the noise was drawn at
+            batch.document_ids = docs.repeat(batch.input_ids.shape[0] // ids.shape[0], 1)
         return batch
 
     def _noise(self, ids: torch.Tensor, eligible: torch.Tensor, block_size: int,
-               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+               generator: torch.Generator | None = None) -> TrainBatch:
         m = self.masking
         sample = sample_mask(ids.shape[0], ids.shape[1], block_size, m.strategy, m.half_life,
                              generator=generator, eligible=eligible, eps=m.eps)
@@ -82,8 +74,7 @@ class DiffusionCollator:
             sample = type(sample)(*(torch.cat([a, b]) for a, b in zip(sample, other)))
             ids, eligible = ids.repeat(2, 1), eligible.repeat(2, 1)
         noised = torch.where(sample.mask, self.mask_token_id, ids)
-        return {"input_ids": ids, "eligible": eligible, "noised_ids": noised, "mask": sample.mask, "t": sample.t,
-                "num_masked": sample.num_masked, "num_eligible": sample.num_eligible}
+        return TrainBatch(ids, eligible, noised, sample.mask, sample.num_masked, sample.num_eligible)
 
 
 class ConsumedPositionLoader(StatefulDataLoader):
@@ -115,8 +106,7 @@ class DiffusionDataModule(L.LightningDataModule):
         if cfg.data.chat_template or cfg.data.messages_field:
             chat_format_of(tokenizer)  # a tokenizer without a template fails here, before any data is read
         self.cfg, self.tokenizer = cfg, tokenizer
-        self.collator = DiffusionCollator(patterns.of(cfg.attention), mask_token_id, cfg.masking,
-                                          restart_positions=cfg.data.restart_positions)
+        self.collator = DiffusionCollator(patterns.of(cfg.attention), mask_token_id, cfg.masking)
         self.train_noise = torch.Generator().manual_seed(cfg.seed)
         self.val_noise = torch.Generator()
         self._val_index = 0
@@ -195,11 +185,12 @@ class DiffusionDataModule(L.LightningDataModule):
                                       consumed=self.stream_position if shuffle else lambda: None)
 
     # -- noise at consumption, its generators in every checkpoint (exact resume) -------------------------
-    def on_before_batch_transfer(self, batch: dict[str, torch.Tensor], dataloader_idx: int) -> dict[str, Any]:
+    def on_before_batch_transfer(self, batch: TrainBatch | dict[str, torch.Tensor],
+                                 dataloader_idx: int) -> TrainBatch:
         """Training batches draw from `train_noise` (saved in checkpoints); each validation run redraws the
         same noise (`val_noise` reseeded per batch index), so val/loss compares steps on equal terms. The loader
         runs ahead (prefetch, workers), so only here is the step known: a block-size schedule's stage."""
-        if "noised_ids" in batch or "position_ids" in batch:  # noised already (a loader built without a Trainer)
+        if isinstance(batch, TrainBatch):  # noised already (a loader built without a Trainer)
             return batch
         a = self.cfg.attention
         block = a.block_size_at(self.trainer.global_step if self.trainer is not None else 0) \

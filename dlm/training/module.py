@@ -17,6 +17,7 @@ from torch import Tensor
 from torchmetrics import MeanMetric
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+from dlm.data.batch import TrainBatch
 from dlm.models.backbone import Backbone, load_backbone
 from dlm.models.lora import apply_lora, parameter_counts
 from dlm.settings import ExperimentConfig
@@ -84,27 +85,27 @@ class DiffusionLM(L.LightningModule):
         self.flops_per_batch = self._training_flops(input_ids)
         return self.model(input_ids=input_ids, **attn.as_kwargs(), use_cache=False).logits
 
-    def loss(self, batch: dict[str, Tensor]) -> LossOutput:
+    def loss(self, batch: TrainBatch) -> LossOutput:
         o = self.cfg.objective
-        docs, bs = batch.get("document_ids"), batch.get("block_size", self.pattern.block_size)
+        docs, bs = batch.document_ids, batch.block_size or self.pattern.block_size
         if self.pattern.autoregressive:
-            return ar_loss(self(batch["input_ids"], docs), batch["input_ids"], batch["eligible"])
-        noised, pattern = batch["noised_ids"], self.pattern.resized(bs)
-        inputs = pattern.model_input(noised, batch["input_ids"])
-        weights = block_weights(batch["num_masked"], batch["num_eligible"], bs, o.weighting)
+            return ar_loss(self(batch.input_ids, docs), batch.input_ids, batch.eligible)
+        noised, pattern = batch.noised_ids, self.pattern.resized(bs)
+        inputs = pattern.model_input(noised, batch.input_ids)
+        weights = block_weights(batch.num_masked, batch.num_eligible, bs, o.weighting)
         logits = self(inputs, docs, bs)
-        diffusion = diffusion_loss(logits, batch["input_ids"], batch["mask"], weights=weights,
-                                   eligible=batch["eligible"], pattern=pattern, seq_len=noised.shape[1],
+        diffusion = diffusion_loss(logits, batch.input_ids, batch.mask, weights=weights,
+                                   eligible=batch.eligible, pattern=pattern, seq_len=noised.shape[1],
                                    shift=o.shift)
         if o.ar_weight == 0:
             return diffusion._replace(loss=o.diffusion_weight * diffusion.loss)
         return self._joint(diffusion, logits[:, noised.shape[1]:], batch)
 
-    def _joint(self, diffusion: LossOutput, clean_logits: Tensor, batch: dict[str, Tensor]) -> LossOutput:
+    def _joint(self, diffusion: LossOutput, clean_logits: Tensor, batch: TrainBatch) -> LossOutput:
         """NLD's joint objective: the causal clean half's next-token loss on x_0, added to the diffusion loss of
         the same forward; both terms kept in `loss_terms` for logging (accuracy stays the masked tokens')."""
         o = self.cfg.objective
-        ar = ar_loss(clean_logits, batch["input_ids"], batch["eligible"])
+        ar = ar_loss(clean_logits, batch.input_ids, batch.eligible)
         self.loss_terms = {"ar_loss": ar.loss.detach(), "diffusion_loss": diffusion.loss.detach()}
         return diffusion._replace(loss=o.diffusion_weight * diffusion.loss + o.ar_weight * ar.loss)
 
@@ -121,15 +122,15 @@ class DiffusionLM(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         set_rng_state(checkpoint.get("dlm_rng"))
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> Tensor:
         out = self.loss(batch)
         self.train_acc.update(out.correct[out.scored].float())
         self.log("train/loss", out.loss, prog_bar=True)
         for name, value in self.loss_terms.items():  # objective.ar_weight > 0: the joint objective's two terms
             self.log(f"train/{name}", value)
         self.log("train/masked_acc", self.train_acc, prog_bar=True)
-        if "block_size" in batch:  # attention.block_size_schedule: the stage in force at this step
-            self._log_stage(batch["block_size"])
+        if batch.block_size is not None:  # attention.block_size_schedule: the stage in force at this step
+            self._log_stage(batch.block_size)
         return out.loss
 
     def _log_stage(self, block_size: int) -> None:
@@ -138,7 +139,7 @@ class DiffusionLM(L.LightningModule):
             self._stage = block_size
         self.log("train/block_size", float(block_size))
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: TrainBatch, batch_idx: int) -> None:
         out = self.loss(batch)
         self.val_acc.update(out.correct[out.scored].float())
         self.log("val/loss", out.loss, prog_bar=True, sync_dist=True)

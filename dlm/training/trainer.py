@@ -109,8 +109,8 @@ def build_trainer(cfg: ExperimentConfig, logger: Logger, callbacks: list[L.Callb
     t, out = cfg.trainer, Path(cfg.output_dir)
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=t.checkpoint_every_n_steps,
                                   save_last=True, save_top_k=1)
-    throughput = ThroughputMonitor(batch_size_fn=lambda b: b["input_ids"].shape[0],
-                                   length_fn=lambda b: b["input_ids"].numel(), separator="/",
+    throughput = ThroughputMonitor(batch_size_fn=lambda b: b.input_ids.shape[0],
+                                   length_fn=lambda b: b.input_ids.numel(), separator="/",
                                    window_size=t.throughput_window)
     return L.Trainer(
         max_steps=t.max_steps, max_epochs=-1, accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes,

@@ -10,6 +10,7 @@ import torch
 from dlm.data.datamodule import DiffusionCollator, DiffusionDataModule
 from dlm.settings import ConfigError, load_config
 from dlm.tensor import patterns
+from dlm.tensor.attention import position_ids
 
 
 def _cfg(tmp_path, *overrides):
@@ -24,36 +25,36 @@ def test_collate_noises_only_eligible_with_mask_token(tmp_path):
     rows = [{"input_ids": list(range(10, 26)), "eligible": [0] * 6 + [1] * 10} for _ in range(3)]
     torch.manual_seed(0)
     batch = collate(rows)
-    assert batch["noised_ids"].shape == (3, 16) and batch["t"].shape == (3, 4)
-    assert not batch["mask"][:, :6].any()
-    assert torch.equal(batch["noised_ids"] == 1, batch["mask"])
-    assert torch.equal(batch["position_ids"][0], torch.cat([torch.arange(16), torch.arange(16)]))
+    assert batch.noised_ids.shape == (3, 16) and batch.num_masked.shape == (3, 4)
+    assert not batch.mask[:, :6].any()
+    assert torch.equal(batch.noised_ids == 1, batch.mask)
+    assert torch.equal(position_ids(collate.pattern, 3, 16)[0], torch.cat([torch.arange(16), torch.arange(16)]))
 
 
 def test_collate_complementary_doubles_batch_and_covers_every_token(tmp_path):
     cfg = _cfg(tmp_path, "masking.complementary=true")
     collate = DiffusionCollator(patterns.get("block", block_size=4), mask_token_id=1, masking=cfg.masking)
     batch = collate([{"input_ids": list(range(16)), "eligible": [1] * 16} for _ in range(2)])
-    assert batch["mask"].shape == (4, 16)
-    assert torch.equal(batch["mask"][:2] ^ batch["mask"][2:], torch.ones(2, 16, dtype=torch.bool))
+    assert batch.mask.shape == (4, 16)
+    assert torch.equal(batch.mask[:2] ^ batch.mask[2:], torch.ones(2, 16, dtype=torch.bool))
 
 
 def test_collate_causal_has_no_noise(tmp_path):
     collate = DiffusionCollator(patterns.get("causal", block_size=4), mask_token_id=1, masking=_cfg(tmp_path).masking)
     batch = collate([{"input_ids": [5, 6, 7, 8], "eligible": [1, 1, 1, 1]}])
-    assert set(batch) == {"input_ids", "eligible", "position_ids"}
+    assert batch.noised_ids is None and batch.mask is None and batch.num_masked is None
 
 
 @pytest.mark.parametrize("restart", [True, False])
 def test_collate_document_ids_restart_positions_per_document(tmp_path, restart):
     cfg = _cfg(tmp_path, "masking.complementary=true")
-    collate = DiffusionCollator(patterns.get("block_clean", block_size=4), mask_token_id=1, masking=cfg.masking,
-                                restart_positions=restart)
+    collate = DiffusionCollator(patterns.get("block_clean", block_size=4), mask_token_id=1, masking=cfg.masking)
     docs = [0] * 3 + [1] * 5
     batch = collate([{"input_ids": list(range(8)), "eligible": [1] * 8, "document_ids": docs}])
-    assert batch["document_ids"].tolist() == [docs, docs]  # doubled with the complementary copy
+    assert batch.document_ids.tolist() == [docs, docs]  # doubled with the complementary copy
     half = [0, 1, 2, 0, 1, 2, 3, 4] if restart else list(range(8))
-    assert batch["position_ids"].tolist() == [half + half] * 2
+    positions = position_ids(collate.pattern, 2, 8, document_ids=batch.document_ids if restart else None)
+    assert positions.tolist() == [half + half] * 2
 
 
 def test_datamodule_document_mask_batches_carry_document_ids(tokenizer, tmp_path):
@@ -61,12 +62,12 @@ def test_datamodule_document_mask_batches_carry_document_ids(tokenizer, tmp_path
     dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    docs = batch["document_ids"]
+    docs = batch.document_ids
     assert docs.shape == (4, 32)
     starts = docs[:, 1:] != docs[:, :-1]
-    assert starts.any() and torch.equal(batch["input_ids"][:, :-1][starts] == tokenizer.eos_token_id,
+    assert starts.any() and torch.equal(batch.input_ids[:, :-1][starts] == tokenizer.eos_token_id,
                                         torch.ones(int(starts.sum()), dtype=torch.bool))  # a document ends with EOS
-    assert (batch["position_ids"][:, 1:32][starts] == 0).all()
+    assert (position_ids(dm.collator.pattern, 4, 32, document_ids=docs)[:, 1:32][starts] == 0).all()
 
 
 def test_schedule_defers_the_noise_to_the_step_and_pads_to_every_stage(tokenizer, tmp_path):
@@ -76,7 +77,7 @@ def test_schedule_defers_the_noise_to_the_step_and_pads_to_every_stage(tokenizer
     stacked = next(iter(dm.train_dataloader()))
     assert set(stacked) == {"input_ids", "eligible"}  # the loader runs ahead: no noise yet
     batch = dm.on_before_batch_transfer(stacked, 0)  # no trainer: step 0, the first stage
-    assert batch["block_size"] == 2 and batch["t"].shape == (4, 16) and batch["position_ids"].shape == (4, 64)
+    assert batch.block_size == 2 and batch.num_masked.shape == (4, 16) and batch.noised_ids.shape == (4, 32)
     eos = stacked["input_ids"] == tokenizer.eos_token_id
     assert eos.any()  # documents padded with EOS to multiples of 8 (the lcm of the stages)
 
@@ -86,7 +87,7 @@ def test_datamodule_synthetic_splits_and_batches(tokenizer, tmp_path):
     dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
-    assert batch["input_ids"].shape == (4, 32)
+    assert batch.input_ids.shape == (4, 32)
     assert len(dm.val_set) > 0 and len(dm.train_set) > len(dm.val_set)
     assert (tmp_path / "data").is_dir()
 
@@ -98,7 +99,7 @@ def test_datamodule_loads_local_jsonl(tokenizer, tmp_path):
                "data.response_field=null", "data.val_fraction=0.1")
     dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
     dm.setup("fit")
-    assert next(iter(dm.val_dataloader()))["input_ids"].shape[1] == 32
+    assert next(iter(dm.val_dataloader())).input_ids.shape[1] == 32
 
 
 def test_missing_column_is_named(tokenizer, tmp_path):
@@ -110,7 +111,7 @@ def test_missing_column_is_named(tokenizer, tmp_path):
 
 
 def _text(tokenizer, loader) -> str:
-    return " ".join(text for batch in loader for text in tokenizer.batch_decode(batch["input_ids"]))
+    return " ".join(text for batch in loader for text in tokenizer.batch_decode(batch.input_ids))
 
 
 def test_streaming_holds_out_the_head_and_packs_lazily(tokenizer, tmp_path):
@@ -127,7 +128,7 @@ def test_streaming_holds_out_the_head_and_packs_lazily(tokenizer, tmp_path):
     val, train = _text(tokenizer, dm.val_dataloader()), _text(tokenizer, dm.train_dataloader())
     assert "apples" in val and "pears" not in val
     assert "pears" in train and "apples" not in train
-    assert next(iter(dm.train_dataloader()))["input_ids"].shape == (4, 32)
+    assert next(iter(dm.train_dataloader())).input_ids.shape == (4, 32)
 
 
 def test_streaming_loader_resumes_from_its_state(tokenizer, tmp_path):
@@ -138,20 +139,20 @@ def test_streaming_loader_resumes_from_its_state(tokenizer, tmp_path):
     it = iter(loader)
     [next(it) for _ in range(3)]
     state = loader.state_dict()
-    expected = next(it)["input_ids"]
+    expected = next(it).input_ids
     fresh = dm.train_dataloader()
     fresh.load_state_dict(state)
-    assert torch.equal(next(iter(fresh))["input_ids"], expected)
+    assert torch.equal(next(iter(fresh)).input_ids, expected)
 
 
 def test_streaming_reshuffles_per_epoch(tokenizer, tmp_path):
     cfg = _cfg(tmp_path, "data.streaming=true", "data.val_rows=10", "data.shuffle_buffer=50")
     dm = DiffusionDataModule(cfg, tokenizer, mask_token_id=tokenizer.mask_token_id)
     dm.setup("fit")
-    first = next(iter(dm.train_dataloader()))["input_ids"]
-    assert torch.equal(next(iter(dm.train_dataloader()))["input_ids"], first)  # seeded
+    first = next(iter(dm.train_dataloader())).input_ids
+    assert torch.equal(next(iter(dm.train_dataloader())).input_ids, first)  # seeded
     dm.train_set.set_epoch(1)
-    assert not torch.equal(next(iter(dm.train_dataloader()))["input_ids"], first)
+    assert not torch.equal(next(iter(dm.train_dataloader())).input_ids, first)
 
 
 def test_streaming_too_long_max_length_is_named(tokenizer, tmp_path):

@@ -14,8 +14,9 @@ import sys
 import lightning as L
 import torch
 from torch.distributed.fsdp import FSDPModule
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
+from dlm.data.batch import TrainBatch
 from dlm.data.datamodule import DiffusionCollator
 from dlm.settings import load_config
 from dlm.training.module import DiffusionLM
@@ -41,7 +42,8 @@ class FixedRows(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        return DataLoader(self.rows[rank::world], batch_size=GLOBAL_BATCH // world, shuffle=False)
+        return DataLoader(self.rows[rank::world], batch_size=GLOBAL_BATCH // world, shuffle=False,
+                          collate_fn=lambda rows: TrainBatch(**default_collate(rows)))
 
 
 def fixed_rows(module: DiffusionLM) -> list[dict[str, torch.Tensor]]:
@@ -55,7 +57,8 @@ def fixed_rows(module: DiffusionLM) -> list[dict[str, torch.Tensor]]:
         ids = torch.where(ids == module.mask_token_id, 0, ids)
         torch.manual_seed(len(rows))
         batch = collate([{"input_ids": r.tolist(), "eligible": [True] * LENGTH} for r in ids])
-        rows += [{k: v[i] for k, v in batch.items()} for i in range(GLOBAL_BATCH)]
+        fields = {k: v for k, v in vars(batch).items() if isinstance(v, torch.Tensor)}
+        rows += [{k: v[i] for k, v in fields.items()} for i in range(GLOBAL_BATCH)]
     return rows
 
 

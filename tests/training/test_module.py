@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from dlm.data.batch import TrainBatch
 from dlm.data.datamodule import DiffusionDataModule
 from dlm.models.backbone import forward_logits
 from dlm.settings import load_config
@@ -72,10 +73,10 @@ def test_given_backbone_is_used_and_put_in_train_mode(tmp_path, tokenizer):
 
 def test_causal_pattern_uses_the_ar_loss_over_eligible_targets(causal):
     module, batch = causal
-    ids = batch["input_ids"]
-    eligible = batch["eligible"].clone()
+    ids = batch.input_ids
+    eligible = batch.eligible.clone()
     eligible[:, :5] = False  # prompt tokens: never targets
-    out = module.loss({"input_ids": ids, "eligible": eligible})
+    out = module.loss(TrainBatch(ids, eligible))
     with torch.no_grad():
         logits = module.model(input_ids=ids).logits  # HF's own causal mask
     scored = eligible[:, 1:]  # row i predicts token i + 1
@@ -86,16 +87,16 @@ def test_causal_pattern_uses_the_ar_loss_over_eligible_targets(causal):
 
 def test_block_clean_forward_doubles_the_length(clean):
     module, batch = clean
-    ids = batch["input_ids"]
+    ids = batch.input_ids
     with torch.no_grad():
-        logits = module(torch.cat([batch["noised_ids"], ids], 1))
+        logits = module(torch.cat([batch.noised_ids, ids], 1))
     assert logits.shape == (ids.shape[0], 2 * ids.shape[1], module.model.config.vocab_size)
 
 
 def test_block_clean_forward_runs_the_clean_half_block_causally_at_the_noisy_positions(clean):
     """x_0 gets position ids 0..L-1 like x_t and sees only clean blocks up to its own: the `block` pattern on x_0."""
     module, batch = clean
-    ids, noised = batch["input_ids"], batch["noised_ids"]
+    ids, noised = batch.input_ids, batch.noised_ids
     L = ids.shape[1]
     with torch.no_grad():
         both = module(torch.cat([noised, ids], 1))
@@ -106,7 +107,7 @@ def test_block_clean_forward_runs_the_clean_half_block_causally_at_the_noisy_pos
 
 def test_block_clean_noisy_block_sees_its_own_block_and_earlier_clean_blocks_only(clean):
     module, batch = clean
-    ids, noised = batch["input_ids"][:1], batch["noised_ids"][:1]
+    ids, noised = batch.input_ids[:1], batch.noised_ids[:1]
     L = ids.shape[1]
     base = torch.cat([noised, ids], 1)
     clean_b1, noisy_b0 = base.clone(), base.clone()
@@ -123,14 +124,14 @@ def test_block_clean_noisy_block_sees_its_own_block_and_earlier_clean_blocks_onl
 
 def test_block_clean_loss_is_the_weighted_nll_of_masked_noisy_rows(clean):
     module, batch = clean
-    ids, mask, eligible = batch["input_ids"], batch["mask"], batch["eligible"]
+    ids, mask, eligible = batch.input_ids, batch.mask, batch.eligible
     assert mask.any()
     L = ids.shape[1]
     with torch.no_grad():
         out = module.loss(batch)
-        logits = module(torch.cat([batch["noised_ids"], ids], 1))[:, :L]
+        logits = module(torch.cat([batch.noised_ids, ids], 1))[:, :L]
     nll = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")  # (B, L)
-    per_block = batch["num_eligible"].float() / batch["num_masked"].clamp_min(1).float()  # ELBO weight n/k
+    per_block = batch.num_eligible.float() / batch.num_masked.clamp_min(1).float()  # ELBO weight n/k
     weights = per_block.repeat_interleave(4, dim=1)
     expected = (weights * nll)[mask].sum() / eligible.sum()
     assert_close(out.loss, expected)
@@ -191,7 +192,7 @@ def test_document_mask_run_trains_under_the_per_row_document_mask(tmp_path):
     torch.manual_seed(0)
     module = DiffusionLM(_cfg(tmp_path, **{"data.document_mask": "true"})).eval()
     batch = _batch(module)
-    docs, ids = batch["document_ids"], torch.cat([batch["noised_ids"], batch["input_ids"]], 1)
+    docs, ids = batch.document_ids, torch.cat([batch.noised_ids, batch.input_ids], 1)
     with torch.no_grad():
         got = module(ids, docs)
         plain = module(ids)
@@ -219,9 +220,9 @@ def test_joint_ar_term_equals_hf_causal_lm_loss_on_x0(joint):
     module, batch = joint
     with torch.no_grad():
         got = module.loss(batch).loss
-        labels = batch["input_ids"].masked_fill(~batch["eligible"], -100)  # prompt tokens are not scored
-        expected = module.model(input_ids=batch["input_ids"], labels=labels).loss  # HF's own loss, run causally
-    assert not batch["eligible"].all() and batch["eligible"].any()
+        labels = batch.input_ids.masked_fill(~batch.eligible, -100)  # prompt tokens are not scored
+        expected = module.model(input_ids=batch.input_ids, labels=labels).loss  # HF's own loss, run causally
+    assert not batch.eligible.all() and batch.eligible.any()
     assert_close(got, expected, atol=1e-5, rtol=1e-5)
     assert_close(module.loss_terms["ar_loss"], expected, atol=1e-5, rtol=1e-5)
 

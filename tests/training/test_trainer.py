@@ -100,7 +100,7 @@ class BatchRecorder(L.Callback):
         self.ids: dict[int, torch.Tensor] = {}
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self.ids[trainer.global_step] = batch["input_ids"].clone()
+        self.ids[trainer.global_step] = batch.input_ids.clone()
 
 
 def test_streaming_resume_continues_the_stream(tmp_path):
@@ -125,7 +125,7 @@ class FirstBatchPerEpoch(L.Callback):
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
         if batch_idx == 0:
-            self.ids.append(batch["input_ids"].clone())
+            self.ids.append(batch.input_ids.clone())
 
 
 def test_streaming_reshuffles_each_epoch_in_a_run(tmp_path):
@@ -179,13 +179,13 @@ def test_lora_conversion_trains_resumes_exports_and_decodes(tmp_path, ar_checkpo
 
 
 class NoiseBlocks(L.Callback):
-    """The block size each step's noise was drawn with: (B, blocks) of `t`."""
+    """The block size each step's noise was drawn with: (B, blocks) of the masked counts."""
 
     def __init__(self) -> None:
         self.blocks: dict[int, int] = {}
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
-        self.blocks[trainer.global_step] = 32 // batch["t"].shape[1]
+        self.blocks[trainer.global_step] = 32 // batch.num_masked.shape[1]
 
 
 def test_block_size_schedule_is_logged_per_step_and_resumes_in_its_stage(tmp_path, ar_checkpoint):
