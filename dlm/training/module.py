@@ -86,28 +86,28 @@ class DiffusionLM(L.LightningModule):
         return self.model(input_ids=input_ids, **attn.as_kwargs(), use_cache=False).logits
 
     def loss(self, batch: TrainBatch) -> LossOutput:
-        o = self.cfg.objective
-        docs, bs = batch.document_ids, batch.block_size or self.pattern.block_size
+        objective = self.cfg.objective
+        docs, block_size = batch.document_ids, batch.block_size or self.pattern.block_size
         if self.pattern.autoregressive:
             return ar_loss(self(batch.input_ids, docs), batch.input_ids, batch.eligible)
-        noised, pattern = batch.noised_ids, self.pattern.resized(bs)
+        noised, pattern = batch.noised_ids, self.pattern.resized(block_size)
         inputs = pattern.model_input(noised, batch.input_ids)
-        weights = block_weights(batch.num_masked, batch.num_eligible, bs, o.weighting)
-        logits = self(inputs, docs, bs)
+        weights = block_weights(batch.num_masked, batch.num_eligible, block_size, objective.weighting)
+        logits = self(inputs, docs, block_size)
         diffusion = diffusion_loss(logits, batch.input_ids, batch.mask, weights=weights,
                                    eligible=batch.eligible, pattern=pattern, seq_len=noised.shape[1],
-                                   shift=o.shift)
-        if o.ar_weight == 0:
-            return diffusion._replace(loss=o.diffusion_weight * diffusion.loss)
+                                   shift=objective.shift)
+        if objective.ar_weight == 0:
+            return diffusion._replace(loss=objective.diffusion_weight * diffusion.loss)
         return self._joint(diffusion, logits[:, noised.shape[1]:], batch)
 
     def _joint(self, diffusion: LossOutput, clean_logits: Tensor, batch: TrainBatch) -> LossOutput:
         """NLD's joint objective: the causal clean half's next-token loss on x_0, added to the diffusion loss of
         the same forward; both terms kept in `loss_terms` for logging (accuracy stays the masked tokens')."""
-        o = self.cfg.objective
+        objective = self.cfg.objective
         ar = ar_loss(clean_logits, batch.input_ids, batch.eligible)
         self.loss_terms = {"ar_loss": ar.loss.detach(), "diffusion_loss": diffusion.loss.detach()}
-        return diffusion._replace(loss=o.diffusion_weight * diffusion.loss + o.ar_weight * ar.loss)
+        return diffusion._replace(loss=objective.diffusion_weight * diffusion.loss + objective.ar_weight * ar.loss)
 
     def on_train_epoch_start(self) -> None:
         """A stream (`data.streaming`) reshuffles per epoch only when told the epoch (Lightning tells samplers)."""
@@ -146,15 +146,15 @@ class DiffusionLM(L.LightningModule):
         self.log("val/masked_acc", self.val_acc, prog_bar=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        o = self.cfg.optim
+        optim = self.cfg.optim
         decay = [p for n, p in self.named_parameters() if p.ndim >= 2 and p.requires_grad]
         no_decay = [p for n, p in self.named_parameters() if p.ndim < 2 and p.requires_grad]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=tuple(o.betas),
+            [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=optim.lr, betas=tuple(optim.betas),
         )
         scheduler = get_cosine_with_min_lr_schedule_with_warmup(
-            optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=self.cfg.trainer.max_steps,
-            min_lr_rate=o.min_lr_ratio,
+            optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=self.cfg.trainer.max_steps,
+            min_lr_rate=optim.min_lr_ratio,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
