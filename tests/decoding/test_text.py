@@ -52,9 +52,14 @@ def test_generate_command_prints_completion_and_stats(checkpoint, capsys):
 
 
 def test_generate_command_ar_baseline(checkpoint, capsys):
+    import dlm.settings.errors as errors
+
+    errors._DEPRECATED.discard("dlm generate --ar")  # said once per process
     assert main(["generate", str(checkpoint), "--prompt", PROMPTS[1], "--max-new-tokens", "4", "--ar",
                  "--device", "cpu"]) == 0
-    assert "AR mode of the dLM" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "AR mode of the dLM" in captured.out
+    assert "deprecated: dlm generate --ar; use --mode ar" in captured.err
 
 
 def test_generate_command_bad_input_is_one_line(checkpoint, tmp_path, capsys):

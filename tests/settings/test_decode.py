@@ -80,3 +80,18 @@ def test_auto_cache_is_static_except_for_speculative_decoding():
     assert not DecodeConfig(mode="speculative", block_size=4).static_cache  # its holes would make it huge
     assert DecodeConfig(mode="speculative", block_size=4, cache="static").static_cache
     assert not DecodeConfig(cache="dynamic").static_cache and not DecodeConfig(use_cache=False).static_cache
+
+
+def test_redundant_fields_are_aliases_with_one_deprecation_line(capsys):
+    import dlm.settings.errors as errors
+
+    errors._DEPRECATED.clear()
+    one = DecodeConfig(one_token_per_forward=True)
+    assert (one.policy, one.tokens_per_pass, one.one_token_per_forward) == ("fixed", 1, False)
+    no_cache = DecodeConfig(use_cache=False)
+    assert (no_cache.cache, no_cache.use_cache, no_cache.static_cache) == ("none", False, False)
+    assert DecodeConfig(cache="none").use_cache is False
+    dataclasses.replace(no_cache, threshold=0.5)  # rebuilt: no second line
+    assert capsys.readouterr().err.splitlines() == [
+        "deprecated: decode.one_token_per_forward=true; use decode.policy=fixed decode.tokens_per_pass=1",
+        "deprecated: decode.use_cache=false; use decode.cache=none"]
