@@ -75,7 +75,7 @@ class AttentionConfig:
     """block_clean's clean half x_0: block (BD3-LM, block-causal) | causal (token-causal, so the clean KV cache
     is a causal LM's: joint AR + diffusion training with `objective.ar_weight`, speculative decoding)."""
     options: Dict[str, Any] = field(default_factory=dict)
-    """The pattern's own options (its dataclass fields beyond block_size), e.g. `{window: 2}` for `window`."""
+    """The pattern's own options (its dataclass fields beyond block_size), e.g. `{window: 2}` for `block_window`."""
     block_size_schedule: List[List[int]] = field(default_factory=list)
     """Training block-size stages [[step, block_size], ...] from step 0 (LLaDA 2.0 warm-up, SDAR / TDAR
     progressive blocks), e.g. [[0, 2], [400, 4], [800, 8]]; replaces `block_size` in training, and the
