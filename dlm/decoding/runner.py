@@ -61,11 +61,15 @@ class Runner:
                 return self._rows(mask, start - lo, end - lo, end)
         ahead = start >= self.layout.prompt_len and noisy is None  # the AR loop's steps: build for the next ones too
         rows_end = min(self.layout.total, max(end, start + MASK_ROWS)) if ahead else end
-        mask = self.layout.mask(start, rows_end, self.layout.total if self.static else rows_end, noisy)
-        if self.eager:
-            mask = additive_mask(mask, self.model.dtype)
+        mask = self.fresh_mask(start, rows_end, noisy)
         self._mask = (start, rows_end, noisy, mask)
         return self._rows(mask, 0, end - start, end)
+
+    def fresh_mask(self, start: int, end: int, noisy: tuple[int, int] | None = None) -> Tensor:
+        """Queries `start:end` built now from the layout (over every slot of a static cache, else the `end` tokens so
+        far), in the model's form: what a caller that edits the layout (speculative decoding's holes) passes."""
+        mask = self.layout.mask(start, end, self.layout.total if self.static else end, noisy)
+        return additive_mask(mask, self.model.dtype) if self.eager else mask
 
     def _rows(self, mask: Tensor, first: int, last: int, end: int) -> Tensor:
         """Query rows `first:last` of `mask`, over the keys a forward ending at `end` attends (a static cache:

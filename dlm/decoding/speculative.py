@@ -36,7 +36,6 @@ from dlm.decoding.drafting import Drafter, DraftRequest
 from dlm.decoding.policies import without_mask
 from dlm.decoding.runner import Runner
 from dlm.decoding.stopping import Stopper
-from dlm.tensor.attention import additive_mask
 
 
 def slots_needed(max_new_tokens: int, draft_len: int) -> int:
@@ -98,11 +97,8 @@ class _Decode:
     def forward(self, start: int, end: int, keep: int | Tensor, *, noisy: int = 0, first: bool = False) -> Tensor:
         """Logits of inputs `start:end`, whose last `noisy` are one noisy block; the mask is built fresh (the holes
         change every step). `first`: the prompt's forward, uncompiled (its shape is the prompt's)."""
-        run = self.run
-        keys = run.layout.total if run.static else end
-        mask = run.layout.mask(start, end, keys, (end - noisy, end) if noisy else None)
-        mask = additive_mask(mask, run.model.dtype) if run.eager else mask
-        return run(self.rows.seq, start, end, keep, first=first, mask=mask)
+        mask = self.run.fresh_mask(start, end, (end - noisy, end) if noisy else None)
+        return self.run(self.rows.seq, start, end, keep, first=first, mask=mask)
 
     def argmax(self, logits: Tensor) -> Tensor:
         return without_mask(logits, self.spec.mask_token_id).argmax(dim=-1)

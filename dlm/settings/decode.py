@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
-import yaml
+from omegaconf import OmegaConf
 
 from dlm.settings.errors import (
     ConfigError,
@@ -103,14 +103,13 @@ class DecodeConfig:
     def overrides(cls, text: str, *, key: str = "decoder") -> tuple[tuple[str, Any], ...]:
         """`"policy=factor factor=1.5"` -> (("policy", "factor"), ("factor", 1.5)): fields of this dataclass, values
         read as YAML scalars, checked by building the setting (one line naming the bad part)."""
-        fields = [f.name for f in dataclasses.fields(cls)]
-        pairs = []
-        for part in text.split():
+        allowed = [f.name for f in dataclasses.fields(cls) if f.name != "max_new_tokens"]
+        parts = text.split()
+        for part in parts:
             check("=" in part, key, text, "each part is field=value", "e.g. policy=factor factor=1.5")
-            name, value = (x.strip() for x in part.split("=", 1))
-            check(name in fields and name != "max_new_tokens", key, text, f"unknown decoder field {name!r}",
-                  [n for n in fields if n != "max_new_tokens"])
-            pairs.append((name, yaml.safe_load(value)))
+            name = part.split("=", 1)[0].strip()
+            check(name in allowed, key, text, f"unknown decoder field {name!r}", allowed)
+        pairs = list(OmegaConf.to_container(OmegaConf.from_dotlist(parts)).items())  # values typed as in YAML
         check(bool(pairs), key, text, "empty", "e.g. policy=factor factor=1.5")
         try:
             cls(**dict(pairs))
