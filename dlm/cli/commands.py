@@ -1,8 +1,9 @@
-"""Each `dlm` subcommand: its flags (generated from the settings dataclasses where it has settings) and a
-runner that turns the parsed flags into those dataclasses, calls the library and prints the result.
+"""Each `dlm` subcommand: its flags (generated from the settings dataclasses where it has settings)
+and a runner that turns the parsed flags into those dataclasses,
+calls the library and prints the result.
 
-Library modules are imported inside the runners, so building the parser imports no torch (`dlm --help`
-answers at once and a bad flag fails before anything loads).
+Library modules are imported inside the runners, so building the parser imports no torch
+(`dlm --help` answers at once and a bad flag fails before anything loads).
 """
 
 from __future__ import annotations
@@ -29,13 +30,15 @@ from dlm.settings.errors import deprecated
 from dlm.settings.scaling import PlanConfig
 from dlm.settings.sweep import ReportConfig, SweepRunConfig
 
-CHECKPOINT_HELP = ("dlm checkpoint folder (HF model + tokenizer + dlm.yaml), e.g. outputs/tiny/final; a plain HF "
-                   "causal LM folder, hub id or .gguf file is an AR model")
+CHECKPOINT_HELP = ("dlm checkpoint folder (HF model + tokenizer + dlm.yaml), "
+                   "e.g. outputs/tiny/final; "
+                   "a plain HF causal LM folder, hub id or .gguf file is an AR model")
 
 
 def add_configs(p: argparse.ArgumentParser) -> None:
     p.add_argument("configs", nargs="+", metavar="CONFIG.yaml [key=value ...]",
-                   help="experiment YAML files, then dotlist overrides such as attention.block_size=32")
+                   help="experiment YAML files, then dotlist overrides "
+                        "such as attention.block_size=32")
 
 
 def _split(items: list[str]) -> tuple[list[str], list[str]]:
@@ -43,7 +46,7 @@ def _split(items: list[str]) -> tuple[list[str], list[str]]:
     return [c for c in items if "=" not in c], [c for c in items if "=" in c]
 
 
-# -- attention-demo, config, train ------------------------------------------------------------------
+# -- attention-demo, config, train -----------------------------------------------------------------
 def add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=8)
     p.add_argument("--block-size", type=int, default=4)
@@ -72,27 +75,32 @@ def run_train(args: argparse.Namespace) -> None:
 
     paths, overrides = _split(args.configs)
     result = train(load_experiment(*paths, overrides=overrides))
-    if result.final_dir.is_dir():  # never a path that does not exist (other ranks of a multi-process run)
+    # never a path that does not exist (other ranks of a multi-process run)
+    if result.final_dir.is_dir():
         print(f"final checkpoint: {result.final_dir}")
     if result.run_id:
         print(f"mlflow run: {result.run_id} ({result.tracking_uri}); "
               f"browse with: mlflow ui --backend-store-uri {result.tracking_uri}")
-    elif (Path(result.final_dir).parent / "metrics" / "metrics.csv").is_file():  # tracking.enabled=false
+    elif (Path(result.final_dir).parent / "metrics" / "metrics.csv").is_file():
+        # tracking.enabled=false
         print(f"metrics: {Path(result.final_dir).parent / 'metrics' / 'metrics.csv'}")
     for key in sorted(k for k in result.metrics if k.startswith(("val/", "train/loss"))):
         print(f"{key}: {result.metrics[key]:.4f}")
 
 
-# -- generate ---------------------------------------------------------------------------------------
+# -- generate --------------------------------------------------------------------------------------
 def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     p.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
-    p.add_argument("--prompts-file", help="one prompt per line (write \\n for a newline inside a prompt)")
+    p.add_argument("--prompts-file",
+                   help="one prompt per line (write \\n for a newline inside a prompt)")
     p.add_argument("--stop", action="append", help="stop string; repeatable")
-    p.add_argument("--ar", action="store_true", help="deprecated alias of --mode ar (the engine's lean greedy AR loop)")
+    p.add_argument("--ar", action="store_true",
+                   help="deprecated alias of --mode ar (the engine's lean greedy AR loop)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="render each prompt as a user turn of the chat template (default: on when the checkpoint "
-                        "was trained on chat-rendered data, off otherwise)")
+                   help="render each prompt as a user turn of the chat template "
+                        "(default: on when the checkpoint was trained on chat-rendered data, "
+                        "off otherwise)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", choices=DTYPES, default="float32",
                    help="weight dtype (bfloat16: AMX CPUs and GPUs run it several times faster)")
@@ -102,7 +110,8 @@ def add_generate(p: argparse.ArgumentParser) -> None:
 
 def run_generate(args: argparse.Namespace) -> None:
     prompts = _prompts(args)
-    check(args.threads is None or args.threads > 0, "--threads", args.threads, "must be a positive integer")
+    check(args.threads is None or args.threads > 0, "--threads", args.threads,
+          "must be a positive integer")
     from dlm.decoding.text import chat_format_for, complete, decode_config_for, load_for_decoding
     from dlm.models.checkpoint import read_meta
     from dlm.models.device import resolve_device
@@ -123,9 +132,11 @@ def run_generate(args: argparse.Namespace) -> None:
         print(f"--- prompt\n{prompt}\n--- completion\n{text}")
     out = result.output
     ar_mode = decode.mode == "ar"
-    mode = ("AR model" if meta.attention_pattern.autoregressive else "AR mode of the dLM" if ar_mode
+    mode = ("AR model" if meta.attention_pattern.autoregressive
+            else "AR mode of the dLM" if ar_mode
             else f"speculative ({decode.speculative_form}), drafts of {decode.block_size - 1}"
-            if decode.mode == "speculative" else f"parallel, block {decode.block_size}, threshold {decode.threshold}")
+            if decode.mode == "speculative"
+            else f"parallel, block {decode.block_size}, threshold {decode.threshold}")
     shown = f"{mode}, {args.dtype}" + (", chat template" if chat else "")
     print(f"--- stats ({shown}): generated {sum(out.num_generated)} tokens, NFE {out.nfe}, "
           f"TPF {out.tokens_per_forward:.2f}, {result.tokens_per_sec:.1f} tokens/s")
@@ -139,31 +150,38 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         lines = Path(args.prompts_file).read_text().splitlines()
         prompts += [line.replace("\\n", "\n") for line in lines if line.strip()]
     if not prompts:
-        raise ConfigError("--prompt: give at least one prompt (--prompt TEXT or --prompts-file FILE)")
+        raise ConfigError("--prompt: give at least one prompt "
+                          "(--prompt TEXT or --prompts-file FILE)")
     for i, prompt in enumerate(prompts):
-        check(prompt.strip() != "", f"--prompt[{i}]", prompt, "empty; a prompt needs at least one token")
+        check(prompt.strip() != "", f"--prompt[{i}]", prompt,
+              "empty; a prompt needs at least one token")
     for i, stop in enumerate(args.stop or []):
-        check(stop != "", f"--stop[{i}]", stop, "empty; an empty stop string would cut every completion")
+        check(stop != "", f"--stop[{i}]", stop,
+              "empty; an empty stop string would cut every completion")
     return prompts
 
 
-# -- exactness ---------------------------------------------------------------------------------------
+# -- exactness -------------------------------------------------------------------------------------
 def add_exactness(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
-    p.add_argument("--prompts", default="synthetic", help="synthetic, or a JSONL file of {prompt|question, answer}")
+    p.add_argument("--prompts", default="synthetic",
+                   help="synthetic, or a JSONL file of {prompt|question, answer}")
     p.add_argument("--num-prompts", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--pairs", default="cache,batch,speculative",
-                   help="comma list of: cache (cached vs no-cache), batch (batched vs alone), speculative (vs AR mode)")
+                   help="comma list of: cache (cached vs no-cache), batch (batched vs alone), "
+                        "speculative (vs AR mode)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="render prompts through the chat template (default: as the checkpoint was trained)")
+                   help="render prompts through the chat template "
+                        "(default: as the checkpoint was trained)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
 
 
 def run_exactness(args: argparse.Namespace) -> None:
-    check(args.threads is None or args.threads > 0, "--threads", args.threads, "must be a positive integer")
+    check(args.threads is None or args.threads > 0, "--threads", args.threads,
+          "must be a positive integer")
     from dlm.measurement.exactness import check_exactness, format_results
 
     if args.threads:
@@ -172,30 +190,34 @@ def run_exactness(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     pairs = [p.strip() for p in args.pairs.split(",") if p.strip()]
     results = check_exactness(args.checkpoint, prompts=args.prompts, num_prompts=args.num_prompts,
-                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, dtype=args.dtype,
-                              pairs=pairs, chat=args.chat)
+                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                              dtype=args.dtype, pairs=pairs, chat=args.chat)
     print(format_results(results, checkpoint=args.checkpoint, dtype=args.dtype))
 
 
-# -- import -----------------------------------------------------------------------------------------
+# -- import ----------------------------------------------------------------------------------------
 def add_import(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="a .gguf file, an HF causal LM folder or a hub id")
-    p.add_argument("out", help="folder to write (safetensors + tokenizer + dlm.yaml, pattern causal)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="weight dtype of the written folder")
+    p.add_argument("out",
+                   help="folder to write (safetensors + tokenizer + dlm.yaml, pattern causal)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weight dtype of the written folder")
 
 
 def run_import(args: argparse.Namespace) -> None:
     from dlm.models.importing import import_model
 
     out = import_model(args.source, args.out, dtype=args.dtype)
-    print(f"imported {args.source} -> {out} ({args.dtype}); use it as model.name_or_path or --ar-baseline")
+    print(f"imported {args.source} -> {out} ({args.dtype}); "
+          "use it as model.name_or_path or --ar-baseline")
 
 
-# -- bench, bench-train -----------------------------------------------------------------------------
+# -- bench, bench-train ----------------------------------------------------------------------------
 def add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     add_dataclass_arguments(p, BenchConfig, aliases={"max_new_tokens": ["--gen-length"]})
-    p.add_argument("--no-score", dest="scored", action="store_false", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    p.add_argument("--no-score", dest="scored", action="store_false", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
     add_dataclass_arguments(p, LogTarget)
 
 
@@ -203,7 +225,8 @@ def run_bench(args: argparse.Namespace) -> Any:
     settings, log = dataclass_from_args(args, BenchConfig), dataclass_from_args(args, LogTarget)
     from dlm.models.checkpoint import check_checkpoint
 
-    if Path(args.checkpoint).suffix not in (".yaml", ".yml"):  # an experiment YAML: random weights, real shape
+    # an experiment YAML: random weights, real shape
+    if Path(args.checkpoint).suffix not in (".yaml", ".yml"):
         check_checkpoint(args.checkpoint)  # before the prompt set is read or generated
     from dlm.measurement.bench import run_bench as bench
 
@@ -227,13 +250,14 @@ def run_bench_train(args: argparse.Namespace) -> None:
     print(format_rows(bench_training(args.config, settings, overrides=args.overrides)))
 
 
-# -- plan -------------------------------------------------------------------------------------------
+# -- plan ------------------------------------------------------------------------------------------
 def add_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="experiment YAML, e.g. experiments/qwen3-8b.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.devices=8")
     add_dataclass_arguments(p, PlanConfig)
     p.add_argument("--measure", action="store_true",
-                   help="also run one real training step on this CPU and print its measured peak memory")
+                   help="also run one real training step on this CPU "
+                        "and print its measured peak memory")
 
 
 def run_plan(args: argparse.Namespace) -> None:
@@ -251,7 +275,7 @@ def run_plan(args: argparse.Namespace) -> None:
     print(plan_report(cfg, settings, config_dir=Path(args.config).parent))
 
 
-# -- eval -------------------------------------------------------------------------------------------
+# -- eval ------------------------------------------------------------------------------------------
 def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)
     add_dataclass_arguments(p, EvalConfig, skip=("decode",))
@@ -260,11 +284,13 @@ def add_eval(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    settings = dataclass_from_args(args, EvalConfig, decode=given(args, DecodeConfig, prefix="decode."))
+    decode = given(args, DecodeConfig, prefix="decode.")
+    settings = dataclass_from_args(args, EvalConfig, decode=decode)
     log = dataclass_from_args(args, LogTarget)
     from dlm.evaluation.tasks import resolve_requested
 
-    resolve_requested(settings.tasks, data_dir=settings.data_dir, hub=settings.hub_tasks)  # before lm-eval loads
+    # before lm-eval loads
+    resolve_requested(settings.tasks, data_dir=settings.data_dir, hub=settings.hub_tasks)
     from dlm.models.checkpoint import check_checkpoint
     from dlm.models.device import resolve_device
 
@@ -286,7 +312,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-# -- sweep, report, drift ---------------------------------------------------------------------------
+# -- sweep, report, drift --------------------------------------------------------------------------
 def add_sweep(p: argparse.ArgumentParser) -> None:
     p.add_argument("sweep", help="sweep YAML, e.g. sweeps/attention_pattern_tiny.yaml")
     p.add_argument("sweep_overrides", nargs="*", metavar="key=value",
@@ -311,7 +337,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         report(sweep.name, ReportConfig(tracking_uri=result.tracking_uri))
     if result.failed:
         print(f"error: {len(result.failed)} of {len(result.points)} points failed "
-              f"({', '.join(o.point_id for o in result.failed)}); re-run the same command to retry them")
+              f"({', '.join(o.point_id for o in result.failed)}); "
+              "re-run the same command to retry them")
         return 1
     return 0
 

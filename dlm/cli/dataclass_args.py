@@ -1,10 +1,10 @@
-"""argparse flags generated from settings dataclasses, so a field is defined once: its name, type, default
-and docstring become the flag, its choices and its help.
+"""argparse flags generated from settings dataclasses, so a field is defined once: its name, type,
+default and docstring become the flag, its choices and its help.
 
-Why not jsonargparse: the flags users already type (`--thresholds 0.5,0.9` comma lists, `--no-cache`,
-`--decode.threshold 0.9`) keep their spelling, building the parser imports no torch, and every value still
-goes through the dataclass (and its `__post_init__` checks) exactly once. A flag that is not given is not
-set, so the dataclass default is the only default.
+Why not jsonargparse: the flags users already type (`--thresholds 0.5,0.9` comma lists,
+`--no-cache`, `--decode.threshold 0.9`) keep their spelling, building the parser imports no torch,
+and every value still goes through the dataclass (and its `__post_init__` checks) exactly once.
+A flag that is not given is not set, so the dataclass default is the only default.
 """
 
 from __future__ import annotations
@@ -29,13 +29,15 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
         for node, after in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and _is_str(after):
+            is_field = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            if is_field and _is_str(after):
                 docs[node.target.id] = " ".join(after.value.value.split())
     return docs
 
 
 def _is_str(node: ast.stmt) -> bool:
-    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+    return (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str))
 
 
 def _unwrap_optional(kind: Any) -> Any:
@@ -65,8 +67,10 @@ def _parser_for(kind: Any) -> tuple[Callable[[str], Any], Sequence[Any] | None]:
         choices = typing.get_args(kind)
         return type(choices[0]), choices
     if typing.get_origin(kind) in (list, Sequence, tuple):
-        item, _ = _parser_for(typing.get_args(kind)[0])  # argparse checks choices per value, not per list item:
-        return _comma_list(item), None  # the dataclass's own check names the bad item
+        # argparse checks choices per value, not per list item:
+        # the dataclass's own check names the bad item
+        item, _ = _parser_for(typing.get_args(kind)[0])
+        return _comma_list(item), None
     if kind is bool:
         return parse_bool, None
     if kind in (int, float, str):
@@ -89,11 +93,13 @@ def _default_text(f: dataclasses.Field) -> str:
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, prefix: str = "",
-                            aliases: dict[str, Sequence[str]] | None = None, skip: Sequence[str] = ()) -> None:
-    """One flag per field of `cls`: `--max-new-tokens` (or `--decode.max_new_tokens` under `prefix="decode."`).
+                            aliases: dict[str, Sequence[str]] | None = None,
+                            skip: Sequence[str] = ()) -> None:
+    """One flag per field of `cls`: `--max-new-tokens`
+    (or `--decode.max_new_tokens` under `prefix="decode."`).
 
-    Booleans are switches (`--ignore-eos`; a field that defaults to True gets `--no-<name>`) without a
-    prefix, and take true/false with one. `aliases` adds other spellings of a field's flag.
+    Booleans are switches (`--ignore-eos`; a field that defaults to True gets `--no-<name>`) without
+    a prefix, and take true/false with one. `aliases` adds other spellings of a field's flag.
     """
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
@@ -116,7 +122,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, *, prefi
             common["action"] = argparse.BooleanOptionalAction
         else:
             parse, choices = _parser_for(kind)
-            common.update(type=parse, choices=choices, required=required, metavar=_metavar(f.name, choices))
+            common.update(type=parse, choices=choices, required=required,
+                          metavar=_metavar(f.name, choices))
         parser.add_argument(name, *(aliases or {}).get(f.name, ()), **common)
 
 
@@ -126,9 +133,12 @@ def _metavar(name: str, choices: Sequence[Any] | None) -> str:
 
 def given(args: argparse.Namespace, cls: type, *, prefix: str = "") -> dict[str, Any]:
     """Field name -> value of the flags of `cls` that were given on the command line."""
-    return {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls) if hasattr(args, prefix + f.name)}
+    return {f.name: getattr(args, prefix + f.name) for f in dataclasses.fields(cls)
+            if hasattr(args, prefix + f.name)}
 
 
-def dataclass_from_args(args: argparse.Namespace, cls: type, *, prefix: str = "", **fixed: Any) -> Any:
-    """`cls` from the given flags (the rest at their defaults), validated by its own `__post_init__`."""
+def dataclass_from_args(args: argparse.Namespace, cls: type, *, prefix: str = "",
+                        **fixed: Any) -> Any:
+    """`cls` from the given flags (the rest at their defaults),
+    validated by its own `__post_init__`."""
     return cls(**{**given(args, cls, prefix=prefix), **fixed})

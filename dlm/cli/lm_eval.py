@@ -2,8 +2,8 @@
 
 lm-eval 0.4.13 discovers no plugin models (no entry-point group; `--include_path` loads tasks only),
 so its stock `lm-eval` command cannot see `--model dlm`. This script imports the adapter (which
-registers `dlm` after lm-eval's built-ins, so `--model hf` etc. still resolve) and hands every flag to
-lm-eval unchanged:
+registers `dlm` after lm-eval's built-ins, so `--model hf` etc. still resolve) and hands every flag
+to lm-eval unchanged:
 
     dlm-lm-eval --model dlm --model_args pretrained=outputs/tiny/final,threshold=0.9 \\
         --tasks gsm8k_local --include_path evals/ --limit 20
@@ -27,11 +27,13 @@ def register() -> None:
 
 
 def diffusion_checkpoint_for_hf(argv: Sequence[str]) -> str | None:
-    """The warning for `--model hf` on a dlm diffusion checkpoint (the stock class scores it causally), else None."""
+    """The warning for `--model hf` on a dlm diffusion checkpoint
+    (the stock class scores it causally), else None."""
     args = list(argv)
     model = args[args.index("--model") + 1] if "--model" in args[:-1] else None
     model_args = args[args.index("--model_args") + 1] if "--model_args" in args[:-1] else ""
-    pretrained = next((kv.split("=", 1)[1] for kv in model_args.split(",") if kv.startswith("pretrained=")), None)
+    pretrained = next((kv.split("=", 1)[1] for kv in model_args.split(",")
+                       if kv.startswith("pretrained=")), None)
     if model != "hf" or pretrained is None or not (Path(pretrained) / "dlm.yaml").is_file():
         return None
     from dlm.models.checkpoint import read_meta
@@ -39,8 +41,9 @@ def diffusion_checkpoint_for_hf(argv: Sequence[str]) -> str | None:
     pattern = read_meta(pretrained).attention_pattern
     if pattern.autoregressive:
         return None
-    return (f"--model hf with pretrained={pretrained}: a dlm {pattern.name} checkpoint; the stock hf model scores "
-            "it as a causal LM (left to right, no [MASK], no blocks). Use --model dlm to score it as it was trained.")
+    return (f"--model hf with pretrained={pretrained}: a dlm {pattern.name} checkpoint; "
+            "the stock hf model scores it as a causal LM (left to right, no [MASK], no blocks). "
+            "Use --model dlm to score it as it was trained.")
 
 
 def main() -> int:

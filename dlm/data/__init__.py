@@ -1,1 +1,2 @@
-"""Data: the synthetic task, tokenizing and packing, the LightningDataModule, prompt sets for decoding."""
+"""Data: the synthetic task, tokenizing and packing, the LightningDataModule,
+prompt sets for decoding."""

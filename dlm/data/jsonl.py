@@ -8,7 +8,8 @@ from pathlib import Path
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """One dict per non-blank line (UTF-8; only '\\n' ends a line, so a raw U+2028 inside a string is kept)."""
+    """One dict per non-blank line (UTF-8; only '\\n' ends a line,
+    so a raw U+2028 inside a string is kept)."""
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 

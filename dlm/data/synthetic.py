@@ -1,9 +1,9 @@
 """A synthetic GSM8K-format task that a tiny model learns on 2 CPU cores in minutes.
 
-Rows look like GSM8K (`{"question": str, "answer": "... #### N"}`), so the DataModule, the decoder and
-lm-eval's GSM8K scoring (strict `#### N` match) all run unchanged on it. Generation is deterministic in
-the seed. Why one-step add/subtract with numbers 1-20: docs/design.md §3 (a sub-million-parameter model learns
-it in CPU minutes; BENCHMARKS.md has the figures).
+Rows look like GSM8K (`{"question": str, "answer": "... #### N"}`), so the DataModule, the decoder
+and lm-eval's GSM8K scoring (strict `#### N` match) all run unchanged on it. Generation is
+deterministic in the seed. Why one-step add/subtract with numbers 1-20: docs/design.md §3 (a
+sub-million-parameter model learns it in CPU minutes; BENCHMARKS.md has the figures).
 """
 
 from __future__ import annotations
@@ -69,12 +69,13 @@ def corpus(n: int = 2000, *, seed: int = 0, max_number: int = 20) -> list[str]:
 
 
 def write_splits(
-    out_dir: str | Path, *, train_size: int = 20000, test_size: int = 200, seed: int = 0, max_number: int = 20
+    out_dir: str | Path, *, train_size: int = 20000, test_size: int = 200, seed: int = 0,
+    max_number: int = 20
 ) -> Path:
     """Write `train.jsonl` / `test.jsonl` with `question`, `answer`, `prompt`, `response`, `text`.
 
-    Test problems are drawn from a disjoint seed and any that also occur in train are dropped, so the
-    score measures generalisation. Free-text rows (empty question) are mixed into train only.
+    Test problems are drawn from a disjoint seed and any that also occur in train are dropped, so
+    the score measures generalisation. Free-text rows (empty question) are mixed into train only.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -89,22 +90,27 @@ def write_splits(
     return out
 
 
-def held_out_problems(seen: set[str], n: int, *, seed: int, max_number: int) -> list[dict[str, str]]:
-    """`n` problems none of which is in `seen`; fails in one line when the problem space is too small for that
-    (with a tiny `max_number`, nearly every problem already occurs in train)."""
+def held_out_problems(seen: set[str], n: int, *, seed: int,
+                      max_number: int) -> list[dict[str, str]]:
+    """`n` problems none of which is in `seen`; fails in one line when the problem space is too
+    small for that (with a tiny `max_number`, nearly every problem already occurs in train)."""
     test: list[dict[str, str]] = []
     for p in problems(n * 200, seed=seed, max_number=max_number):
         if p["question"] not in seen:
             test.append(p | format_example(p))
             if len(test) == n:
                 return test
-    raise ConfigError(f"data.synthetic_max_number={max_number}: too few distinct problems for {n} test problems "
-                      f"unseen in {len(seen)} training ones; use a larger max_number or a smaller synthetic_size")
+    raise ConfigError(f"data.synthetic_max_number={max_number}: too few distinct problems "
+                      f"for {n} test problems unseen in {len(seen)} training ones; "
+                      "use a larger max_number or a smaller synthetic_size")
 
 
 def synthetic_dir(cfg: DataConfig, seed: int = 0) -> Path:
-    """Folder of the generated task (train/test jsonl), written once and reused by every later command."""
-    root = Path(cfg.cache_dir) / f"synthetic-n{cfg.synthetic_size}-max{cfg.synthetic_max_number}-s{seed}"
+    """Folder of the generated task (train/test jsonl),
+    written once and reused by every later command."""
+    name = f"synthetic-n{cfg.synthetic_size}-max{cfg.synthetic_max_number}-s{seed}"
+    root = Path(cfg.cache_dir) / name
     if not (root / "test.jsonl").is_file():
-        write_splits(root, train_size=cfg.synthetic_size, seed=seed, max_number=cfg.synthetic_max_number)
+        write_splits(root, train_size=cfg.synthetic_size, seed=seed,
+                     max_number=cfg.synthetic_max_number)
     return root

@@ -1,5 +1,5 @@
-"""AR decoding, two ways: the lean greedy loop of dlm's own engine (the AR baseline every speed-up is
-measured against: same cache, same forwards, same compile) and transformers' own `generate`."""
+"""AR decoding, two ways: the lean greedy loop of dlm's own engine (the AR baseline every speed-up
+is measured against: same cache, same forwards, same compile) and transformers' own `generate`."""
 
 from __future__ import annotations
 
@@ -17,23 +17,26 @@ from dlm.decoding.stopping import Stopper, check_inputs
 from dlm.settings.errors import check_positive_int
 
 
-def ar_generate(model: PreTrainedModel, input_ids: Tensor, *, attention_mask: Tensor | None = None, max_new_tokens: int,
-                eos_token_id: int | Sequence[int] | None = None, stop: Sequence[str] | None = None,
+def ar_generate(model: PreTrainedModel, input_ids: Tensor, *, attention_mask: Tensor | None = None,
+                max_new_tokens: int, eos_token_id: int | Sequence[int] | None = None,
+                stop: Sequence[str] | None = None,
                 tokenizer: PreTrainedTokenizerBase | None = None) -> GenerationOutput:
     """The AR baseline: transformers' own greedy `generate` with its KV cache under the causal mask.
 
-    Same inputs and output as :func:`generate`; `nfe` is the number of decode steps (one token each).
-    `eos_token_id=None` means no EOS stop here too (not the model's `generation_config` EOS).
+    Same inputs and output as :func:`generate`; `nfe` is the number of decode steps (one token
+    each). `eos_token_id=None` means no EOS stop here too (not the model's `generation_config` EOS).
     """
-    attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(input_ids.device)
+    attention_mask = (torch.ones_like(input_ids) if attention_mask is None
+                      else attention_mask.to(input_ids.device))
     check_positive_int("decode.max_new_tokens", max_new_tokens)
     check_inputs(model, input_ids, attention_mask, max_new_tokens, stop, tokenizer)
     stopper = Stopper(eos_token_id, stop, tokenizer, input_ids.device)
     eos = stopper.eos.tolist()
     pad = eos[0] if eos else (model.generation_config.pad_token_id or 0)
     with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, use_cache=True, eos_token_id=eos, pad_token_id=pad,
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                             max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                             eos_token_id=eos, pad_token_id=pad,
                              stop_strings=list(stop) if stop else None, tokenizer=tokenizer)
     generated = out[:, input_ids.shape[1]:]
     return stopper.output(generated, nfe=generated.shape[1])
@@ -47,14 +50,17 @@ def greedy_ar(run: Runner, input_ids: Tensor, max_new_tokens: int, stopper: Stop
     `exclude` (the [MASK] id of a converted model) is never chosen.
     """
     prompt_len = input_ids.shape[1]
-    rows = ActiveRows(torch.cat([input_ids, input_ids.new_zeros(input_ids.shape[0], max_new_tokens)], dim=1),
-                      prompt_len)
+    room = input_ids.new_zeros(input_ids.shape[0], max_new_tokens)
+    rows = ActiveRows(torch.cat([input_ids, room], dim=1), prompt_len)
     logits = run(rows.seq, 0, prompt_len, 1, first=True)[:, -1]
     for pos in range(prompt_len, prompt_len + max_new_tokens):
-        rows.seq[:, pos] = (logits if exclude is None else without_mask(logits, exclude)).argmax(dim=-1)
+        allowed = logits if exclude is None else without_mask(logits, exclude)
+        rows.seq[:, pos] = allowed.argmax(dim=-1)
         rows.count_forward()
-        if stopper.active:  # the one sync per token, and only when something can end a row
-            finished = stopper.done_in_block(rows.seq, rows.seq[:, pos:pos + 1].tolist(), None, pos, prompt_len)
+        # the one sync per token, and only when something can end a row
+        if stopper.active:
+            finished = stopper.done_in_block(rows.seq, rows.seq[:, pos:pos + 1].tolist(), None,
+                                             pos, prompt_len)
             if any(finished):
                 run.select(rows.drop(finished, pos + 1))
         if not rows.active or pos + 1 == prompt_len + max_new_tokens:

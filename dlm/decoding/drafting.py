@@ -1,8 +1,9 @@
 """Who proposes the tokens self-speculative decoding verifies: a `Drafter`.
 
-The causal path accepts a draft only where it equals its own greedy token, so any drafter keeps the output; a
-better one only cuts the forwards. The default is the model's own diffusion path (`SelfDrafter`: the argmax of
-the noisy block's logits). Tests pass an oracle drafter, and an external draft model fits the same interface.
+The causal path accepts a draft only where it equals its own greedy token, so any drafter keeps the
+output; a better one only cuts the forwards. The default is the model's own diffusion path
+(`SelfDrafter`: the argmax of the noisy block's logits). Tests pass an oracle drafter, and an
+external draft model fits the same interface.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ class DraftRequest:
     first: Tensor  # (B,) long: the position of each row's first drafted token
     length: int
     logits: Tensor | None
-    """`(B, length, V)`: the model's noisy-block logits at those positions (None for a drafter without `noisy_pass`)."""
+    """`(B, length, V)`: the model's noisy-block logits at those positions (None for a drafter
+    without `noisy_pass`)."""
 
 
 class Drafter(Protocol):
     noisy_pass: bool
-    """Whether it reads the model's noisy-block logits: the separate form runs its draft forward only then."""
+    """Whether it reads the model's noisy-block logits: the separate form runs its draft forward
+    only then."""
 
     def draft(self, request: DraftRequest) -> Tensor:
         """`(B, length)` long: the proposed tokens."""
@@ -37,7 +40,8 @@ class Drafter(Protocol):
 
 @dataclass
 class SelfDrafter:
-    """The model's own diffusion path: the most likely token at each masked position ([MASK] itself excluded)."""
+    """The model's own diffusion path: the most likely token at each masked position ([MASK] itself
+    excluded)."""
 
     mask_token_id: int
     noisy_pass: bool = True

@@ -10,8 +10,9 @@ class GenerationOutput:
     tokens: list[list[int]]
     """Per row: generated ids, cut after the first EOS (kept) and before the first stop string."""
     nfe: int
-    """Model forwards of the whole batch: every one a generate call makes (diffusion: one per pass, the prompt fed
-    in the first; AR: one per generated position, the prefill giving the first; speculative: prefill + steps)."""
+    """Model forwards of the whole batch: every one a generate call makes (diffusion: one per pass,
+    the prompt fed in the first; AR: one per generated position, the prefill giving the first;
+    speculative: prefill + steps)."""
     num_generated: list[int]
     """Per row: len(tokens[i])."""
     row_forwards: list[int] = field(default_factory=list)
@@ -22,5 +23,6 @@ class GenerationOutput:
     @property
     def tokens_per_forward(self) -> float:
         """TPF: generated tokens per forward a row took part in (AR decoding gives 1.0)."""
-        forwards = sum(self.row_forwards) if self.row_forwards else self.nfe * len(self.num_generated)
+        batch_forwards = self.nfe * len(self.num_generated)
+        forwards = sum(self.row_forwards) if self.row_forwards else batch_forwards
         return sum(self.num_generated) / forwards if forwards else 0.0

@@ -1,5 +1,6 @@
-"""Which masked positions a denoising pass commits: the proposal (greedy or nucleus sampling) and the
-commit rules (confidence threshold, Fast-dLLM's factor rule, one token per forward, sub-blocks)."""
+"""Which masked positions a denoising pass commits: the proposal (greedy or nucleus sampling) and
+the commit rules (confidence threshold, Fast-dLLM's factor rule, one token per forward,
+sub-blocks)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ def propose(logits: Tensor, cfg: DecodeConfig, mask_token_id: int,
 
 
 def without_mask(logits: Tensor, mask_token_id: int) -> Tensor:
-    """`logits` `(..., V)` with [MASK] at -inf (a converted model's [MASK] is never an output), as a new tensor:
-    one `masked_fill`, the caller's logits untouched."""
+    """`logits` `(..., V)` with [MASK] at -inf (a converted model's [MASK] is never an output), as a
+    new tensor: one `masked_fill`, the caller's logits untouched."""
     return logits.masked_fill(_is_mask(logits.shape[-1], mask_token_id, logits.device), -torch.inf)
 
 
@@ -42,14 +43,16 @@ def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
     if top_p >= 1:
         return probs
     sorted_probs, order = probs.sort(dim=-1, descending=True)
-    outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before it already reaches top_p
+    # mass before it already reaches top_p
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
     sorted_probs = sorted_probs.masked_fill(outside, 0)
     kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
 def candidates(masked: Tensor, sub_block_size: int | None) -> Tensor:
-    """`(B, L)` bool: masked positions allowed to commit (Fast-dLLM v2: first incomplete sub-block only)."""
+    """`(B, L)` bool: masked positions allowed to commit (Fast-dLLM v2: first incomplete sub-block
+    only)."""
     if sub_block_size is None:
         return masked
     idx = torch.arange(masked.shape[1], device=masked.device)
@@ -58,8 +61,8 @@ def candidates(masked: Tensor, sub_block_size: int | None) -> Tensor:
 
 
 def choose(conf: Tensor, cand: Tensor | None, cfg: DecodeConfig) -> Tensor:
-    """`(B, L)` bool: the positions to commit this pass, the top-n candidates by confidence per row (`cand`
-    None: every position is one, as on a block's first pass)."""
+    """`(B, L)` bool: the positions to commit this pass, the top-n candidates by confidence per row
+    (`cand` None: every position is one, as on a block's first pass)."""
     if cfg.policy == "threshold":
         return _above_threshold(conf, cand, cfg.threshold)
     cand = torch.ones_like(conf, dtype=torch.bool) if cand is None else cand
@@ -71,15 +74,15 @@ def choose(conf: Tensor, cand: Tensor | None, cfg: DecodeConfig) -> Tensor:
         rank = torch.arange(1, conf.shape[1] + 1, device=conf.device)
         n = ((rank + 1) * (1 - sorted_conf) < cfg.factor).long().cumprod(dim=-1).sum(dim=-1)
     n = n.clamp(min=1)
-    rank_of = torch.empty_like(order).scatter_(1, order,
-                                               torch.arange(conf.shape[1], device=conf.device).expand_as(order))
+    ranks = torch.arange(conf.shape[1], device=conf.device).expand_as(order)
+    rank_of = torch.empty_like(order).scatter_(1, order, ranks)
     return cand & (rank_of < n.clamp(max=n_cand)[:, None])
 
 
 def _above_threshold(conf: Tensor, cand: Tensor | None, threshold: float) -> Tensor:
-    """The threshold rule without a sort (it runs every pass: at most five ops, not a sort's fifteen): every
-    candidate at or above `threshold`, and at least the most confident one (the first on ties, as the stable
-    sort's top-1)."""
+    """The threshold rule without a sort (it runs every pass: at most five ops, not a sort's
+    fifteen): every candidate at or above `threshold`, and at least the most confident one (the
+    first on ties, as the stable sort's top-1)."""
     score = conf if cand is None else torch.where(cand, conf, -1.0)
     chosen = (score >= threshold).scatter_(1, score.argmax(dim=1, keepdim=True), True)
     return chosen if cand is None else chosen & cand

@@ -1,10 +1,10 @@
 """Model forwards over a slice of the sequence against the KV cache: what every decode mode shares.
 
-The cache is transformers' own: `StaticCache` (preallocated once per generate call, written in place: no
-copy per append, static shapes for `torch.compile` / CUDA graphs) or `DynamicCache`. Masks past the prompt
-are built for `MASK_ROWS` query rows at once and sliced by the passes inside them (the AR loop's steps, a
-decode's blocks); the LM head runs only on the positions asked for (`logits_to_keep`), so committed
-positions and the folded-in block cost no logits.
+The cache is transformers' own: `StaticCache` (preallocated once per generate call, written in
+place: no copy per append, static shapes for `torch.compile` / CUDA graphs) or `DynamicCache`. Masks
+past the prompt are built for `MASK_ROWS` query rows at once and sliced by the passes inside them
+(the AR loop's steps, a decode's blocks); the LM head runs only on the positions asked for
+(`logits_to_keep`), so committed positions and the folded-in block cost no logits.
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ class Runner:
         self.static = cfg.static_cache
         self.cache = None
         if cfg.use_cache:
-            self.cache = (StaticCache(config=model.config, max_cache_len=layout.total) if self.static
-                          else DynamicCache(config=model.config))
+            self.cache = (StaticCache(config=model.config, max_cache_len=layout.total)
+                          if self.static else DynamicCache(config=model.config))
         self.step = compiled(model) if cfg.compile else model
         self.length = 0  # tokens held by the cache
         self._mask: tuple[int, int, tuple[int, int] | None, Tensor] | None = None
@@ -51,42 +51,47 @@ class Runner:
         return self.cache is not None
 
     def mask(self, start: int, end: int, noisy: tuple[int, int] | None = None) -> Tensor:
-        """Queries `start:end` (slots `noisy[0]:noisy[1]` the block being denoised), a slice of the last mask built
-        when it holds them with the same noisy block: a block's later passes slice its first pass's mask. Past the
-        prompt, the AR loop's mask is built for at least `MASK_ROWS` query rows at once, so its next steps slice it
-        instead of building their own."""
+        """Queries `start:end` (slots `noisy[0]:noisy[1]` the block being denoised), a slice of the
+        last mask built when it holds them with the same noisy block: a block's later passes slice
+        its first pass's mask. Past the prompt, the AR loop's mask is built for at least `MASK_ROWS`
+        query rows at once, so its next steps slice it instead of building their own."""
         if self._mask is not None:
             lo, hi, built_for, mask = self._mask
             if lo <= start and end <= hi and built_for == noisy:
                 return self._rows(mask, start - lo, end - lo, end)
-        ahead = start >= self.layout.prompt_len and noisy is None  # the AR loop's steps: build for the next ones too
+        # the AR loop's steps: build for the next ones too
+        ahead = start >= self.layout.prompt_len and noisy is None
         rows_end = min(self.layout.total, max(end, start + MASK_ROWS)) if ahead else end
         mask = self.fresh_mask(start, rows_end, noisy)
         self._mask = (start, rows_end, noisy, mask)
         return self._rows(mask, 0, end - start, end)
 
     def fresh_mask(self, start: int, end: int, noisy: tuple[int, int] | None = None) -> Tensor:
-        """Queries `start:end` built now from the layout (over every slot of a static cache, else the `end` tokens so
-        far), in the model's form: what a caller that edits the layout (speculative decoding's holes) passes."""
+        """Queries `start:end` built now from the layout (over every slot of a static cache, else
+        the `end` tokens so far), in the model's form: what a caller that edits the layout
+        (speculative decoding's holes) passes."""
         mask = self.layout.mask(start, end, self.layout.total if self.static else end, noisy)
         return additive_mask(mask, self.model.dtype) if self.eager else mask
 
     def _rows(self, mask: Tensor, first: int, last: int, end: int) -> Tensor:
-        """Query rows `first:last` of `mask`, over the keys a forward ending at `end` attends (a static cache:
-        all of its slots; otherwise the `end` tokens so far)."""
+        """Query rows `first:last` of `mask`, over the keys a forward ending at `end` attends (a
+        static cache: all of its slots; otherwise the `end` tokens so far)."""
         rows = mask[:, :, first:last]
         return rows if self.static else rows[..., :end]
 
-    def __call__(self, seq: Tensor, start: int, end: int, keep: int | Tensor, *, first: bool = False,
-                 noisy: tuple[int, int] | None = None, mask: Tensor | None = None) -> Tensor:
+    def __call__(self, seq: Tensor, start: int, end: int, keep: int | Tensor, *,
+                 first: bool = False, noisy: tuple[int, int] | None = None,
+                 mask: Tensor | None = None) -> Tensor:
         """Logits `(B, K, V)` for `keep` (the last `keep` inputs, or input-relative indices).
 
-        `first` marks a forward that feeds the prompt (a prefill, or a first pass), which runs uncompiled: its
-        shape is the prompt's. `noisy`: the slots of the block being denoised (none: every input is committed).
+        `first` marks a forward that feeds the prompt (a prefill, or a first pass), which runs
+        uncompiled: its shape is the prompt's. `noisy`: the slots of the block being denoised (none:
+        every input is committed).
         `mask`: the caller's own, built fresh from a layout it edits (speculative decoding's holes).
         """
         step = self.model if first else self.step
-        out = step(input_ids=seq[:, start:end], attention_mask=self.mask(start, end, noisy) if mask is None else mask,
+        attention = self.mask(start, end, noisy) if mask is None else mask
+        out = step(input_ids=seq[:, start:end], attention_mask=attention,
                    position_ids=self.layout.position_ids[:, start:end], cache=self.cache,
                    use_cache=self.cached, logits_to_keep=keep)
         self.length = end if self.cached else 0
@@ -94,7 +99,7 @@ class Runner:
 
     def subset(self, rows: Tensor, seq: Tensor, start: int, end: int, keep: int | Tensor,
                noisy: tuple[int, int] | None = None) -> Tensor:
-        """Logits of `rows` only, for a later pass of a block (the others have nothing left to commit).
+        """Logits of `rows` only, for a block's later pass (the others have nothing left to commit).
 
         The cache holds `:start` and stays as it is: the block's KV is recomputed every pass, so the
         forward runs on a copy of those rows' cache, dropped afterwards.
@@ -102,16 +107,20 @@ class Runner:
         lo = start if self.cached else 0
         cache = None
         if self.cached:
-            data = [(layer.keys[rows, :, :start], layer.values[rows, :, :start]) for layer in self.cache.layers]
+            data = [(layer.keys[rows, :, :start], layer.values[rows, :, :start])
+                    for layer in self.cache.layers]
             cache = DynamicCache(ddp_cache_data=data, config=self.model.config)
-        step = self.step if self.cached else self.model  # no cache: a new shape every pass, run uncompiled
-        out = step(input_ids=seq[rows, lo:end], attention_mask=self.mask(lo, end, noisy)[rows][..., :end],
-                   position_ids=self.layout.position_ids[rows, lo:end], cache=cache, use_cache=self.cached,
-                   logits_to_keep=keep)
+        # no cache: a new shape every pass, run uncompiled
+        step = self.step if self.cached else self.model
+        out = step(input_ids=seq[rows, lo:end],
+                   attention_mask=self.mask(lo, end, noisy)[rows][..., :end],
+                   position_ids=self.layout.position_ids[rows, lo:end], cache=cache,
+                   use_cache=self.cached, logits_to_keep=keep)
         return out.logits
 
     def keep_until(self, end: int) -> int:
-        """Drop cached KV past `end` (repeated passes must not append); where the next input starts."""
+        """Drop cached KV past `end` (repeated passes must not append); where the next input
+        starts."""
         if not self.cached:
             return 0  # no cache: every pass forwards the whole sequence
         if self.length > end:
@@ -120,8 +129,8 @@ class Runner:
         return end
 
     def select(self, rows: Tensor) -> None:
-        """Keep only `rows` of the batch (the others finished): cache rows, layout and mask follow. With none left
-        nothing more runs, so nothing is copied."""
+        """Keep only `rows` of the batch (the others finished): cache rows, layout and mask follow.
+        With none left nothing more runs, so nothing is copied."""
         if not len(rows):
             return
         self.layout = self.layout.select(rows)

@@ -1,27 +1,31 @@
-"""Lossless self-speculative decoding: the diffusion path drafts, the causal path of the same network verifies.
+"""Lossless self-speculative decoding: the diffusion path drafts, the causal path of the same
+network verifies.
 
-A checkpoint trained with `attention.clean_context: causal` (and the joint objective) has a clean half that is
-a causal LM, so its clean KV cache is exactly an AR model's cache (the token-causal layout, as the lean AR
-mode uses). With the cache holding the committed prefix and each row's next token `g` known, two forms:
+A checkpoint trained with `attention.clean_context: causal` (and the joint objective) has a clean
+half that is a causal LM, so its clean KV cache is exactly an AR model's cache (the token-causal
+layout, as the lean AR mode uses). With the cache holding the committed prefix and each row's next
+token `g` known, two forms:
 
-- separate (two forwards a step): a draft forward of `[g, MASK x k]`, bidirectional among themselves over the
-  cache (the noisy block of training), gives the drafts `d_1..d_k` (its KV is dropped); a causal forward of
-  `[g, d_1..d_k]` gives the causal greedy tokens `v_1..v_{k+1}`.
-- fused (one forward a step, Nemotron-Labs-Diffusion's form): `[g, d_1..d_k]` causally, followed by a noisy
-  block of `k + 1` [MASK]s that sees the cache, `g`, the drafts and itself. The causal rows verify; the noisy
-  rows are the row's next draft, kept only when it accepted every draft (they were conditioned on them).
+- separate (two forwards a step): a draft forward of `[g, MASK x k]`, bidirectional among themselves
+  over the cache (the noisy block of training), gives the drafts `d_1..d_k` (its KV is dropped); a
+  causal forward of `[g, d_1..d_k]` gives the causal greedy tokens `v_1..v_{k+1}`.
+- fused (one forward a step, Nemotron-Labs-Diffusion's form): `[g, d_1..d_k]` causally, followed by
+  a noisy block of `k + 1` [MASK]s that sees the cache, `g`, the drafts and itself. The causal rows
+  verify; the noisy rows are the row's next draft, kept only when it accepted every draft (they were
+  conditioned on them).
 
-Each row accepts the longest prefix of its drafts with `d_j == v_j` (n drafts) plus the causal path's next
-token `v_{n+1}` (:func:`accept`). Every committed token is the causal greedy argmax given the row's committed
-prefix, so the output equals the AR mode's token for token; a draft that is all wrong still gains one token,
-one that is all right gains k + 1.
+Each row accepts the longest prefix of its drafts with `d_j == v_j` (n drafts) plus the causal
+path's next token `v_{n+1}` (:func:`accept`). Every committed token is the causal greedy argmax
+given the row's committed prefix, so the output equals the AR mode's token for token; a draft that
+is all wrong still gains one token, one that is all right gains k + 1.
 
-Per-row acceptance in a batch: the rows share cache slots, not positions. A step occupies `k + 1` slots (`g`
-and the drafts); where a row accepted fewer than `k` drafts (or had fewer), the rest of its slots become holes
-(`layout.real` False: no query sees them) and its positions go on from its last committed token, so each row
-advances by its own count (`_Rows`). `nfe` counts the prefill (whose last logit gives the first token, as in
-the AR mode's count) and every forward of every step. The drafts come from a `Drafter` (`dlm.decoding.drafting`;
-default the model's own noisy block), the one place a different drafter plugs in.
+Per-row acceptance in a batch: the rows share cache slots, not positions. A step occupies `k + 1`
+slots (`g` and the drafts); where a row accepted fewer than `k` drafts (or had fewer), the rest of
+its slots become holes (`layout.real` False: no query sees them) and its positions go on from its
+last committed token, so each row advances by its own count (`_Rows`). `nfe` counts the prefill
+(whose last logit gives the first token, as in the AR mode's count) and every forward of every step.
+The drafts come from a `Drafter` (`dlm.decoding.drafting`; default the model's own noisy block), the
+one place a different drafter plugs in.
 """
 
 from __future__ import annotations
@@ -39,20 +43,22 @@ from dlm.decoding.stopping import Stopper
 
 
 def slots_needed(max_new_tokens: int, draft_len: int) -> int:
-    """Cache slots past the prompt a call may occupy: every step gains each row >= 1 token and takes at most
-    `draft_len + 1` slots, plus a noisy block of `draft_len + 1`."""
+    """Cache slots past the prompt a call may occupy: every step gains each row >= 1 token and takes
+    at most `draft_len + 1` slots, plus a noisy block of `draft_len + 1`."""
     return (max_new_tokens + 1) * (draft_len + 1)
 
 
 def accepted_counts(draft: Tensor, verified: Tensor) -> Tensor:
-    """`(B,)`: per row, the drafts `draft` `(B, k)` that match the causal greedy tokens `verified[:, :k]`
-    as a prefix (`verified` `(B, k + 1)`: the causal argmax at each verify input)."""
+    """`(B,)`: per row, the drafts `draft` `(B, k)` that match the causal greedy tokens
+    `verified[:, :k]` as a prefix (`verified` `(B, k + 1)`: the causal argmax at each verify
+    input)."""
     return (draft == verified[:, :-1]).long().cumprod(dim=1).sum(dim=1)
 
 
 def accept(draft: Tensor, verified: Tensor, limit: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Per row: (n `(B,)`, its drafts matching the causal greedy tokens as a prefix, at most `limit`; the causal
-    path's own next token `(B,)`, `verified[:, n]`). n = 0 (all wrong) still gives one token; n = k gives k + 1."""
+    """Per row: (n `(B,)`, its drafts matching the causal greedy tokens as a prefix, at most
+    `limit`; the causal path's own next token `(B,)`, `verified[:, n]`). n = 0 (all wrong) still
+    gives one token; n = k gives k + 1."""
     counts = accepted_counts(draft, verified)
     counts = counts if limit is None else torch.minimum(counts, limit)
     return counts, verified.gather(1, counts[:, None])[:, 0]
@@ -72,8 +78,9 @@ class Speculation:
 
 @dataclass
 class _Rows:
-    """Per active row: the position of its next token `g` (at the common slot `pos`), its tokens so far, and its
-    next draft (`draft` `(B, k)`, `lens` real ones each; [MASK] past them, which no causal argmax equals)."""
+    """Per active row: the position of its next token `g` (at the common slot `pos`), its tokens so
+    far, and its next draft (`draft` `(B, k)`, `lens` real ones each; [MASK] past them, which no
+    causal argmax equals)."""
 
     g_pos: Tensor  # (B,) long
     generated: list[list[int]]
@@ -86,17 +93,20 @@ class _Rows:
 
 
 class _Decode:
-    """One call's story: prefill, then steps of draft and verify until every row is done. Holds the runner (cache
-    and layout), the batch (`rows`), each row's progress (`st`) and the settings; the methods change them."""
+    """One call's story: prefill, then steps of draft and verify until every row is done. Holds the
+    runner (cache and layout), the batch (`rows`), each row's progress (`st`) and the settings; the
+    methods change them."""
 
     def __init__(self, run: Runner, rows: ActiveRows, spec: Speculation, stopper: Stopper) -> None:
         self.run, self.rows, self.spec, self.stopper = run, rows, spec, stopper
         self.st: _Rows | None = None
 
-    # -- forwards ---------------------------------------------------------------------------------------------
-    def forward(self, start: int, end: int, keep: int | Tensor, *, noisy: int = 0, first: bool = False) -> Tensor:
-        """Logits of inputs `start:end`, whose last `noisy` are one noisy block; the mask is built fresh (the holes
-        change every step). `first`: the prompt's forward, uncompiled (its shape is the prompt's)."""
+    # -- forwards ----------------------------------------------------------------------------------
+    def forward(self, start: int, end: int, keep: int | Tensor, *, noisy: int = 0,
+                first: bool = False) -> Tensor:
+        """Logits of inputs `start:end`, whose last `noisy` are one noisy block; the mask is built
+        fresh (the holes change every step). `first`: the prompt's forward, uncompiled (its shape is
+        the prompt's)."""
         mask = self.run.fresh_mask(start, end, (end - noisy, end) if noisy else None)
         return self.run(self.rows.seq, start, end, keep, first=first, mask=mask)
 
@@ -104,7 +114,8 @@ class _Decode:
         return without_mask(logits, self.spec.mask_token_id).argmax(dim=-1)
 
     def place(self, start: int, first_pos: Tensor, lens: Tensor, width: int) -> None:
-        """Slots `start..start+width-1` hold, per row, `lens` real tokens at positions `first_pos..`; holes after."""
+        """Slots `start..start+width-1` hold, per row, `lens` real tokens at positions
+        `first_pos..`; holes after."""
         j = torch.arange(width, device=lens.device)
         self.run.layout.real[:, start:start + width] = j[None, :] < lens[:, None]
         self.run.layout.position_ids[:, start:start + width] = first_pos[:, None] + j[None, :]
@@ -112,19 +123,21 @@ class _Decode:
     def draft(self, first: Tensor, length: int, logits: Tensor | None) -> Tensor:
         return self.spec.drafter.draft(DraftRequest(list(self.rows.ids), first, length, logits))
 
-    # -- the story --------------------------------------------------------------------------------------------
+    # -- the story ---------------------------------------------------------------------------------
     def prefill(self, g_pos: Tensor, width: int) -> None:
-        """The prompt's forward: its last logit gives each row's first token `g`. With `width`, a noisy block of
-        `width` [MASK]s after the prompt (from `g`'s position on) drafts the `width - 1` tokens after `g` in the same
-        forward, so the first step verifies at once (no draft-only step)."""
+        """The prompt's forward: its last logit gives each row's first token `g`. With `width`, a
+        noisy block of `width` [MASK]s after the prompt (from `g`'s position on) drafts the
+        `width - 1` tokens after `g` in the same forward, so the first step verifies at once (no
+        draft-only step)."""
         rows, spec, prompt_len = self.rows, self.spec, self.rows.prompt_len
         if not width:
-            g, draft = self.argmax(self.run(rows.seq, 0, prompt_len, 1, first=True)[:, -1]), rows.seq[:, :0]
+            last_logit = self.run(rows.seq, 0, prompt_len, 1, first=True)[:, -1]
+            g, draft = self.argmax(last_logit), rows.seq[:, :0]
         else:
             end = prompt_len + width
             rows.seq[:, prompt_len:end] = spec.mask_token_id
-            keep = torch.tensor([prompt_len - 1, *range(prompt_len + 1 - spec.shift, end - spec.shift)],
-                                device=g_pos.device)
+            drafted = range(prompt_len + 1 - spec.shift, end - spec.shift)
+            keep = torch.tensor([prompt_len - 1, *drafted], device=g_pos.device)
             logits = self.forward(0, end, keep, noisy=width, first=True)
             self.run.keep_until(prompt_len)  # the noisy block's KV is not the causal one: drop it
             g, draft = self.argmax(logits[:, 0]), self.draft(g_pos + 1, width - 1, logits[:, 1:])
@@ -134,8 +147,8 @@ class _Decode:
         self.stop([1] * len(self.st.generated))
 
     def separate_step(self, pos: int, k: int, limit: Tensor) -> list[int]:
-        """A draft forward (when the drafter reads the noisy block), then a causal verify forward of `[g, drafts]`;
-        the tokens each row gained."""
+        """A draft forward (when the drafter reads the noisy block), then a causal verify forward of
+        `[g, drafts]`; the tokens each row gained."""
         rows, st, spec = self.rows, self.st, self.spec
         self.place(pos + 1, st.g_pos + 1, torch.full_like(limit, k), k)
         draft = rows.seq[:, pos + 1:pos + 1]
@@ -153,9 +166,9 @@ class _Decode:
         return self.verify(pos, draft, logits, limit)[1]
 
     def fused_step(self, pos: int, width: int, limit: Tensor) -> list[int]:
-        """One forward: verify each row's draft and draft its next `width - 1` tokens with a noisy block of `width`
-        [MASK]s after the drafts; a row keeps that draft only when it accepted all of its drafts. Returns the tokens
-        each row gained."""
+        """One forward: verify each row's draft and draft its next `width - 1` tokens with a noisy
+        block of `width` [MASK]s after the drafts; a row keeps that draft only when it accepted all
+        of its drafts. Returns the tokens each row gained."""
         rows, st, shift = self.rows, self.st, self.spec.shift
         draft, lens = st.draft, st.lens
         k = draft.shape[1]
@@ -165,38 +178,43 @@ class _Decode:
         self.place(pos + 1, st.g_pos + 1, lens, k)
         self.place(pos + k + 1, st.g_pos + lens + 1, torch.full_like(lens, width), width)
         keep = torch.arange(k + 1 + width, device=draft.device)
-        keep = torch.cat([keep[:k + 1], keep[k + 2 - shift:k + 1 + width - shift]])  # causal rows, then draft rows
+        # causal rows, then draft rows
+        keep = torch.cat([keep[:k + 1], keep[k + 2 - shift:k + 1 + width - shift]])
         logits = self.forward(pos, end, keep, noisy=width)
         rows.count_forward()
         noisy = logits[:, k + 1:]
         next_draft = self.draft(st.g_pos + lens + 2, noisy.shape[1], noisy)
         counts, new = self.verify(pos, draft, logits[:, :k + 1], limit)
         kept = counts == lens
-        st.draft = torch.where(kept[:, None], next_draft, torch.full_like(next_draft, self.spec.mask_token_id))
+        masks = torch.full_like(next_draft, self.spec.mask_token_id)
+        st.draft = torch.where(kept[:, None], next_draft, masks)
         st.lens = torch.where(kept, next_draft.shape[1], 0)
         return new
 
-    def verify(self, pos: int, draft: Tensor, logits: Tensor, limit: Tensor) -> tuple[Tensor, list[int]]:
-        """Per row: accept (at most `limit` drafts), commit, turn the unaccepted draft slots into holes, place the
-        causal next token at slot `pos + k + 1`. Returns the per-row counts, and the tokens each row gained (host);
-        the cache keeps `:pos + k + 1`."""
+    def verify(self, pos: int, draft: Tensor, logits: Tensor,
+               limit: Tensor) -> tuple[Tensor, list[int]]:
+        """Per row: accept (at most `limit` drafts), commit, turn the unaccepted draft slots into
+        holes, place the causal next token at slot `pos + k + 1`. Returns the per-row counts, and
+        the tokens each row gained (host); the cache keeps `:pos + k + 1`."""
         st, k = self.st, draft.shape[1]
         counts, g = accept(draft, self.argmax(logits), limit)
         self.place(pos + 1, st.g_pos + 1, counts, k)
         self.run.keep_until(pos + k + 1)
         self.rows.seq[:, pos + k + 1] = g
         self.place(pos + k + 1, st.g_pos + counts + 1, torch.ones_like(counts), 1)
-        host = torch.cat([counts[:, None], g[:, None], draft], dim=1).tolist()  # the step's one sync
+        # the step's one sync
+        host = torch.cat([counts[:, None], g[:, None], draft], dim=1).tolist()
         for gen, (n, nxt, *d) in zip(st.generated, host):
             gen += d[:n] + [nxt]
         st.g_pos = st.g_pos + counts + 1
         return counts, [row[0] + 1 for row in host]
 
     def stop(self, new: list[int]) -> None:
-        """Rows that reached the length limit, or committed EOS / a stop string among their `new` last tokens,
-        leave the batch with their tokens."""
+        """Rows that reached the length limit, or committed EOS / a stop string among their `new`
+        last tokens, leave the batch with their tokens."""
         st, limit = self.st, self.spec.max_new_tokens
-        finished = [len(gen) >= limit or self.stopper.ends(gen[-n:], gen) for gen, n in zip(st.generated, new)]
+        finished = [len(gen) >= limit or self.stopper.ends(gen[-n:], gen)
+                    for gen, n in zip(st.generated, new)]
         if any(finished):
             keep = self.rows.drop(finished, 0, tokens=st.generated)
             self.run.select(keep)
@@ -205,12 +223,14 @@ class _Decode:
     def step(self, pos: int) -> int:
         """One draft-and-verify step at slot `pos`; returns the slots it took."""
         st, spec = self.st, self.spec
-        left = [spec.max_new_tokens - len(gen) - 1 for gen in st.generated]  # drafts a row may still accept
+        # drafts a row may still accept
+        left = [spec.max_new_tokens - len(gen) - 1 for gen in st.generated]
         limit = torch.tensor(left, device=st.g_pos.device)
         if spec.fused:
             st.draft, st.lens = st.draft[:, :spec.draft_len], torch.minimum(st.lens, limit)
             k = st.draft.shape[1]
-            width = spec.draft_len + 1 if max(left) > k else 0  # no row needs a next draft: no noisy block
+            # no row needs a next draft: no noisy block
+            width = spec.draft_len + 1 if max(left) > k else 0
             new = self.fused_step(pos, width, limit)
         else:
             k = min(spec.draft_len, max(left))
@@ -223,8 +243,8 @@ def speculative(run: Runner, input_ids: Tensor, spec: Speculation, stopper: Stop
     """Greedy self-speculative decoding over `run`'s token-causal cache (its layout holds
     `slots_needed(spec.max_new_tokens, spec.draft_len)` slots past the prompt)."""
     prompt_len = input_ids.shape[1]
-    rows = ActiveRows(torch.cat([input_ids, input_ids.new_zeros(input_ids.shape[0], run.layout.total - prompt_len)],
-                                dim=1), prompt_len)
+    room = input_ids.new_zeros(input_ids.shape[0], run.layout.total - prompt_len)
+    rows = ActiveRows(torch.cat([input_ids, room], dim=1), prompt_len)
     decode = _Decode(run, rows, spec, stopper)
     n = spec.max_new_tokens
     width = min(spec.draft_len, n - 1) + 1 if spec.fused and spec.draft_len and n > 1 else 0

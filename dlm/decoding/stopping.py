@@ -1,4 +1,5 @@
-"""When a row is done (EOS, stop strings), how its tokens are cut, and the input checks every decoder shares."""
+"""When a row is done (EOS, stop strings), how its tokens are cut, and the input checks every
+decoder shares."""
 
 from __future__ import annotations
 
@@ -14,10 +15,13 @@ from dlm.settings.errors import ConfigError
 
 
 class Stopper:
-    """Which rows have finished: EOS inside a completed block, or a stop string in the decoded text."""
+    """Which rows have finished: EOS inside a completed block, or a stop string in the decoded
+    text."""
 
-    def __init__(self, eos_token_id: int | Sequence[int] | None, stop: Sequence[str] | None, tokenizer, device):
-        ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    def __init__(self, eos_token_id: int | Sequence[int] | None, stop: Sequence[str] | None,
+                 tokenizer, device):
+        ids = ([] if eos_token_id is None
+               else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         self.eos = torch.tensor(ids, dtype=torch.long, device=device)
         self.eos_ids = frozenset(ids)
         self.stop, self.tokenizer = list(stop or []), tokenizer
@@ -27,21 +31,24 @@ class Stopper:
         """Whether anything can end a row before the length limit."""
         return bool(self.eos.numel() or self.stop)
 
-    def done_in_block(self, seq: Tensor, block: list[list[int]], masked: list[list[bool]] | None, start: int,
-                      prompt_len: int) -> list[bool]:
-        """Per row: EOS committed in `block` (the host copy of `seq[:, start:start + W]`, fetched with the pass's
-        one sync) with nothing masked before it (`masked`; None: nothing is), or a stop string in the committed
-        text. Tokens up to such an EOS can no longer change: the row may stop there. On the host: a handful of
-        list lookups instead of eight tensor ops a pass."""
-        firsts = [len(row) if masked is None else next((c for c, m in enumerate(masked[k]) if m), len(row))
+    def done_in_block(self, seq: Tensor, block: list[list[int]], masked: list[list[bool]] | None,
+                      start: int, prompt_len: int) -> list[bool]:
+        """Per row: EOS committed in `block` (the host copy of `seq[:, start:start + W]`, fetched
+        with the pass's one sync) with nothing masked before it (`masked`; None: nothing is), or a
+        stop string in the committed text. Tokens up to such an EOS can no longer change: the row
+        may stop there. On the host: a handful of list lookups instead of eight tensor ops a
+        pass."""
+        firsts = [len(row) if masked is None
+                  else next((c for c, m in enumerate(masked[k]) if m), len(row))
                   for k, row in enumerate(block)]
-        rows = seq.tolist() if self.stop else [None] * len(block)  # the text, only where stop strings were asked for
+        # the text, only where stop strings were asked for
+        rows = seq.tolist() if self.stop else [None] * len(block)
         return [self.ends(row[:first], None if full is None else full[prompt_len:start + first])
                 for row, first, full in zip(block, firsts, rows)]
 
     def ends(self, new: Sequence[int], generated: list[int] | None) -> bool:
-        """Whether a row's `new` committed tokens end it: an EOS among them, or a stop string in the text of
-        everything it `generated` so far (None: no stop strings to look for)."""
+        """Whether a row's `new` committed tokens end it: an EOS among them, or a stop string in the
+        text of everything it `generated` so far (None: no stop strings to look for)."""
         if any(t in self.eos_ids for t in new):
             return True
         text = self.tokenizer.decode(generated) if self.stop else ""
@@ -50,25 +57,31 @@ class Stopper:
     def update(self, finished: Tensor, generated: Tensor) -> Tensor:
         """`generated` `(B, N)`: everything decoded so far; returns the new `finished` `(B,)`."""
         finished = finished | torch.isin(generated, self.eos).any(dim=1)
-        if self.stop:  # text check, once per block, only where stop strings were asked for
+        # text check, once per block, only where stop strings were asked for
+        if self.stop:
             texts = self.tokenizer.batch_decode(generated.tolist())
-            finished = finished | torch.tensor([any(s in t for s in self.stop) for t in texts], device=finished.device)
+            stopped = [any(s in t for s in self.stop) for t in texts]
+            finished = finished | torch.tensor(stopped, device=finished.device)
         return finished
 
     def truncate(self, tokens: list[int]) -> list[int]:
-        """Cut after the first EOS (kept), then before the token where the first stop string starts."""
-        tokens = tokens[: next((i + 1 for i, t in enumerate(tokens) if t in self.eos_ids), len(tokens))]
+        """Cut after the first EOS (kept), then before the token where the first stop string
+        starts."""
+        through_eos = next((i + 1 for i, t in enumerate(tokens) if t in self.eos_ids), len(tokens))
+        tokens = tokens[:through_eos]
         return self._cut_stop(tokens) if self.stop else tokens
 
     def _cut_stop(self, tokens: list[int]) -> list[int]:
         decode = self.tokenizer.decode
         has_stop = lambda n: any(s in decode(tokens[:n]) for s in self.stop)  # noqa: E731
-        first = bisect.bisect_left(range(len(tokens) + 1), True, key=has_stop)  # fewest tokens showing a stop
+        # fewest tokens showing a stop
+        first = bisect.bisect_left(range(len(tokens) + 1), True, key=has_stop)
         if first > len(tokens):
             return tokens
         text = decode(tokens[:first])
         head = text[: min(text.find(s) for s in self.stop if s in text)]
-        n = first - 1  # a stop string may span tokens: drop back until no part of it is left
+        # a stop string may span tokens: drop back until no part of it is left
+        n = first - 1
         while n > 0 and not head.startswith(decode(tokens[:n])):
             n -= 1
         return tokens[:n]
@@ -79,11 +92,12 @@ class Stopper:
         raw = generated.tolist() if isinstance(generated, Tensor) else generated
         tokens = [self.truncate(row) for row in raw]
         return GenerationOutput(tokens=tokens, nfe=nfe, num_generated=[len(t) for t in tokens],
-                                row_forwards=row_forwards or [nfe] * len(tokens), raw_lengths=[len(r) for r in raw])
+                                row_forwards=row_forwards or [nfe] * len(tokens),
+                                raw_lengths=[len(r) for r in raw])
 
 
-def check_inputs(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor, max_new_tokens: int,
-                  stop: Sequence[str] | None, tokenizer) -> None:
+def check_inputs(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tensor,
+                 max_new_tokens: int, stop: Sequence[str] | None, tokenizer) -> None:
     """One-line errors for inputs the decoder cannot serve, before any forward."""
     if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
         raise ConfigError(f"input_ids{tuple(input_ids.shape)}: must be (batch, prompt_length) "
@@ -94,7 +108,8 @@ def check_inputs(model: PreTrainedModel, input_ids: Tensor, attention_mask: Tens
     longest = int(attention_mask.sum(dim=1).max())
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and longest + max_new_tokens > limit:
-        raise ConfigError(f"decode.max_new_tokens={max_new_tokens}: prompt length {longest} + {max_new_tokens} = "
-                          f"{longest + max_new_tokens} exceeds model.config.max_position_embeddings={limit}")
+        raise ConfigError(f"decode.max_new_tokens={max_new_tokens}: prompt length {longest} + "
+                          f"{max_new_tokens} = {longest + max_new_tokens} exceeds "
+                          f"model.config.max_position_embeddings={limit}")
     if stop and tokenizer is None:
         raise ConfigError(f"stop={list(stop)!r}: stop strings need the tokenizer (tokenizer=...)")

@@ -35,17 +35,19 @@ class Completions:
 
 
 def decode_config_for(meta: CheckpointMeta, **overrides) -> DecodeConfig:
-    """Decoder settings that match how the checkpoint was trained (block size, shift), then overrides."""
+    """Decoder settings that match how the checkpoint was trained (block size, shift), then
+    overrides."""
     base = DecodeConfig(block_size=meta.block_size, shift=meta.shift)
     cfg = dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
     meta.check_decode_mode(cfg.mode)
     return cfg
 
 
-def chat_format_for(meta: CheckpointMeta, tokenizer: PreTrainedTokenizerBase, chat: bool | None = None, *,
-                    key: str = "--chat") -> ChatFormat | None:
-    """How prompts are rendered: the template the checkpoint was trained with (dlm.yaml `chat_template`) unless
-    `chat` is False; `chat=True` on a checkpoint without one uses the tokenizer's own (an instruct AR model)."""
+def chat_format_for(meta: CheckpointMeta, tokenizer: PreTrainedTokenizerBase,
+                    chat: bool | None = None, *, key: str = "--chat") -> ChatFormat | None:
+    """How prompts are rendered: the template the checkpoint was trained with (dlm.yaml
+    `chat_template`) unless `chat` is False; `chat=True` on a checkpoint without one uses the
+    tokenizer's own (an instruct AR model)."""
     if chat is False:
         return None
     if meta.chat_template:
@@ -53,7 +55,8 @@ def chat_format_for(meta: CheckpointMeta, tokenizer: PreTrainedTokenizerBase, ch
     return chat_format_of(tokenizer, key=key) if chat else None
 
 
-def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], chat: ChatFormat | None) -> list[str]:
+def render_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                   chat: ChatFormat | None) -> list[str]:
     return list(prompts) if chat is None else [chat.prompt(tokenizer, p) for p in prompts]
 
 
@@ -65,16 +68,16 @@ def encode_prompts(backbone: Backbone, prompts: list[str],
 
 def encode_texts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
                  device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded `(input_ids, attention_mask)`; ids without special tokens, as the training data is
-    tokenized (`dlm.data.sources`)."""
+    """Left-padded `(input_ids, attention_mask)`; ids without special tokens, as the training data
+    is tokenized (`dlm.data.sources`)."""
     rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     return left_pad(rows, pad_token_id(tokenizer), device)
 
 
 def left_pad(rows: list[list[int]], pad_id: int,
              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """`(input_ids, attention_mask)`, both `(B, P)` long, 0 = pad: every row then starts generating at the
-    same index."""
+    """`(input_ids, attention_mask)`, both `(B, P)` long, 0 = pad: every row then starts generating
+    at the same index."""
     width = max(map(len, rows))
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
@@ -89,17 +92,20 @@ def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def complete(backbone: Backbone, meta: CheckpointMeta, prompts: list[str], decode: DecodeConfig, *,
-             ar: bool = False, stop: list[str] | None = None, chat: ChatFormat | None = None) -> Completions:
-    """Complete `prompts` in one batch (rendered through `chat` when given); `ar=True` (or a causal checkpoint)
-    decodes in the engine's AR mode."""
+             ar: bool = False, stop: list[str] | None = None,
+             chat: ChatFormat | None = None) -> Completions:
+    """Complete `prompts` in one batch (rendered through `chat` when given); `ar=True` (or a causal
+    checkpoint) decodes in the engine's AR mode."""
     device = next(backbone.model.parameters()).device
-    ids, attention = encode_prompts(backbone, render_prompts(backbone.tokenizer, prompts, chat), device)
+    rendered = render_prompts(backbone.tokenizer, prompts, chat)
+    ids, attention = encode_prompts(backbone, rendered, device)
     tok = backbone.tokenizer
     start = time.perf_counter()
     if ar or meta.attention_pattern.autoregressive:
         decode = dataclasses.replace(decode, mode="ar")
-    out = generate(backbone.model, ids, attention_mask=attention, mask_token_id=backbone.mask_token_id,
-                   config=decode, eos_token_id=tok.eos_token_id, stop=stop, tokenizer=tok,
+    out = generate(backbone.model, ids, attention_mask=attention,
+                   mask_token_id=backbone.mask_token_id, config=decode,
+                   eos_token_id=tok.eos_token_id, stop=stop, tokenizer=tok,
                    pattern=meta.attention_pattern)
     seconds = time.perf_counter() - start
     texts = tok.batch_decode(out.tokens, skip_special_tokens=True)
@@ -108,8 +114,10 @@ def complete(backbone: Backbone, meta: CheckpointMeta, prompts: list[str], decod
 
 def load_for_decoding(path: str | Path, *, device: str = "auto",
                       dtype: str = "float32") -> tuple[Backbone, CheckpointMeta]:
-    """A checkpoint on `device` (auto: CUDA when present) in eval mode, with sdpa attention for the decoder."""
-    target = resolve_device(device)  # an absent device fails before the weights load
+    """A checkpoint on `device` (auto: CUDA when present) in eval mode, with sdpa attention for the
+    decoder."""
+    # an absent device fails before the weights load
+    target = resolve_device(device)
     backbone, meta = load_checkpoint(path, attn_implementation="sdpa", dtype=dtype)
     backbone.model.to(target).eval()
     return backbone, meta

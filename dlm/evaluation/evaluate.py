@@ -25,13 +25,16 @@ if TYPE_CHECKING:
 DEFAULT_EXPERIMENT = "dlm-eval"
 
 
-def run_lm_eval(lm: LM, tasks: Sequence[str], *, task_manager: TaskManager, settings: EvalConfig) -> dict[str, Any]:
+def run_lm_eval(lm: LM, tasks: Sequence[str], *, task_manager: TaskManager,
+                settings: EvalConfig) -> dict[str, Any]:
     """`lm_eval.simple_evaluate` with a ready model object; returns lm-eval's results dict."""
     from lm_eval import simple_evaluate
 
-    return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=settings.num_fewshot, limit=settings.limit_value,
-                           task_manager=task_manager, gen_kwargs=settings.gen_kwargs,
-                           apply_chat_template=settings.apply_chat_template, log_samples=settings.log_samples,
+    return simple_evaluate(model=lm, tasks=list(tasks), num_fewshot=settings.num_fewshot,
+                           limit=settings.limit_value, task_manager=task_manager,
+                           gen_kwargs=settings.gen_kwargs,
+                           apply_chat_template=settings.apply_chat_template,
+                           log_samples=settings.log_samples,
                            batch_size=getattr(lm, "batch_size", None))
 
 
@@ -39,7 +42,8 @@ def mlflow_safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_\-./ ]", "_", name)
 
 
-def metrics_from_results(results: dict[str, Any], renames: dict[str, str] | None = None) -> dict[str, float]:
+def metrics_from_results(results: dict[str, Any],
+                         renames: dict[str, str] | None = None) -> dict[str, float]:
     """lm-eval results -> `eval/<task>/<metric>[_<filter>]` (filter `none` dropped), numbers only.
 
     `renames` maps a run task name back to the requested one (`gsm8k_local` -> `gsm8k`); a local
@@ -67,59 +71,74 @@ def write_results(results: dict[str, Any], path: str | Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False))
+    text = json.dumps(results, indent=2, default=handle_non_serializable, ensure_ascii=False)
+    path.write_text(text)
     return path
 
 
-def log_to_mlflow(results: dict[str, Any], artifact: Path, *, log: LogTarget, params: dict[str, Any],
-                  experiment: str = DEFAULT_EXPERIMENT, step: int = 0) -> str:
-    """`results["dlm_metrics"]` + the results JSON (artifact dir `lm_eval/`) into `log.mlflow_run`, or into a
-    new run of `experiment` (with `params`); returns the run id."""
+def log_to_mlflow(results: dict[str, Any], artifact: Path, *, log: LogTarget,
+                  params: dict[str, Any], experiment: str = DEFAULT_EXPERIMENT,
+                  step: int = 0) -> str:
+    """`results["dlm_metrics"]` + the results JSON (artifact dir `lm_eval/`) into `log.mlflow_run`,
+    or into a new run of `experiment` (with `params`); returns the run id."""
     new = log.mlflow_run is None
-    run_id = runs.new_run(log.tracking_uri, experiment, run_name=params.get("checkpoint")) if new else log.mlflow_run
-    runs.log_metrics(run_id, log.tracking_uri, results["dlm_metrics"], step=step, params=params if new else None)
+    run_id = (runs.new_run(log.tracking_uri, experiment, run_name=params.get("checkpoint"))
+              if new else log.mlflow_run)
+    runs.log_metrics(run_id, log.tracking_uri, results["dlm_metrics"], step=step,
+                     params=params if new else None)
     runs.log_artifacts(run_id, log.tracking_uri, [artifact], "lm_eval")
     if new:
         runs.client(log.tracking_uri).set_terminated(run_id)
     return run_id
 
 
-def evaluate(checkpoint: str | Path, settings: EvalConfig | None = None, *, log: LogTarget | None = None,
-             task_metadata: dict[str, Any] | None = None, include_path: str | Path | None = None,
-             experiment: str = DEFAULT_EXPERIMENT, step: int = 0) -> dict[str, Any]:
-    """Evaluate a dlm checkpoint with lm-eval; returns lm-eval's results dict plus `results["dlm_metrics"]`.
+def evaluate(checkpoint: str | Path, settings: EvalConfig | None = None, *,
+             log: LogTarget | None = None, task_metadata: dict[str, Any] | None = None,
+             include_path: str | Path | None = None, experiment: str = DEFAULT_EXPERIMENT,
+             step: int = 0) -> dict[str, Any]:
+    """Evaluate a dlm checkpoint with lm-eval; returns lm-eval's results dict plus
+    `results["dlm_metrics"]`.
 
-    `settings.decode` overrides the checkpoint's decoder defaults (training block size, threshold 0.9, ...).
-    The results JSON (with every request and response under `settings.log_samples`) is always written:
-    to `settings.output`, else `<checkpoint>/../eval/results_<time>.json` (`results["results_path"]`).
-    MLflow: into run `log.mlflow_run`, or into a new run of `experiment` when only `log.tracking_uri` is
-    given; nothing without either. Bad input fails before the model is loaded, in one line (ConfigError).
+    `settings.decode` overrides the checkpoint's decoder defaults (training block size, threshold
+    0.9, ...). The results JSON (with every request and response under `settings.log_samples`) is
+    always written: to `settings.output`, else `<checkpoint>/../eval/results_<time>.json`
+    (`results["results_path"]`). MLflow: into run `log.mlflow_run`, or into a new run of
+    `experiment` when only `log.tracking_uri` is given; nothing without either. Bad input fails
+    before the model is loaded, in one line (ConfigError).
     """
     settings, log = settings or EvalConfig(), log or LogTarget()
     meta = read_meta(checkpoint)
     if settings.apply_chat_template is None:  # the form the checkpoint was trained on
         settings = dataclasses.replace(settings, apply_chat_template=bool(meta.chat_template))
-    manager, names = prepare_tasks(settings.tasks, data_dir=settings.data_dir, include_path=include_path,
-                                   hub=settings.hub_tasks, task_metadata=task_metadata)
+    manager, names = prepare_tasks(settings.tasks, data_dir=settings.data_dir,
+                                   include_path=include_path, hub=settings.hub_tasks,
+                                   task_metadata=task_metadata)
     if log.mlflow_run is not None:
         runs.check_run(log.mlflow_run, log.tracking_uri)
-    from dlm.evaluation.lm_eval_model import DLMEvalModel  # here: importing the sweep needs no lm-eval
+    # here: importing the sweep needs no lm-eval
+    from dlm.evaluation.lm_eval_model import DLMEvalModel
 
-    lm = DLMEvalModel(str(checkpoint), decode=settings.decode_overrides(), batch_size=settings.batch_size,
-                      device=settings.device, dtype=settings.dtype, loglikelihood=settings.loglikelihood,
+    lm = DLMEvalModel(str(checkpoint), decode=settings.decode_overrides(),
+                      batch_size=settings.batch_size, device=settings.device,
+                      dtype=settings.dtype, loglikelihood=settings.loglikelihood,
                       mc_num=settings.mc_num, seed=settings.seed)
     results = run_lm_eval(lm, list(names.values()), task_manager=manager, settings=settings)
-    results["dlm_metrics"] = metrics_from_results(results, {run: name for name, run in names.items()})
-    results["results_path"] = str(write_results(results, settings.output or default_output(checkpoint)))
+    renames = {run: name for name, run in names.items()}
+    results["dlm_metrics"] = metrics_from_results(results, renames)
+    output = settings.output or default_output(checkpoint)
+    results["results_path"] = str(write_results(results, output))
     if log.mlflow_run is not None or log.tracking_uri is not None:
-        params = {"checkpoint": str(Path(checkpoint).resolve()), "pattern": meta.pattern, "tasks": ",".join(names),
-                  "limit": settings.limit_value, "num_fewshot": settings.num_fewshot,
+        params = {"checkpoint": str(Path(checkpoint).resolve()), "pattern": meta.pattern,
+                  "tasks": ",".join(names), "limit": settings.limit_value,
+                  "num_fewshot": settings.num_fewshot,
                   **{f"decode.{k}": v for k, v in results["config"]["decode"].items()}}
-        results["mlflow_run"] = log_to_mlflow(results, Path(results["results_path"]), log=log, params=params,
-                                              experiment=experiment, step=step)
+        results["mlflow_run"] = log_to_mlflow(results, Path(results["results_path"]), log=log,
+                                              params=params, experiment=experiment, step=step)
     return results
 
 
 def default_output(checkpoint: str | Path) -> Path:
-    """`<checkpoint>/../eval/results_<time>.json`, beside the `bench/` folder of the same run; never overwritten."""
-    return Path(checkpoint).resolve().parent / "eval" / f"results_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    """`<checkpoint>/../eval/results_<time>.json`, beside the `bench/` folder of the same run;
+    never overwritten."""
+    name = f"results_{time.strftime('%Y%m%d-%H%M%S')}.json"
+    return Path(checkpoint).resolve().parent / "eval" / name

@@ -1,13 +1,14 @@
-"""Which lm-eval tasks to run: the offline variants of the stock tasks shipped in `dlm/evals/` and the data
-folder they read.
+"""Which lm-eval tasks to run: the offline variants of the stock tasks shipped in `dlm/evals/` and
+the data folder they read.
 
-`dlm/evals/` (package data, so an installed wheel has it; `evals/` in the source tree links to it) holds copies
-of lm-eval's `gsm8k` and `mmlu` tasks (`gsm8k_local`, the `mmlu_local` group) and `gsm8k_synthetic`, which read
-local files through `dlm.evaluation.datasets`. The data folder is found at run time -- metadata `data_dir`, else
-`$DLM_DATA_DIR`, else `../shared/data` beside the source tree -- so the YAMLs hold no paths and work from any
-working directory, also with lm-eval's own CLI (`--include_path evals/`, or `EVALS_DIR` of an installed package).
-`gsm8k`, `mmlu` and `mmlu_<subject>` run their local variants whenever that folder holds the data (same files as
-the hub datasets) and are logged under the stock names.
+`dlm/evals/` (package data, so an installed wheel has it; `evals/` in the source tree links to it)
+holds copies of lm-eval's `gsm8k` and `mmlu` tasks (`gsm8k_local`, the `mmlu_local` group) and
+`gsm8k_synthetic`, which read local files through `dlm.evaluation.datasets`. The data folder is
+found at run time -- metadata `data_dir`, else `$DLM_DATA_DIR`, else `../shared/data` beside the
+source tree -- so the YAMLs hold no paths and work from any working directory, also with lm-eval's
+own CLI (`--include_path evals/`, or `EVALS_DIR` of an installed package). `gsm8k`, `mmlu` and
+`mmlu_<subject>` run their local variants whenever that folder holds the data (same files as the
+hub datasets) and are logged under the stock names.
 """
 
 from __future__ import annotations
@@ -27,17 +28,19 @@ if TYPE_CHECKING:
 EVALS_DIR = Path(__file__).resolve().parents[1] / "evals"
 """Task YAMLs shipped inside the package (`--include_path` for lm-eval's own CLI)."""
 DATA_ENV = "DLM_DATA_DIR"
-LOCAL_FAMILIES = {"gsm8k": ("gsm8k_local", "gsm8k/test.jsonl"), "mmlu": ("mmlu_local", "mmlu/test.jsonl")}
+LOCAL_FAMILIES = {"gsm8k": ("gsm8k_local", "gsm8k/test.jsonl"),
+                  "mmlu": ("mmlu_local", "mmlu/test.jsonl")}
 """Stock task family -> (local variant prefix, the data file it needs under the data folder)."""
 
 
 def find_data_dir(data_dir: str | Path | None = None) -> Path | None:
-    """The benchmark data folder: `data_dir`, else $DLM_DATA_DIR, else ../shared/data beside the source tree (an
-    editable install), else beside the working directory."""
+    """The benchmark data folder: `data_dir`, else $DLM_DATA_DIR, else ../shared/data beside the
+    source tree (an editable install), else beside the working directory."""
     if data_dir is not None:
         path = Path(data_dir).expanduser()
         if not path.is_dir():
-            raise ConfigError(f"data_dir={str(data_dir)!r}: no such folder; allowed: a folder with gsm8k/ and mmlu/ "
+            raise ConfigError(f"data_dir={str(data_dir)!r}: no such folder; "
+                              "allowed: a folder with gsm8k/ and mmlu/ "
                               "(see ../shared/data/README.md)")
         return path.resolve()
     source_tree = Path(__file__).resolve().parents[2]
@@ -47,7 +50,8 @@ def find_data_dir(data_dir: str | Path | None = None) -> Path | None:
 
 
 def split_tasks(tasks: str | Sequence[str]) -> list[str]:
-    items = tasks.split(",") if isinstance(tasks, str) else [t for item in tasks for t in str(item).split(",")]
+    items = (tasks.split(",") if isinstance(tasks, str)
+             else [t for item in tasks for t in str(item).split(",")])
     names = [t.strip() for t in items if t.strip()]
     if not names:
         raise ConfigError(f"tasks={tasks!r}: no task given; e.g. gsm8k,mmlu")
@@ -56,10 +60,12 @@ def split_tasks(tasks: str | Sequence[str]) -> list[str]:
 
 def resolve_tasks(names: Sequence[str], *, local_names: set[str], data_dir: Path | None,
                   hub: bool = False) -> dict[str, str]:
-    """Requested name -> name to run: `gsm8k`, `mmlu`, `mmlu_<subject|category>` -> their local variant.
+    """Requested name -> name to run:
+    `gsm8k`, `mmlu`, `mmlu_<subject|category>` -> their local variant.
 
-    Offline first: a family with a local variant needs its file in the data folder, and without it the name
-    fails here in one line saying where the data must be (no hub retries). `hub=True` runs the stock tasks.
+    Offline first: a family with a local variant needs its file in the data folder, and without it
+    the name fails here in one line saying where the data must be (no hub retries). `hub=True` runs
+    the stock tasks.
     """
     resolved = {}
     for name in names:
@@ -71,17 +77,19 @@ def resolve_tasks(names: Sequence[str], *, local_names: set[str], data_dir: Path
         needed = LOCAL_FAMILIES[family][1]
         if data_dir is None or not (data_dir / needed).is_file():
             shown = str(data_dir) if data_dir else None
-            raise ConfigError(f"tasks={name!r}: its offline variant reads {needed} from the data folder, and "
-                              f"data_dir={shown!r} has none; allowed: --data-dir DIR or ${DATA_ENV} (a folder like "
-                              "../shared/data), or --hub-tasks to download the stock task")
+            raise ConfigError(f"tasks={name!r}: its offline variant reads {needed} from the data "
+                              f"folder, and data_dir={shown!r} has none; allowed: --data-dir DIR "
+                              f"or ${DATA_ENV} (a folder like ../shared/data), "
+                              "or --hub-tasks to download the stock task")
         resolved[name] = target
     return resolved
 
 
 def build_task_manager(names: Sequence[str], *, include_path: str | Path | None = None,
                        metadata: dict[str, Any] | None = None) -> TaskManager:
-    """A TaskManager that knows `names`: only evals/ where that suffices (instant), else also lm-eval's
-    ~15k built-in tasks (~10 s to index). Unknown names fail in one line with a suggestion."""
+    """A TaskManager that knows `names`: only evals/ where that suffices (instant), else also
+    lm-eval's ~15k built-in tasks (~10 s to index). Unknown names fail in one line with a
+    suggestion."""
     from lm_eval.tasks import TaskManager
 
     paths = [str(p) for p in ([include_path] if include_path else [EVALS_DIR])]
@@ -92,8 +100,9 @@ def build_task_manager(names: Sequence[str], *, include_path: str | Path | None 
     for name in names:
         if not _known(name, full):
             hint = difflib.get_close_matches(name, full.all_tasks, n=1)
-            raise ConfigError(f"tasks={name!r}: unknown task{f' (did you mean {hint[0]!r}?)' if hint else ''}; "
-                              f"allowed: {', '.join([*LOCAL_FAMILIES, *local.all_groups, 'gsm8k_synthetic'])} "
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            allowed = ", ".join([*LOCAL_FAMILIES, *local.all_groups, "gsm8k_synthetic"])
+            raise ConfigError(f"tasks={name!r}: unknown task{suggestion}; allowed: {allowed} "
                               f"or any lm-eval task (lm-eval ls tasks --include_path evals)")
     return full
 
@@ -107,25 +116,30 @@ _NAME_LINE = re.compile(r"^(?:task|group|tag):\s*([A-Za-z0-9_.-]+)\s*$", re.M)
 
 @functools.lru_cache(maxsize=4)
 def local_task_names(include_path: str | Path = EVALS_DIR) -> frozenset[str]:
-    """Task, group and tag names the YAMLs under `include_path` define, read without lm-eval: importing its
-    TaskManager takes seconds, and a missing data folder must fail before that."""
+    """Task, group and tag names the YAMLs under `include_path` define, read without lm-eval:
+    importing its TaskManager takes seconds, and a missing data folder must fail before that."""
     files = Path(include_path).rglob("*yaml")
     return frozenset(name for path in files for name in _NAME_LINE.findall(path.read_text()))
 
 
-def resolve_requested(tasks: str | Sequence[str], *, data_dir: str | Path | None = None, hub: bool = False,
+def resolve_requested(tasks: str | Sequence[str], *, data_dir: str | Path | None = None,
+                      hub: bool = False,
                       include_path: str | Path | None = None) -> dict[str, str]:
-    """`resolve_tasks` for what a user typed: requested name -> name to run. Light: the CLI calls it before
-    lm-eval, transformers or torch load, so a missing data folder fails within a second."""
-    return resolve_tasks(split_tasks(tasks), local_names=set(local_task_names(include_path or EVALS_DIR)),
+    """`resolve_tasks` for what a user typed: requested name -> name to run. Light: the CLI calls it
+    before lm-eval, transformers or torch load, so a missing data folder fails within a second."""
+    return resolve_tasks(split_tasks(tasks),
+                         local_names=set(local_task_names(include_path or EVALS_DIR)),
                          data_dir=find_data_dir(data_dir), hub=hub)
 
 
-def prepare_tasks(tasks: str | Sequence[str], *, data_dir: str | Path | None = None, hub: bool = False,
-                  include_path: str | Path | None = None, task_metadata: dict[str, Any] | None = None,
+def prepare_tasks(tasks: str | Sequence[str], *, data_dir: str | Path | None = None,
+                  hub: bool = False, include_path: str | Path | None = None,
+                  task_metadata: dict[str, Any] | None = None,
                   ) -> tuple[TaskManager, dict[str, str]]:
-    """(TaskManager, requested name -> name to run): local mapping, data folder in the task metadata."""
+    """(TaskManager, requested name -> name to run):
+    local mapping, data folder in the task metadata."""
     root = find_data_dir(data_dir)
     runs = resolve_requested(tasks, data_dir=data_dir, hub=hub, include_path=include_path)
     metadata = {**({"data_dir": str(root)} if root else {}), **(task_metadata or {})}
-    return build_task_manager(list(runs.values()), include_path=include_path, metadata=metadata), runs
+    manager = build_task_manager(list(runs.values()), include_path=include_path, metadata=metadata)
+    return manager, runs

@@ -1,1 +1,2 @@
-"""Experiments: sweeps (schema expansion, runner, launchers), their report and figures, training benchmarks."""
+"""Experiments: sweeps (schema expansion, runner, launchers), their report and figures, training
+benchmarks."""

@@ -1,8 +1,10 @@
-"""The planner against measurement: peak memory of one real training step on this CPU vs `dlm plan`'s estimate.
+"""The planner against measurement: peak memory of one real training step on this CPU vs
+`dlm plan`'s estimate.
 
-CPU torch keeps no allocator statistics, so the measure is the process's resident-set high-water mark
-(`VmHWM`, reset through `/proc/self/clear_refs`) above the resident set once the backbone, data and Trainer
-exist, plus the parameters' own bytes: gradients, AdamW state and activations of the steps, and parameters.
+CPU torch keeps no allocator statistics, so the measure is the process's resident-set high-water
+mark (`VmHWM`, reset through `/proc/self/clear_refs`) above the resident set once the backbone, data
+and Trainer exist, plus the parameters' own bytes: gradients, AdamW state and activations of the
+steps, and parameters.
 """
 
 from __future__ import annotations
@@ -55,21 +57,24 @@ def _reset_peak() -> int:
 
 
 def cpu_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """`cfg` as one CPU process trains it: one device, no sharding, a from-scratch backbone if the checkpoint
-    it names is not there."""
-    trainer = dataclasses.replace(cfg.trainer, accelerator="cpu", devices=1, num_nodes=1, strategy="auto",
-                                  accumulate_grad_batches=1, max_steps=2, progress_bar=False)
+    """`cfg` as one CPU process trains it: one device, no sharding, a from-scratch backbone if the
+    checkpoint it names is not there."""
+    trainer = dataclasses.replace(cfg.trainer, accelerator="cpu", devices=1, num_nodes=1,
+                                  strategy="auto", accumulate_grad_batches=1, max_steps=2,
+                                  progress_bar=False)
     model = cfg.model
     if model.name_or_path and not Path(model.name_or_path).is_dir() and model.arch:
-        model = dataclasses.replace(model, name_or_path=None, tokenizer=model.tokenizer or BUILTIN_TOKENIZER)
+        model = dataclasses.replace(model, name_or_path=None,
+                                    tokenizer=model.tokenizer or BUILTIN_TOKENIZER)
     return dataclasses.replace(cfg, trainer=trainer, model=model)
 
 
 def measure_step(cfg: ExperimentConfig) -> float:
     """Bytes of the parameters (exact) + the resident-set growth over two training steps.
 
-    The high-water mark restarts once the module, data and Trainer exist, so the process's fixed cost
-    (imports, tokenized data, Lightning's objects) is left out and what remains is what the plan counts.
+    The high-water mark restarts once the module, data and Trainer exist, so the process's fixed
+    cost (imports, tokenized data, Lightning's objects) is left out and what remains is what the
+    plan counts.
     """
     module = DiffusionLM(cfg, load_backbone(cfg.model, attn_implementation=kernel_for(cfg)))
     if cfg.trainer.activation_checkpointing:
@@ -78,9 +83,10 @@ def measure_step(cfg: ExperimentConfig) -> float:
     data.prepare_data()
     data.setup("fit")
     trainer = L.Trainer(max_steps=2,  # the second step holds the AdamW state created by the first
-                        accelerator="cpu", devices=1, precision=cfg.trainer.precision, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, gradient_clip_val=cfg.optim.grad_clip or None)
+                        accelerator="cpu", devices=1, precision=cfg.trainer.precision,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0,
+                        gradient_clip_val=cfg.optim.grad_clip or None)
     params = sum(p.numel() * p.element_size() for p in module.parameters())
     base = _reset_peak()
     trainer.fit(module, datamodule=data)
@@ -95,4 +101,5 @@ def check_plan(cfg: ExperimentConfig, *, config_dir: Path) -> PlanCheck:
 
 def format_check(c: PlanCheck) -> str:
     return (f"{c.name} ({c.params / 1e6:.1f}M parameters), CPU training steps: planned "
-            f"{c.planned / 2**20:,.0f} MiB, measured peak {c.measured / 2**20:,.0f} MiB ({c.error:+.0%})")
+            f"{c.planned / 2**20:,.0f} MiB, measured peak {c.measured / 2**20:,.0f} MiB "
+            f"({c.error:+.0%})")

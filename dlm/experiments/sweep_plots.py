@@ -1,8 +1,9 @@
-"""Sweep figures from the tidy frames of `dlm.experiments.report` (points, eval, bench, drift), for `dlm report`
-and the notebook.
+"""Sweep figures from the tidy frames of `dlm.experiments.report` (points, eval, bench, drift), for
+`dlm report` and the notebook.
 
-Each function returns a Matplotlib `Figure` (or None when the sweep logged nothing to draw) built on a bare
-Agg canvas, not pyplot: it works headless and leaves a notebook's backend and figure list alone.
+Each function returns a Matplotlib `Figure` (or None when the sweep logged nothing to draw) built on
+a bare Agg canvas, not pyplot: it works headless and leaves a notebook's backend and figure list
+alone.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
 
-LINE_KEYS = ("pattern", "shift", "block_size", "strategy", "half_life", "lr", "clean_context", "ar_weight")
-"""Point descriptors (`dlm.experiments.report.DESCRIBE`) that name a line when they vary across the sweep."""
+LINE_KEYS = ("pattern", "shift", "block_size", "strategy", "half_life", "lr", "clean_context",
+             "ar_weight")
+"""Point descriptors (`dlm.experiments.report.DESCRIBE`) that name a line when they vary across the
+sweep."""
 
 
 def _figure(width: float = 7, height: float = 4.2) -> Figure:
@@ -41,7 +44,8 @@ def varying(points: pd.DataFrame, keys: Sequence[str] = LINE_KEYS) -> list[str]:
 
 
 def label(row: pd.Series, keys: Sequence[str]) -> str:
-    """`block_clean, shift=True`: the pattern bare, the other varying descriptors as key=value (λ for half_life)."""
+    """`block_clean, shift=True`: the pattern bare, the other varying descriptors as key=value (λ
+    for half_life)."""
     parts = []
     for k in keys:
         value, name = row[k], "λ" if k == "half_life" else k
@@ -52,10 +56,11 @@ def label(row: pd.Series, keys: Sequence[str]) -> str:
     return ", ".join(parts) or str(row.get("pattern", row["point"]))
 
 
-def accuracy_vs_block_size(points: pd.DataFrame, evals: pd.DataFrame, *, task: str, metric: str) -> Figure | None:
-    """Accuracy vs block size. Decode block sizes swept: one line per trained point over the decode size.
-    Else one line per pattern (and other varying settings) over the training block size, or bars when the
-    sweep has a single block size (the attention-pattern sweep)."""
+def accuracy_vs_block_size(points: pd.DataFrame, evals: pd.DataFrame, *, task: str,
+                           metric: str) -> Figure | None:
+    """Accuracy vs block size. Decode block sizes swept: one line per trained point over the decode
+    size. Else one line per pattern (and other varying settings) over the training block size, or
+    bars when the sweep has a single block size (the attention-pattern sweep)."""
     scores = evals[(evals["task"] == task) & (evals["metric"] == metric)].merge(points, on="point")
     if scores.empty:
         return None
@@ -97,27 +102,30 @@ def _log2_axis(ax, values: pd.Series, name: str) -> None:
 
 
 def accuracy_vs_tpf(points: pd.DataFrame, bench: pd.DataFrame) -> Figure | None:
-    """Bench exact match vs tokens per forward of the cached decoder, one line per point over the confidence
-    thresholds (smallest bench batch size); solid = position-dependent masking, dashed = uniform, λ in the
-    label (Efficient-DLM Fig. 5)."""
+    """Bench exact match vs tokens per forward of the cached decoder, one line per point over the
+    confidence thresholds (smallest bench batch size); solid = position-dependent masking, dashed =
+    uniform, λ in the label (Efficient-DLM Fig. 5)."""
     if bench.empty or "exact_match" not in bench or bench["exact_match"].isna().all():
         return None
     rows = bench[(bench["method"] == "dlm") & bench["exact_match"].notna()]
     rows = rows[rows["batch_size"] == rows["batch_size"].min()].merge(points, on="point")
     if rows.empty:
         return None
-    keys = varying(points) or ["strategy"]  # the line style already tells uniform from position
+    # the line style already tells uniform from position
+    keys = varying(points) or ["strategy"]
     fig = _figure()
     ax = fig.add_subplot()
     for i, (point, group) in enumerate(rows.groupby("point", sort=False)):
         group = group.sort_values("tpf")
         first = group.iloc[0]
         style = "--" if first["strategy"] == "uniform" else "-"
-        name = label(first, [k for k in keys if k != "half_life" or first["strategy"] == "position"])
-        ax.plot(group["tpf"], group["exact_match"], style, marker="o", color=f"C{i % 10}", label=name)
+        position = first["strategy"] == "position"
+        name = label(first, [k for k in keys if k != "half_life" or position])
+        ax.plot(group["tpf"], group["exact_match"], style, marker="o", color=f"C{i % 10}",
+                label=name)
         for _, r in group.iterrows():
-            ax.annotate(f"τ={r['threshold']:g}", (r["tpf"], r["exact_match"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7, color=f"C{i % 10}")
+            ax.annotate(f"τ={r['threshold']:g}", (r["tpf"], r["exact_match"]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7, color=f"C{i % 10}")
     ax.set(xlabel="tokens per forward (TPF)", ylabel="exact match (bench prompts)",
            title=f"Accuracy vs TPF, cached decoder, batch {int(rows['batch_size'].iloc[0])}")
     ax.grid(alpha=0.3)
@@ -127,9 +135,10 @@ def accuracy_vs_tpf(points: pd.DataFrame, bench: pd.DataFrame) -> Figure | None:
 
 
 def speculative(points: pd.DataFrame, bench: pd.DataFrame) -> Figure | None:
-    """Joint-objective sweeps, per point (smallest bench batch): left, exact match of the dLM's own AR mode
-    and of threshold decoding (is the converted model still a good AR model, and a good dLM?); right, tokens
-    per forward of threshold decoding and of both self-speculative forms (lossless)."""
+    """Joint-objective sweeps, per point (smallest bench batch): left, exact match of the dLM's own
+    AR mode and of threshold decoding (is the converted model still a good AR model, and a good
+    dLM?); right, tokens per forward of threshold decoding and of both self-speculative forms
+    (lossless)."""
     if bench.empty or "ar-self" not in set(bench["method"]):
         return None
     rows = bench[bench["batch_size"] == bench["batch_size"].min()]
@@ -144,14 +153,15 @@ def speculative(points: pd.DataFrame, bench: pd.DataFrame) -> Figure | None:
         width = 0.8 / len(shown)
         for i, series in enumerate(shown):
             method, t = pick[series]
-            sel = rows[(rows["method"] == method) & ((rows["threshold"] == t) if t is not None else True)]
+            at_threshold = (rows["threshold"] == t) if t is not None else True
+            sel = rows[(rows["method"] == method) & at_threshold]
             if sel.empty:
                 continue
             values = points["point"].map(sel.set_index("point")[key]).fillna(0)
             ax.bar([x + i * width for x in range(len(names))], values, width, label=series,
                    color=f"C{list(pick).index(series)}")
-        ax.set_xticks([x + width * (len(shown) - 1) / 2 for x in range(len(names))], names, rotation=20,
-                      ha="right", fontsize=8)
+        centres = [x + width * (len(shown) - 1) / 2 for x in range(len(names))]
+        ax.set_xticks(centres, names, rotation=20, ha="right", fontsize=8)
         ax.set(title=title)
         ax.grid(alpha=0.3, axis="y")
         ax.legend(fontsize=8)
@@ -160,12 +170,13 @@ def speculative(points: pd.DataFrame, bench: pd.DataFrame) -> Figure | None:
 
 
 def drift_per_layer(drift: pd.DataFrame) -> Figure | None:
-    """Relative weight drift per decoder layer, attention and MLP, one colour per point (the figure of
-    `dlm.measurement.drift`)."""
+    """Relative weight drift per decoder layer, attention and MLP, one colour per point (the figure
+    of `dlm.measurement.drift`)."""
     if drift.empty:
         return None
     from dlm.measurement.drift import DriftReport, drift_figure
 
-    reports = {point: DriftReport({(int(r.layer), r.group): float(r.drift) for r in group.itertuples()})
+    reports = {point: DriftReport({(int(r.layer), r.group): float(r.drift)
+                                   for r in group.itertuples()})
                for point, group in drift.groupby("point", sort=False)}
     return drift_figure(reports)

@@ -1,5 +1,5 @@
-"""A sweep's MLflow runs: one parent (found again by its tags on a re-run) and a child per point, whose
-`dlm.status` tag says whether the point is done."""
+"""A sweep's MLflow runs: one parent (found again by its tags on a re-run) and a child per point,
+whose `dlm.status` tag says whether the point is done."""
 
 from __future__ import annotations
 
@@ -18,22 +18,26 @@ if TYPE_CHECKING:
     from mlflow.entities import Run
 
 
-def find_parent(client: MlflowClient, sweep_name: str, experiment_ids: Sequence[str] | None = None) -> Run | None:
+def find_parent(client: MlflowClient, sweep_name: str,
+                experiment_ids: Sequence[str] | None = None) -> Run | None:
     """The newest parent run of `sweep_name` (tags dlm.sweep + dlm.role=parent), or None."""
-    ids = list(experiment_ids) if experiment_ids else [e.experiment_id for e in client.search_experiments()]
-    found = client.search_runs(ids, f"tags.`dlm.sweep` = '{sweep_name}' and tags.`dlm.role` = 'parent'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    ids = (list(experiment_ids) if experiment_ids
+           else [e.experiment_id for e in client.search_experiments()])
+    query = f"tags.`dlm.sweep` = '{sweep_name}' and tags.`dlm.role` = 'parent'"
+    found = client.search_runs(ids, query, order_by=["attributes.start_time DESC"], max_results=1)
     return found[0] if found else None
 
 
 def ensure_parent(sweep: SweepConfig, points: Sequence[Point], uri: str, experiment: str) -> str:
-    """The sweep's parent run (reused on a re-run, set RUNNING again); its tags tell `dlm report` what was swept."""
+    """The sweep's parent run (reused on a re-run, set RUNNING again); its tags tell `dlm report`
+    what was swept."""
     client = runs.client(uri)
     exp_id = runs.experiment_id(client, experiment, uri)
     found = find_parent(client, sweep.name, [exp_id])
     swept = list(short_names([k for p in points for k in p.values]))
     tags = {"dlm.sweep": sweep.name, "dlm.role": "parent", "dlm.swept": json.dumps(swept),
-            "dlm.points": json.dumps([p.id for p in points]), "dlm.output_dir": str(Path(sweep.output_dir).resolve()),
+            "dlm.points": json.dumps([p.id for p in points]),
+            "dlm.output_dir": str(Path(sweep.output_dir).resolve()),
             "dlm.eval.tasks": ",".join(sweep.eval.tasks), "dlm.eval.metric": sweep.eval.metric}
     if found is None:
         run_id = client.create_run(exp_id, run_name=sweep.name, tags=tags).info.run_id
@@ -68,8 +72,10 @@ def done_points_if_any(sweep_name: str, uri: str) -> dict[str, str]:
 
 
 
-def set_status(uri: str, run_id: str, status: str, *, error: str | None = None, terminate: str | None = None) -> None:
-    """The child's `dlm.status` tag (and `dlm.error`), optionally ending the run FINISHED / FAILED."""
+def set_status(uri: str, run_id: str, status: str, *, error: str | None = None,
+               terminate: str | None = None) -> None:
+    """The child's `dlm.status` tag (and `dlm.error`), optionally ending the run FINISHED /
+    FAILED."""
     client = runs.client(uri)
     client.set_tag(run_id, "dlm.status", status)
     if error is not None:

@@ -1,10 +1,11 @@
 """`dlm exactness`: do the decoder's fast paths give the reference's tokens on a real checkpoint?
 
-Three pairs, each on the same prompts: cached vs no-cache decoding, batch N vs one prompt at a time, and (for a
-checkpoint with a causal clean context) self-speculative vs the AR mode. In float32 they are equal by
-construction. In bf16 a forward over k tokens and k one-token forwards round differently, so a row may differ;
-for each such row the report gives the first differing position and the reference's top-2 logit margin there
-against bf16's resolution at that logit (a margin within a few units of it is a rounding near-tie, not a bug).
+Three pairs, each on the same prompts: cached vs no-cache decoding, batch N vs one prompt at a time,
+and (for a checkpoint with a causal clean context) self-speculative vs the AR mode. In float32 they
+are equal by construction. In bf16 a forward over k tokens and k one-token forwards round
+differently, so a row may differ; for each such row the report gives the first differing position
+and the reference's top-2 logit margin there against bf16's resolution at that logit (a margin
+within a few units of it is a rounding near-tie, not a bug).
 """
 
 from __future__ import annotations
@@ -18,7 +19,13 @@ import torch
 
 from dlm.data.prompts import load_prompts
 from dlm.decoding.engine import generate
-from dlm.decoding.text import chat_format_for, decode_config_for, encode_texts, load_for_decoding, render_prompts
+from dlm.decoding.text import (
+    chat_format_for,
+    decode_config_for,
+    encode_texts,
+    load_for_decoding,
+    render_prompts,
+)
 from dlm.models.backbone import Backbone
 from dlm.settings import DecodeConfig, check
 from dlm.settings.errors import check_positive_int
@@ -31,7 +38,8 @@ PAIRS = ("cache", "batch", "speculative")
 class Difference:
     row: int
     position: int  # first generated index where the two outputs differ
-    margin: float  # reference's top-1 minus top-2 logit there (causal forward over the common prefix); nan: not AR
+    # reference's top-1 minus top-2 logit there (causal forward over the common prefix); nan: not AR
+    margin: float
     resolution: float  # bf16 spacing at the top-1 logit: 2^(exponent - 7)
 
 
@@ -43,14 +51,14 @@ class PairResult:
     differences: list[Difference]
 
     def line(self) -> str:
-        where = "; ".join(f"row {d.row} at token {d.position}: margin {d.margin:.4f} (bf16 step {d.resolution:.4f})"
-                          for d in self.differences)
+        where = "; ".join(f"row {d.row} at token {d.position}: margin {d.margin:.4f} "
+                          f"(bf16 step {d.resolution:.4f})" for d in self.differences)
         return f"| {self.pair} | {self.equal}/{self.rows} | {where or '–'} |"
 
 
-def check_exactness(checkpoint: str | Path, *, prompts: str, num_prompts: int = 20, batch_size: int = 4,
-                    max_new_tokens: int = 64, dtype: str = "float32", pairs: Sequence[str] = PAIRS,
-                    chat: bool | None = None) -> list[PairResult]:
+def check_exactness(checkpoint: str | Path, *, prompts: str, num_prompts: int = 20,
+                    batch_size: int = 4, max_new_tokens: int = 64, dtype: str = "float32",
+                    pairs: Sequence[str] = PAIRS, chat: bool | None = None) -> list[PairResult]:
     """Each pair's share of equal outputs, and a near-tie margin for every differing row."""
     check_positive_int("--num-prompts", num_prompts)
     check_positive_int("--batch-size", batch_size)
@@ -76,7 +84,8 @@ def check_exactness(checkpoint: str | Path, *, prompts: str, num_prompts: int = 
         pattern = meta.attention_pattern
         got = _decode(backbone, texts, fast, fast_batch, pattern)
         want = _decode(backbone, texts, ref, ref_batch, pattern)
-        causal = ref.mode == "ar"  # the margin is read off a causal forward: it means something for AR references
+        # the margin is read off a causal forward: it means something for AR references
+        causal = ref.mode == "ar"
         diffs = [_difference(backbone, texts[i], i, a, b, causal=causal)
                  for i, (a, b) in enumerate(zip(got, want)) if a != b]
         results.append(PairResult(pair, len(texts) - len(diffs), len(texts), diffs))
@@ -84,9 +93,11 @@ def check_exactness(checkpoint: str | Path, *, prompts: str, num_prompts: int = 
 
 
 def format_results(results: Sequence[PairResult], *, checkpoint: str | Path, dtype: str) -> str:
-    head = ["| pair (fast vs reference) | equal outputs | first difference: reference top-2 logit margin |",
+    head = ["| pair (fast vs reference) | equal outputs "
+            "| first difference: reference top-2 logit margin |",
             "|---|---|---|"]
-    note = (f"\n{checkpoint}, {dtype}; cache: cached vs no-cache decoding; batch: batched vs one prompt at a time; "
+    note = (f"\n{checkpoint}, {dtype}; cache: cached vs no-cache decoding; "
+            "batch: batched vs one prompt at a time; "
             "speculative: self-speculative vs the AR mode.")
     return "\n".join(head + [r.line() for r in results]) + note
 
@@ -97,15 +108,18 @@ def _decode(backbone: Backbone, texts: list[str], cfg: DecodeConfig, batch_size:
     tok = backbone.tokenizer
     for i in range(0, len(texts), batch_size):
         ids, attention = encode_texts(tok, texts[i : i + batch_size])
-        out += generate(backbone.model, ids, attention_mask=attention, mask_token_id=backbone.mask_token_id,
-                        config=cfg, eos_token_id=tok.eos_token_id, pattern=pattern).tokens
+        out += generate(backbone.model, ids, attention_mask=attention,
+                        mask_token_id=backbone.mask_token_id, config=cfg,
+                        eos_token_id=tok.eos_token_id, pattern=pattern).tokens
     return out
 
 
 def _difference(backbone: Backbone, text: str, row: int, got: list[int], want: list[int], *,
                 causal: bool) -> Difference:
-    """Where the outputs part, and (for an AR reference) how close its choice was there: one causal forward."""
-    position = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
+    """Where the outputs part, and (for an AR reference) how close its choice was there: one causal
+    forward."""
+    shorter_length = min(len(got), len(want))
+    position = next((j for j, (a, b) in enumerate(zip(got, want)) if a != b), shorter_length)
     if not causal:
         return Difference(row, position, float("nan"), float("nan"))
     prompt = backbone.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -1,7 +1,7 @@
 """The benchmark grid: which decoder runs at which batch size and threshold, timed how.
 
-Every setting (decoder variant x batch size x threshold) decodes the same prompt set `repeats` times,
-round-robin after a warm-up; tokens/s is generated tokens / wall time over the whole set.
+Every setting (decoder variant x batch size x threshold) decodes the same prompt set `repeats`
+times, round-robin after a warm-up; tokens/s is generated tokens / wall time over the whole set.
 """
 
 from __future__ import annotations
@@ -24,10 +24,16 @@ from dlm.decoding.text import encode_texts, render_prompts
 from dlm.settings import BenchConfig, DecodeConfig
 from dlm.tensor.patterns import Pattern
 
-METHODS = {"ar": "AR, lean loop (same engine)", "ar-hf": "AR, transformers generate", "dlm-1tpf": "dLM 1 token/forward",
-           "dlm": "dLM cached", "dlm-fixed": "dLM cached, fixed", "dlm-nocache": "dLM no cache",
-           "dlm-v2count": "dLM cached, Fast-dLLM v2 counting", "ar-self": "AR mode of the dLM (its causal path)",
-           "spec": "dLM self-speculative, fused", "spec-sep": "dLM self-speculative, separate verify"}
+METHODS = {"ar": "AR, lean loop (same engine)",
+           "ar-hf": "AR, transformers generate",
+           "dlm-1tpf": "dLM 1 token/forward",
+           "dlm": "dLM cached",
+           "dlm-fixed": "dLM cached, fixed",
+           "dlm-nocache": "dLM no cache",
+           "dlm-v2count": "dLM cached, Fast-dLLM v2 counting",
+           "ar-self": "AR mode of the dLM (its causal path)",
+           "spec": "dLM self-speculative, fused",
+           "spec-sep": "dLM self-speculative, separate verify"}
 MODES = {"ar": "ar", "ar-self": "ar", "spec": "speculative", "spec-sep": "speculative"}
 SPECULATIVE = ("spec", "spec-sep")
 AR_METHODS = ("ar", "ar-hf")
@@ -39,20 +45,24 @@ class Setting:
     batch_size: int
     threshold: float | None = None  # threshold-policy dLM settings only
     tokens_per_pass: int | None = None  # dlm-fixed only
-    decoder: str = ""  # `DecodeConfig` overrides over the cached decoder, `field=value ...` (bench.decoders)
+    # `DecodeConfig` overrides over the cached decoder, `field=value ...` (bench.decoders)
+    decoder: str = ""
 
     @property
     def label(self) -> str:
         """Key part for MLflow metrics, e.g. `dlm_batch4_t0.9`, `dlm-fixed_batch1_n3`,
         `dlm_batch1_policy-factor_factor-1.5`."""
-        shown = "".join(f"_{k}-{v}" for k, v in DecodeConfig.overrides(self.decoder)) if self.decoder else ""
-        return (f"{self.method}_batch{self.batch_size}" + ("" if self.threshold is None else f"_t{self.threshold:g}")
-                + ("" if self.tokens_per_pass is None else f"_n{self.tokens_per_pass}") + shown)
+        shown = ("".join(f"_{k}-{v}" for k, v in DecodeConfig.overrides(self.decoder))
+                 if self.decoder else "")
+        threshold = "" if self.threshold is None else f"_t{self.threshold:g}"
+        count = "" if self.tokens_per_pass is None else f"_n{self.tokens_per_pass}"
+        return f"{self.method}_batch{self.batch_size}" + threshold + count + shown
 
 
 @dataclass
 class Target:
-    """A model to decode with: the tokenizer encodes its prompts, the meta fields drive the decoder."""
+    """A model to decode with: the tokenizer encodes its prompts, the meta fields drive the
+    decoder."""
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
@@ -60,7 +70,8 @@ class Target:
     block_size: int
     shift: bool = False
     chat: ChatFormat | None = None  # prompts rendered as a user turn of this chat template
-    pattern: Pattern | None = None  # the checkpoint's, whose rules the decode masks follow (None: block-causal)
+    # the checkpoint's, whose rules the decode masks follow (None: block-causal)
+    pattern: Pattern | None = None
 
     @property
     def device(self) -> torch.device:
@@ -75,7 +86,8 @@ class Batch(NamedTuple):
 
 def encode_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt], batch_size: int,
                    device: torch.device, chat: ChatFormat | None = None) -> list[Batch]:
-    """Left-padded batches; prompt ids without special tokens, as the training data tokenizes them."""
+    """Left-padded batches; prompt ids without special tokens, as the training data tokenizes
+    them."""
     batches = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
@@ -84,13 +96,16 @@ def encode_batches(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[Prompt]
     return batches
 
 
-def decode_config(target: Target, setting: Setting, *, max_new_tokens: int, compile: bool = False) -> DecodeConfig:
+def decode_config(target: Target, setting: Setting, *, max_new_tokens: int,
+                  compile: bool = False) -> DecodeConfig:
     """The engine settings a grid setting stands for."""
     m = setting.method
-    fixed = setting.tokens_per_pass or (1 if m == "dlm-1tpf" else None)  # one token per forward: fixed at 1
+    # one token per forward: fixed at 1
+    fixed = setting.tokens_per_pass or (1 if m == "dlm-1tpf" else None)
+    threshold = setting.threshold or (DecodeConfig.threshold if setting.decoder else 1.0)
     cfg = DecodeConfig(mode=MODES.get(m, "diffusion"), block_size=target.block_size,
                        speculative_form="separate" if m == "spec-sep" else "fused",
-                       threshold=setting.threshold or (DecodeConfig.threshold if setting.decoder else 1.0),
+                       threshold=threshold,
                        max_new_tokens=max_new_tokens,
                        policy="fixed" if fixed else "threshold", tokens_per_pass=fixed or 1,
                        cache="none" if m == "dlm-nocache" else "auto",
@@ -105,7 +120,8 @@ def decode_batch(target: Target, setting: Setting, batch: Batch, *, max_new_toke
                            max_new_tokens=max_new_tokens, eos_token_id=eos)
     cfg = decode_config(target, setting, max_new_tokens=max_new_tokens, compile=compile)
     return generate(target.model, batch.input_ids, attention_mask=batch.attention_mask,
-                    mask_token_id=target.mask_token_id, config=cfg, eos_token_id=eos, pattern=target.pattern)
+                    mask_token_id=target.mask_token_id, config=cfg, eos_token_id=eos,
+                    pattern=target.pattern)
 
 
 @dataclass
@@ -119,8 +135,10 @@ class Measurement:
     exact_match: float | None
     v2_tokens: int = 0  # Fast-dLLM v2's count: tokens through the end of each row's EOS block ...
     v2_forwards: int = 0  # ... over its forwards plus one cache-update forward per block
-    tokens: list[list[int]] = field(default_factory=list)  # every prompt's generated ids (the last repeat)
-    answers: list[str | None] = field(default_factory=list)  # the '#### N' number each prompt's text gives
+    # every prompt's generated ids (the last repeat)
+    tokens: list[list[int]] = field(default_factory=list)
+    # the '#### N' number each prompt's text gives
+    answers: list[str | None] = field(default_factory=list)
 
     @property
     def tokens_per_sec(self) -> list[float]:
@@ -138,15 +156,16 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def measure(target: Target, setting: Setting, batches: Sequence[Batch], *, max_new_tokens: int, repeats: int = 1,
-            ignore_eos: bool = False, scored: bool = False, compile: bool = False) -> Measurement:
+def measure(target: Target, setting: Setting, batches: Sequence[Batch], *, max_new_tokens: int,
+            repeats: int = 1, ignore_eos: bool = False, scored: bool = False,
+            compile: bool = False) -> Measurement:
     """Decode every batch `repeats` times, timing each pass over the whole set."""
     eos = None if ignore_eos else target.tokenizer.eos_token_id
     seconds, outs = [], []
     for _ in range(repeats):
         start = _clock(target.device)
-        outs = [decode_batch(target, setting, b, max_new_tokens=max_new_tokens, eos=eos, compile=compile)
-                for b in batches]
+        outs = [decode_batch(target, setting, b, max_new_tokens=max_new_tokens, eos=eos,
+                             compile=compile) for b in batches]
         seconds.append(_clock(target.device) - start)
     blocks = lambda n: -(-n // target.block_size)  # noqa: E731
     return Measurement(
@@ -163,11 +182,14 @@ def measure(target: Target, setting: Setting, batches: Sequence[Batch], *, max_n
     )
 
 
-def measure_grid(grid: dict[Setting, Target], prompts: Sequence[Prompt], *, max_new_tokens: int, repeats: int,
-                 warmup: int, ignore_eos: bool, scored: bool, compile: bool = False) -> dict[Setting, Measurement]:
-    """All settings warmed up first, then timed round-robin, one repeat of each at a time: a burst of load
-    from elsewhere on the machine then hits every setting alike instead of skewing one comparison."""
-    batches = {s: encode_batches(t.tokenizer, prompts, s.batch_size, t.device, t.chat) for s, t in grid.items()}
+def measure_grid(grid: dict[Setting, Target], prompts: Sequence[Prompt], *, max_new_tokens: int,
+                 repeats: int, warmup: int, ignore_eos: bool, scored: bool,
+                 compile: bool = False) -> dict[Setting, Measurement]:
+    """All settings warmed up first, then timed round-robin, one repeat of each at a time: a burst
+    of load from elsewhere on the machine then hits every setting alike instead of skewing one
+    comparison."""
+    batches = {s: encode_batches(t.tokenizer, prompts, s.batch_size, t.device, t.chat)
+               for s, t in grid.items()}
     for s, t in grid.items():
         for _ in range(warmup):
             decode_batch(t, s, batches[s][0], max_new_tokens=max_new_tokens,
@@ -191,18 +213,27 @@ class BenchRow:
     tokens_per_sec_max: float
     tpf: float
     nfe: float  # decoding forwards per generate call (one batch), mean
-    tokens_per_prompt: float  # generated tokens per prompt, mean (EOS stops make it < max_new_tokens)
+    # generated tokens per prompt, mean (EOS stops make it < max_new_tokens)
+    tokens_per_prompt: float
     exact_match: float | None
     tokens_per_pass: int | None = None
     decoder: str = ""  # bench.decoders rows: their `DecodeConfig` overrides
-    speedup_vs_ar: float | None = None  # tokens/s over the lean AR loop's at the same batch size (the headline)
-    speedup_vs_hf: float | None = None  # tokens/s over transformers generate's at the same batch size
-    speedup_cache: float | None = None  # cached over no-cache tokens/s, same policy and batch size
-    tpf_v2: float | None = None  # dlm-v2count only: TPF counted as Fast-dLLM v2 counts it
-    forward_vs_ar: float | None = None  # seconds per forward a prompt takes part in, over the lean AR step's
-    same_as_ar_mode: float | None = None  # speculative only: share of prompts whose tokens equal the AR mode's
-    same_as_ar: float | None = None  # share of prompts whose tokens equal the lean AR row's (same batch size)
-    same_answer_as_ar: float | None = None  # share of prompts whose '#### N' answer equals the lean AR row's
+    # tokens/s over the lean AR loop's at the same batch size (the headline)
+    speedup_vs_ar: float | None = None
+    # tokens/s over transformers generate's at the same batch size
+    speedup_vs_hf: float | None = None
+    # cached over no-cache tokens/s, same policy and batch size
+    speedup_cache: float | None = None
+    # dlm-v2count only: TPF counted as Fast-dLLM v2 counts it
+    tpf_v2: float | None = None
+    # seconds per forward a prompt takes part in, over the lean AR step's
+    forward_vs_ar: float | None = None
+    # speculative only: share of prompts whose tokens equal the AR mode's
+    same_as_ar_mode: float | None = None
+    # share of prompts whose tokens equal the lean AR row's (same batch size)
+    same_as_ar: float | None = None
+    # share of prompts whose '#### N' answer equals the lean AR row's
+    same_answer_as_ar: float | None = None
 
 
 def build_rows(measurements: dict[Setting, Measurement]) -> list[BenchRow]:
@@ -218,7 +249,8 @@ def build_rows(measurements: dict[Setting, Measurement]) -> list[BenchRow]:
         ar, hf = rows.get(Setting("ar", s.batch_size)), rows.get(Setting("ar-hf", s.batch_size))
         row.speedup_vs_ar = row.tokens_per_sec / ar.tokens_per_sec if ar else None
         row.speedup_vs_hf = row.tokens_per_sec / hf.tokens_per_sec if hf else None
-        row.forward_vs_ar = row.tpf * ar.tokens_per_sec / (ar.tpf * row.tokens_per_sec) if ar else None
+        row.forward_vs_ar = (row.tpf * ar.tokens_per_sec / (ar.tpf * row.tokens_per_sec)
+                             if ar else None)
         no_cache = (rows.get(Setting("dlm-nocache", s.batch_size, s.threshold, s.tokens_per_pass))
                     if s.method in ("dlm", "dlm-fixed") else None)
         row.speedup_cache = row.tokens_per_sec / no_cache.tokens_per_sec if no_cache else None
@@ -232,15 +264,16 @@ def _share_equal(ours: Sequence, theirs: Sequence) -> float | None:
 
 def _row(s: Setting, m: Measurement) -> BenchRow:
     tps = m.tokens_per_sec
-    return BenchRow(s.method, s.batch_size, s.threshold, statistics.median(tps), min(tps), max(tps), m.tpf,
-                    m.nfe_total / m.calls, m.generated / m.num_prompts, m.exact_match, s.tokens_per_pass, s.decoder,
-                    tpf_v2=m.v2_tokens / max(m.v2_forwards, 1) if s.method == "dlm-v2count" else None)
+    tpf_v2 = m.v2_tokens / max(m.v2_forwards, 1) if s.method == "dlm-v2count" else None
+    return BenchRow(s.method, s.batch_size, s.threshold, statistics.median(tps), min(tps),
+                    max(tps), m.tpf, m.nfe_total / m.calls, m.generated / m.num_prompts,
+                    m.exact_match, s.tokens_per_pass, s.decoder, tpf_v2=tpf_v2)
 
 
 def settings_grid(s: BenchConfig) -> list[Setting]:
-    """Per batch size: the AR baselines, the one-token reference, cached per threshold and per fixed count,
-    the no-cache reference, the Fast-dLLM v2 counting rows, self-speculative decoding (both forms, beside the
-    checkpoint's own AR mode, whose tokens they must equal)."""
+    """Per batch size: the AR baselines, the one-token reference, cached per threshold and per fixed
+    count, the no-cache reference, the Fast-dLLM v2 counting rows, self-speculative decoding (both
+    forms, beside the checkpoint's own AR mode, whose tokens they must equal)."""
     grid = []
     for b in s.batch_sizes:
         grid += [Setting("ar", b)] + ([Setting("ar-hf", b)] if s.hf_generate else [])

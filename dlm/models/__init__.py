@@ -1,1 +1,2 @@
-"""Model loading: HF backbones with a [MASK] token, the offline tokenizer, dlm checkpoint folders."""
+"""Model loading: HF backbones with a [MASK] token, the offline tokenizer,
+dlm checkpoint folders."""

@@ -1,4 +1,5 @@
-"""Build a real HF tokenizer offline (a small byte-level BPE), so tests and the tiny default need no hub."""
+"""Build a real HF tokenizer offline (a small byte-level BPE), so tests and the tiny
+default need no hub."""
 
 from __future__ import annotations
 
@@ -16,12 +17,13 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 384,
                     out_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` with EOS (also pad) and MASK special tokens.
 
-    Digits are split one per token, as in Qwen and Llama 3, so arithmetic is learnable digit by digit.
-    Any UTF-8 text still encodes (byte fallback), so real GSM8K/MMLU data runs through it.
+    Digits are split one per token, as in Qwen and Llama 3, so arithmetic is learnable digit by
+    digit. Any UTF-8 text still encodes (byte fallback), so real GSM8K/MMLU data runs through it.
     """
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [pre_tokenizers.Digits(individual_digits=True),
+         pre_tokenizers.ByteLevel(add_prefix_space=False)]
     )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
@@ -40,7 +42,8 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 384,
 
 
 def tiny_tokenizer(out_dir: str | Path | None = None) -> PreTrainedTokenizerFast:
-    """The embedded default's tokenizer: BPE trained on the synthetic task corpus (deterministic)."""
+    """The embedded default's tokenizer: BPE trained on the synthetic task corpus
+    (deterministic)."""
     from dlm.data.synthetic import corpus
 
     return train_tokenizer(corpus(2000, seed=0), vocab_size=384, out_dir=out_dir)

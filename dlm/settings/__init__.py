@@ -1,8 +1,8 @@
 """Every settings dataclass in one place, with one validation helper and one error formatter.
 
-The bottom layer: imports nothing of dlm but itself, and nothing heavier than omegaconf, so the CLI can
-build its parser (and fail on bad input) before torch loads. Each dataclass validates its own values
-where they enter (`__post_init__`, or `validate` for the experiment config after merging).
+The bottom layer: imports nothing of dlm but itself, and nothing heavier than omegaconf, so the CLI
+can build its parser (and fail on bad input) before torch loads. Each dataclass validates its own
+values where they enter (`__post_init__`, or `validate` for the experiment config after merging).
 """
 
 from dlm.settings.bench import BenchConfig, TrainBenchConfig
@@ -37,8 +37,9 @@ from dlm.settings.tracking import LogTarget, TrackingConfig
 __all__ = [
     "BACKENDS", "CLEAN_CONTEXTS", "DTYPES", "PATTERNS",
     "STRATEGIES", "SYNTHETIC", "WEIGHTINGS", "AttentionConfig", "BenchConfig", "ConfigError",
-    "DataConfig", "DecodeConfig", "DriftConfig", "EvalConfig", "ExperimentConfig", "LogTarget", "LoraConfig",
-    "MaskingConfig",
-    "ModelConfig", "ObjectiveConfig", "OptimConfig", "TrackingConfig", "TrainBenchConfig", "TrainerConfig", "check",
+    "DataConfig", "DecodeConfig", "DriftConfig", "EvalConfig", "ExperimentConfig", "LogTarget",
+    "LoraConfig", "MaskingConfig",
+    "ModelConfig", "ObjectiveConfig", "OptimConfig", "TrackingConfig", "TrainBenchConfig",
+    "TrainerConfig", "check",
     "flatten", "load_config", "save_config", "to_yaml", "validate",
 ]

@@ -1,4 +1,4 @@
-"""Settings of `dlm bench` (decoding speed and accuracy) and `dlm bench-train` (training throughput).
+"""Settings of `dlm bench` (decoding speed, accuracy) and `dlm bench-train` (training throughput).
 
 One definition of every default: the command line, the library and each sweep's `bench:` section all
 start from these fields.
@@ -25,11 +25,13 @@ class BenchConfig:
     block_size: Optional[int] = None
     """Decode block size; none: the checkpoint's training block size."""
     tokens_per_pass: List[int] = field(default_factory=list)
-    """Fixed-policy settings: exactly n tokens per pass (a known TPF; times random-weight real shapes)."""
+    """Fixed-policy settings: exactly n tokens per pass (a known TPF; times random-weight real
+    shapes)."""
     decoders: List[str] = field(default_factory=list)
-    """Any decoder settings, each `field=value field=value ...` of `DecodeConfig` over the cached threshold decoder
-    at the checkpoint's block size, e.g. `policy=factor factor=1.5` or `block_size=8 sub_block_size=4 threshold=0.7`
-    (on the command line a comma separates settings); each runs at every batch size beside the AR rows."""
+    """Any decoder settings, each `field=value field=value ...` of `DecodeConfig` over the cached
+    threshold decoder at the checkpoint's block size, e.g. `policy=factor factor=1.5` or
+    `block_size=8 sub_block_size=4 threshold=0.7` (on the command line a comma separates settings);
+    each runs at every batch size beside the AR rows."""
     no_cache_thresholds: List[float] = field(default_factory=lambda: [0.9])
     """Thresholds of the (slow) no-cache reference; empty: none."""
     no_cache_tokens_per_pass: List[int] = field(default_factory=list)
@@ -39,12 +41,13 @@ class BenchConfig:
     one_token_reference: bool = True
     """Also time the dLM at one token per forward (the non-parallel reference)."""
     speculative: bool = False
-    """Also the self-speculative rows (decode.mode=speculative, fused and separate: drafts of block_size - 1,
-    lossless) and the checkpoint's own AR mode, whose tokens they must equal (the `= AR mode` column: share of
-    prompts token for token); needs a checkpoint trained with attention.clean_context=causal."""
+    """Also the self-speculative rows (decode.mode=speculative, fused and separate: drafts of
+    block_size - 1, lossless) and the checkpoint's own AR mode, whose tokens they must equal (the
+    `= AR mode` column: share of prompts token for token); needs a checkpoint trained with
+    attention.clean_context=causal."""
     ar_mode: bool = False
-    """Also the checkpoint's own AR mode (decode.mode=ar on the dLM: is it still a good AR model?); on
-    whenever `speculative` is."""
+    """Also the checkpoint's own AR mode (decode.mode=ar on the dLM: is it still a good AR model?);
+    on whenever `speculative` is."""
     hf_generate: bool = True
     """Also time transformers' `generate` as a second AR row (the lean loop is the headline)."""
     compile: bool = False
@@ -52,8 +55,8 @@ class BenchConfig:
     dtype: Dtype = "float32"
     """Model weights' dtype for the timing (bfloat16 on a GPU)."""
     forward_costs: List[int] = field(default_factory=list)
-    """Query-token counts whose single-forward cost is timed against `forward_cost_context` cached tokens
-    (relative to one token: what a block pass costs vs an AR step). Empty: not measured."""
+    """Query-token counts whose single-forward cost is timed against `forward_cost_context` cached
+    tokens (relative to one token: what a block pass costs vs an AR step). Empty: not measured."""
     forward_cost_context: int = 512
     """Cached tokens behind each timed forward."""
     repeats: int = 3
@@ -65,19 +68,20 @@ class BenchConfig:
     num_prompts: int = 16
     """Prompts taken from the set."""
     few_shot: int = 0
-    """Solved examples before each prompt, in lm-eval gsm8k's few-shot format (the first K rows of the
-    `train.jsonl` beside the prompt file, or of the synthetic task's train split): the prompt lengths of a
-    real few-shot evaluation, where the KV cache pays most."""
+    """Solved examples before each prompt, in lm-eval gsm8k's few-shot format (the first K rows of
+    the `train.jsonl` beside the prompt file, or of the synthetic task's train split): the prompt
+    lengths of a real few-shot evaluation, where the KV cache pays most."""
     scored: Optional[bool] = None
     """Exact match per setting; none: whenever every prompt has an answer."""
     ignore_eos: bool = False
     """Always generate max_new_tokens (throughput only)."""
     chat: Optional[bool] = None
-    """Render every prompt (both models') as a user turn of the chat template: the dLM's training template
-    (dlm.yaml `chat_template`), else its tokenizer's. None: on for checkpoints trained on chat-rendered data."""
+    """Render every prompt (both models') as a user turn of the chat template: the dLM's training
+    template (dlm.yaml `chat_template`), else its tokenizer's. None: on for checkpoints trained on
+    chat-rendered data."""
     ar_baseline: Optional[str] = None
-    """AR checkpoint for the baseline rows; none: the one the model was converted from (`base_model` in its
-    dlm.yaml), else the model itself in AR mode."""
+    """AR checkpoint for the baseline rows; none: the one the model was converted from (`base_model`
+    in its dlm.yaml), else the model itself in AR mode."""
     device: str = "auto"
     """auto (CUDA when present) | cpu | cuda | cuda:N."""
     threads: Optional[int] = None
@@ -89,12 +93,16 @@ class BenchConfig:
         check_choices(self, "bench.")
         for key in ("thresholds", "no_cache_thresholds"):
             for t in getattr(self, key):
-                check(0 < t <= 1, f"bench.{key}", t, "must be in (0, 1] (1.0 = one token per pass unless certain)")
-        check(bool(self.thresholds or self.tokens_per_pass or self.decoders), "bench.thresholds", self.thresholds,
-              "need at least one threshold (or bench.tokens_per_pass)")  # bench.decoders rows count too
+                check(0 < t <= 1, f"bench.{key}", t,
+                      "must be in (0, 1] (1.0 = one token per pass unless certain)")
+        # bench.decoders rows count too
+        any_setting = bool(self.thresholds or self.tokens_per_pass or self.decoders)
+        check(any_setting, "bench.thresholds", self.thresholds,
+              "need at least one threshold (or bench.tokens_per_pass)")
         for text in self.decoders:
             DecodeConfig.overrides(text, key="bench.decoders")
-        check(bool(self.batch_sizes), "bench.batch_sizes", self.batch_sizes, "need at least one batch size")
+        check(bool(self.batch_sizes), "bench.batch_sizes", self.batch_sizes,
+              "need at least one batch size")
         for b in self.batch_sizes:
             check_positive_int("bench.batch_sizes", b)
         for key in ("max_new_tokens", "repeats", "num_prompts"):
@@ -109,8 +117,8 @@ class BenchConfig:
             check(0 < t <= 1, "bench.v2_count_thresholds", t, "must be in (0, 1]")
         check_positive_int("bench.forward_cost_context", self.forward_cost_context)
         check(self.warmup >= 0, "bench.warmup", self.warmup, "must be >= 0")
-        check(isinstance(self.few_shot, int) and self.few_shot >= 0, "bench.few_shot", self.few_shot,
-              "must be an integer >= 0")
+        few_shot_ok = isinstance(self.few_shot, int) and self.few_shot >= 0
+        check(few_shot_ok, "bench.few_shot", self.few_shot, "must be an integer >= 0")
 
 
 @dataclass
@@ -122,7 +130,8 @@ class TrainBenchConfig:
 
     def __post_init__(self) -> None:
         check_choices(self, "bench_train.")
-        check(bool(self.patterns), "bench_train.patterns", self.patterns, "need at least one pattern")
+        check(bool(self.patterns), "bench_train.patterns", self.patterns,
+              "need at least one pattern")
         for name in self.patterns:
             check(name in PATTERNS, "bench_train.patterns", name, "unknown pattern", PATTERNS)
         check_positive_int("bench_train.steps", self.steps)

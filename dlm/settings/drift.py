@@ -1,4 +1,5 @@
-"""Settings of `dlm drift`: which AR model the weights are compared with, and where the figure goes."""
+"""Settings of `dlm drift`: which AR model the weights are compared with, and where the figure
+goes."""
 
 from __future__ import annotations
 

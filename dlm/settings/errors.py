@@ -1,7 +1,7 @@
-"""The one error type for bad settings, the one check helper and the one formatter of omegaconf errors.
+"""The one error type for bad settings, the one check helper, the one formatter of omegaconf errors.
 
-Every message is one line, `key=value: rule; allowed: ...` (docs/design.md §2), so the CLI prints it as
-`error: ...` and exits 2 before any compute starts.
+Every message is one line, `key=value: rule; allowed: ...` (docs/design.md §2), so the CLI prints it
+as `error: ...` and exits 2 before any compute starts.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ class ConfigError(ValueError):
     """A bad setting; the message is one line naming the key, the value and what is allowed."""
 
 
-def check(ok: bool, key: str, value: Any = NO_VALUE, rule: str = "invalid", allowed: str | Sequence[Any] = "") -> None:
+def check(ok: bool, key: str, value: Any = NO_VALUE, rule: str = "invalid",
+          allowed: str | Sequence[Any] = "") -> None:
     """Raise `ConfigError("key=value: rule; allowed: ...")` unless `ok`."""
     if ok:
         return
@@ -51,13 +52,16 @@ def check_positive_int(key: str, value: Any, *, optional: bool = False) -> None:
           "must be a positive integer")
 
 
-def check_block_size(block_size: Any, length: int | None = None, *, key: str = "attention.block_size",
+def check_block_size(block_size: Any, length: int | None = None, *,
+                     key: str = "attention.block_size",
                      length_key: str = "data.max_length") -> None:
-    """The block-size rule, defined once: a positive integer that divides the sequence length (when given)."""
+    """The block-size rule, defined once: a positive integer that divides the sequence length
+    (when given)."""
     check_positive_int(key, block_size)
     if length is not None:
         check_positive_int(length_key, length)
-        check(length % block_size == 0, key, block_size, f"must divide {length_key}={length}", divisors(length))
+        check(length % block_size == 0, key, block_size, f"must divide {length_key}={length}",
+              divisors(length))
 
 
 def divisors(n: int) -> list[int]:
@@ -68,7 +72,8 @@ def fields_at(schema: type, dotted: str) -> list[str]:
     """Field names of the (nested) dataclass at `dotted` inside `schema`."""
     node: Any = schema
     for part in filter(None, dotted.split(".")):
-        match = {f.name: f for f in dataclasses.fields(node)}.get(part) if dataclasses.is_dataclass(node) else None
+        is_dataclass = dataclasses.is_dataclass(node)
+        match = {f.name: f for f in dataclasses.fields(node)}.get(part) if is_dataclass else None
         node = _field_type(node, match) if match else None
     return [f.name for f in dataclasses.fields(node)] if dataclasses.is_dataclass(node) else []
 
@@ -81,7 +86,8 @@ _CHOICES = re.compile(r"Invalid value '?(?P<value>.*?)'?, expected one of \[(?P<
 
 
 def one_line(err: OmegaConfBaseException, schema: type) -> str:
-    """An omegaconf merge/validation error as `key...: rule; allowed: ...`, with a near-match suggestion."""
+    """An omegaconf merge/validation error as `key...: rule; allowed: ...`,
+    with a near-match suggestion."""
     key = getattr(err, "full_key", None) or getattr(err, "key", None) or "config"
     msg = str(getattr(err, "msg", None) or err).splitlines()[0]
     if "not in" in msg or "Missing key" in msg:
@@ -96,7 +102,8 @@ def one_line(err: OmegaConfBaseException, schema: type) -> str:
     if choices:
         allowed = choices["allowed"].replace("'", "")
         name = key.rsplit(".", 1)[-1]
-        name = name.split("[")[0].removesuffix("s") if "[" in name else name  # a list item: patterns[1] -> pattern
+        # a list item: patterns[1] -> pattern
+        name = name.split("[")[0].removesuffix("s") if "[" in name else name
         return f"{key}={choices['value']!r}: unknown {name}; allowed: {allowed}"
     return f"{key}={getattr(err, 'value', None)!r}: {msg}"
 
@@ -113,8 +120,9 @@ def literal_choices(kind: Any) -> tuple[Any, ...] | None:
 
 @functools.lru_cache(maxsize=None)
 def _field_choices(cls: type) -> dict[str, tuple[tuple[Any, ...] | None, bool]]:
-    """Per field of the dataclass `cls`: its `Literal` values (or None) and whether it is a list. Cached:
-    resolving the string annotations costs ~0.4 ms, and a DecodeConfig is built on every generate call."""
+    """Per field of the dataclass `cls`: its `Literal` values (or None) and whether it is a list.
+    Cached: resolving the string annotations costs ~0.4 ms, and a DecodeConfig is built on every
+    generate call."""
     hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
@@ -125,8 +133,8 @@ def _field_choices(cls: type) -> dict[str, tuple[tuple[Any, ...] | None, bool]]:
 
 
 def check_choices(obj: Any, prefix: str = "") -> None:
-    """Every `Literal` field of the dataclass `obj` (and of the dataclasses nested in it) holds one of its values;
-    omegaconf checks this at merge time, this covers objects built in code."""
+    """Every `Literal` field of the dataclass `obj` (and of the dataclasses nested in it) holds one
+    of its values; omegaconf checks this at merge time, this covers objects built in code."""
     for name, (choices, is_list) in _field_choices(type(obj)).items():
         value = getattr(obj, name)
         if dataclasses.is_dataclass(value):

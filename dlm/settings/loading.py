@@ -1,4 +1,5 @@
-"""YAML files and `key=value` overrides merged onto a settings dataclass by omegaconf, errors in one line."""
+"""YAML files and `key=value` overrides merged onto a settings dataclass by omegaconf,
+errors in one line."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from dlm.settings.errors import ConfigError, check, one_line
 T = TypeVar("T")
 
 
-def yaml_layers(path: Path, *, label: str = "config", chain: tuple[Path, ...] = ()) -> list[DictConfig]:
-    """The file and, first, the parents it names with a top-level `base: other.yaml` (relative to it)."""
+def yaml_layers(path: Path, *, label: str = "config",
+                chain: tuple[Path, ...] = ()) -> list[DictConfig]:
+    """The file and, first, the parents it names with a top-level `base: other.yaml`
+    (relative to it)."""
     if not path.is_file():
         raise ConfigError(f"{label}={str(path)!r}: file not found")
     if path.resolve() in chain:
@@ -23,8 +26,10 @@ def yaml_layers(path: Path, *, label: str = "config", chain: tuple[Path, ...] = 
         raise ConfigError(f"base={path.name!r}: the files name each other as base ({cycle})")
     layer = load_yaml(path, label=label)
     base = layer.pop("base", None)
-    check(base is None or isinstance(base, str), "base", base, f"must be one file name (in {str(path)!r})")
-    parents = yaml_layers(path.parent / base, label=label, chain=(*chain, path.resolve())) if base else []
+    check(base is None or isinstance(base, str), "base", base,
+          f"must be one file name (in {str(path)!r})")
+    parent_chain = (*chain, path.resolve())
+    parents = yaml_layers(path.parent / base, label=label, chain=parent_chain) if base else []
     return [*parents, layer]
 
 
@@ -37,13 +42,15 @@ def yaml_error(err: yaml.YAMLError, path: Path, label: str) -> ConfigError:
 
 
 def load_yaml(path: Path, *, label: str = "config") -> DictConfig:
-    """A YAML file whose top level is a mapping, as omegaconf reads it (no `!!python` tags: a safe loader)."""
+    """A YAML file whose top level is a mapping, as omegaconf reads it
+    (no `!!python` tags: a safe loader)."""
     try:
         layer = OmegaConf.load(path)
     except yaml.YAMLError as err:
         raise yaml_error(err, path, label) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{label}={str(path)!r}: cannot read ({type(err).__name__}: {err})") from None
+        raise ConfigError(f"{label}={str(path)!r}: cannot read "
+                          f"({type(err).__name__}: {err})") from None
     if not isinstance(layer, DictConfig):
         kind = "list" if OmegaConf.is_list(layer) else type(layer).__name__
         raise ConfigError(f"{label}={str(path)!r}: top level is a {kind}, not a mapping of keys; "
@@ -59,8 +66,10 @@ def read_yaml_mapping(path: Path, *, label: str) -> dict[str, Any]:
     except yaml.YAMLError as err:
         raise yaml_error(err, path, label) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{label}={str(path)!r}: cannot read ({type(err).__name__}: {err})") from None
-    check(isinstance(data, dict), label, str(path), f"top level is a {type(data).__name__}, not a mapping of keys")
+        raise ConfigError(f"{label}={str(path)!r}: cannot read "
+                          f"({type(err).__name__}: {err})") from None
+    check(isinstance(data, dict), label, str(path),
+          f"top level is a {type(data).__name__}, not a mapping of keys")
     return data
 
 
@@ -69,11 +78,13 @@ def check_overrides(overrides: Sequence[str]) -> None:
         raise ConfigError(f"{bad!r}: override must be key=value; e.g. attention.block_size=32")
 
 
-def merge(schema: type[T], layers: Sequence[Any], overrides: Sequence[str] = (), *, where: str = "") -> T:
+def merge(schema: type[T], layers: Sequence[Any], overrides: Sequence[str] = (), *,
+          where: str = "") -> T:
     """`schema` <- layers <- overrides, as a dataclass instance (its `__post_init__` runs)."""
     try:
         check_overrides(overrides)
-        merged = OmegaConf.merge(OmegaConf.structured(schema), *layers, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(OmegaConf.structured(schema), *layers,
+                                 OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise ConfigError(where + one_line(err, schema)) from None

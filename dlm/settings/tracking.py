@@ -1,4 +1,5 @@
-"""Where runs are tracked: an experiment's MLflow section, and the run a one-shot command logs into."""
+"""Where runs are tracked: an experiment's MLflow section, and the run a one-shot command logs
+into."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Dict, Optional
 @dataclass
 class TrackingConfig:
     enabled: bool = True
-    """False: no MLflow run (mlflow need not be installed); the metrics go to `<output_dir>/metrics/metrics.csv`
-    (Lightning's CSVLogger). For machines without the MLflow stack (an offline GPU node) and scratch runs."""
+    """False: no MLflow run (mlflow need not be installed); the metrics go to
+    `<output_dir>/metrics/metrics.csv` (Lightning's CSVLogger). For machines without the MLflow
+    stack (an offline GPU node) and scratch runs."""
     tracking_uri: Optional[str] = None
     """MLflow tracking URI; None: the local store sqlite:///mlflow.db in the working directory."""
     experiment: str = "dlm"
@@ -24,6 +26,7 @@ class LogTarget:
     """The MLflow run that `dlm bench`, `dlm eval` and `dlm drift` log into."""
 
     mlflow_run: Optional[str] = None
-    """Run id to log into (bench also takes `auto`: the run that trained the checkpoint); none: no logging."""
+    """Run id to log into (bench also takes `auto`: the run that trained the checkpoint); none: no
+    logging."""
     tracking_uri: Optional[str] = None
     """MLflow tracking URI (default: sqlite:///mlflow.db)."""

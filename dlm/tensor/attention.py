@@ -1,13 +1,15 @@
-"""The mask objects each attention backend needs, built from a pattern object (`dlm.tensor.patterns`).
+"""The mask objects each attention backend needs, built from a pattern object
+(`dlm.tensor.patterns`).
 
-A pattern's training mask is one ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = may attend), the signature
-of ``torch.nn.attention.flex_attention``. The dense SDPA mask is that same function evaluated on index grids;
-the flex ``BlockMask`` is built from it. HF models stay unmodified: transformers passes a ready 4-D mask (or a
-``BlockMask``) straight to the attention kernel, with our explicit ``position_ids``.
+A pattern's training mask is one ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (True = may attend), the
+signature of ``torch.nn.attention.flex_attention``. The dense SDPA mask is that same function
+evaluated on index grids; the flex ``BlockMask`` is built from it. HF models stay unmodified:
+transformers passes a ready 4-D mask (or a ``BlockMask``) straight to the attention kernel, with our
+explicit ``position_ids``.
 
-Document masking (``data.document_mask``, LLaDA 2.0 / SDAR "neat packing"): packed rows carry per-token
-document ids ``(B, L)``, and any pattern's function is wrapped by :func:`document_mask_fn` so a token also
-attends only inside its own document; position ids then restart at each document.
+Document masking (``data.document_mask``, LLaDA 2.0 / SDAR "neat packing"): packed rows carry
+per-token document ids ``(B, L)``, and any pattern's function is wrapped by :func:`document_mask_fn`
+so a token also attends only inside its own document; position ids then restart at each document.
 """
 
 from __future__ import annotations
@@ -24,32 +26,37 @@ from dlm.settings import BACKENDS, ConfigError
 from dlm.settings.errors import check_positive_int
 from dlm.tensor.patterns import MaskFn, Pattern
 
-HF_IMPLEMENTATION = {"sdpa": "sdpa", "eager": "eager", "flex": "flex_attention", "flash": "flash_attention_2"}
+HF_IMPLEMENTATION = {"sdpa": "sdpa", "eager": "eager", "flex": "flex_attention",
+                     "flash": "flash_attention_2"}
 
 
 def document_mask_fn(fn: MaskFn, document_ids: Tensor, *, pattern: Pattern, seq_len: int) -> MaskFn:
     """`fn` and same-document: `document_ids` `(B, L)` long, one id per token of each packed row."""
 
     def doc_fn(b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        same = document_ids[b, pattern.token_index(seq_len, q)] == document_ids[b, pattern.token_index(seq_len, k)]
+        q_doc = document_ids[b, pattern.token_index(seq_len, q)]
+        k_doc = document_ids[b, pattern.token_index(seq_len, k)]
+        same = q_doc == k_doc
         return fn(b, h, q, k) & same
 
     return doc_fn
 
 
 def document_positions(document_ids: Tensor) -> Tensor:
-    """`(B, L)` position ids that restart at 0 where the document id changes (a packed row's documents)."""
+    """`(B, L)` position ids that restart at 0 where the document id changes (a packed row's
+    documents)."""
     n = document_ids.shape[1]
     idx = torch.arange(n, device=document_ids.device).expand_as(document_ids)
     starts = torch.ones_like(document_ids, dtype=torch.bool)
     starts[:, 1:] = document_ids[:, 1:] != document_ids[:, :-1]
-    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values  # start of each token's document
+    # start of each token's document
+    first = torch.where(starts, idx, torch.zeros_like(idx)).cummax(dim=1).values
     return idx - first
 
 
 def dense_mask(pattern: Pattern, seq_len: int, *, device: torch.device | str = "cpu") -> Tensor:
-    """The pattern's mask as a `[T, T]` bool tensor (True = may attend), T its input length for noisy length
-    `seq_len` (two halves: 2L)."""
+    """The pattern's mask as a `[T, T]` bool tensor (True = may attend), T its input length for
+    noisy length `seq_len` (two halves: 2L)."""
     idx = torch.arange(pattern.input_length(seq_len), device=device)
     zero = torch.zeros((), dtype=torch.long, device=device)
     return pattern.mask_fn(seq_len)(zero, zero, idx[:, None], idx[None, :])
@@ -57,11 +64,13 @@ def dense_mask(pattern: Pattern, seq_len: int, *, device: torch.device | str = "
 
 @functools.lru_cache(maxsize=32)
 def flex_block_mask(pattern: Pattern, seq_len: int, device: str = "cpu"):
-    """The pattern as a flex-attention ``BlockMask`` (batch- and head-broadcast), cached per shape."""
+    """The pattern as a flex-attention ``BlockMask`` (batch- and head-broadcast), cached per
+    shape."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     n = pattern.input_length(seq_len)
-    return create_block_mask(pattern.mask_fn(seq_len), B=None, H=None, Q_LEN=n, KV_LEN=n, device=device)
+    return create_block_mask(pattern.mask_fn(seq_len), B=None, H=None, Q_LEN=n, KV_LEN=n,
+                             device=device)
 
 
 def dense_document_mask(pattern: Pattern, seq_len: int, document_ids: Tensor) -> Tensor:
@@ -75,36 +84,42 @@ def dense_document_mask(pattern: Pattern, seq_len: int, document_ids: Tensor) ->
 
 
 def flex_document_mask(pattern: Pattern, seq_len: int, document_ids: Tensor):
-    """A per-row flex ``BlockMask`` of the pattern and same-document (rebuilt per batch: the ids change)."""
+    """A per-row flex ``BlockMask`` of the pattern and same-document (rebuilt per batch: the ids
+    change)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     n = pattern.input_length(seq_len)
     fn = document_mask_fn(pattern.mask_fn(seq_len), document_ids, pattern=pattern, seq_len=seq_len)
-    return create_block_mask(fn, B=document_ids.shape[0], H=None, Q_LEN=n, KV_LEN=n, device=str(document_ids.device))
+    return create_block_mask(fn, B=document_ids.shape[0], H=None, Q_LEN=n, KV_LEN=n,
+                             device=str(document_ids.device))
 
 
 def resolve_backend(backend: str, pattern: Pattern, device: torch.device | str) -> str:
     """Pick the kernel for `pattern` on `device`; fail in one line where it cannot work."""
     if backend not in BACKENDS:
-        raise ConfigError(f"attention.backend={backend!r}: unknown backend; allowed: {', '.join(BACKENDS)}")
+        raise ConfigError(f"attention.backend={backend!r}: unknown backend; "
+                          f"allowed: {', '.join(BACKENDS)}")
     on_cuda = torch.device(device).type == "cuda"
     if backend == "auto":
         return "flex" if on_cuda else "sdpa"
     if backend == "flex" and not on_cuda:
         raise ConfigError(
-            "attention.backend='flex': needs CUDA (flex attention has no backward on CPU and compiled flex "
-            "gives wrong values there); allowed on CPU: auto, sdpa, eager"
+            "attention.backend='flex': needs CUDA (flex attention has no backward on CPU and "
+            "compiled flex gives wrong values there); allowed on CPU: auto, sdpa, eager"
         )
     if backend == "flash":
         if pattern.flash_is_causal is None:
-            raise ConfigError(f"attention.backend='flash': pattern {pattern.name!r} needs a custom mask; flash "
-                              "serves only plain causal or full attention; use flex or sdpa")
+            raise ConfigError(f"attention.backend='flash': pattern {pattern.name!r} needs a custom "
+                              "mask; flash serves only plain causal or full attention; "
+                              "use flex or sdpa")
         if importlib.util.find_spec("flash_attn") is None:
-            raise ConfigError("attention.backend='flash': flash-attn is not installed; pip install 'dlm[flash]'")
+            raise ConfigError("attention.backend='flash': flash-attn is not installed; "
+                              "pip install 'dlm[flash]'")
     return backend
 
 
-def position_ids(pattern: Pattern, batch_size: int, seq_len: int, *, device: torch.device | str = "cpu",
+def position_ids(pattern: Pattern, batch_size: int, seq_len: int, *,
+                 device: torch.device | str = "cpu",
                  document_ids: Tensor | None = None) -> Tensor:
     """`(B, T)` position ids; two halves repeat 0..L-1 so x_0 aligns with x_t.
 
@@ -158,14 +173,15 @@ def build_attention_inputs(
 ) -> AttentionInputs:
     """Mask object + position ids for a batch of packed sequences of noisy length `seq_len`.
 
-    Without `document_ids` every row shares one mask (packing gives fixed lengths), so it is batch-broadcast.
-    With `document_ids` `(B, L)` the mask is per row (pattern and same-document) and, if `restart_positions`,
-    position ids restart at each document.
+    Without `document_ids` every row shares one mask (packing gives fixed lengths), so it is
+    batch-broadcast. With `document_ids` `(B, L)` the mask is per row (pattern and same-document)
+    and, if `restart_positions`, position ids restart at each document.
     """
     device = torch.device(device)
     kernel = resolve_backend(backend, pattern, device)
     docs = None if document_ids is None else document_ids.to(device)
-    pos = position_ids(pattern, batch_size, seq_len, device=device, document_ids=docs if restart_positions else None)
+    pos = position_ids(pattern, batch_size, seq_len, device=device,
+                       document_ids=docs if restart_positions else None)
     if docs is not None:
         if kernel == "flash":
             raise ConfigError("data.document_mask=true: flash attention takes no mask; "
@@ -173,7 +189,8 @@ def build_attention_inputs(
         if kernel == "flex":
             return AttentionInputs(flex_document_mask(pattern, seq_len, docs), pos, kernel)
         mask = dense_document_mask(pattern, seq_len, docs)
-        return AttentionInputs(additive_mask(mask, dtype) if kernel == "eager" else mask, pos, kernel)
+        return AttentionInputs(additive_mask(mask, dtype) if kernel == "eager" else mask,
+                               pos, kernel)
     if kernel == "flash":
         return AttentionInputs(None, pos, kernel, is_causal=pattern.flash_is_causal)
     if kernel == "flex":

@@ -1,12 +1,13 @@
-"""Per-block noise for masked diffusion: the rate t, which tokens to mask, and the complementary copy.
+"""Per-block noise for masked diffusion: the rate t, which tokens to mask, the complementary copy.
 
-Sequence length L (``seq_len``), block size L' (``block_size``), ``nb = L // L'`` blocks. Each block gets
-its own rate ``t ~ U[eps, 1]`` and exactly ``k = round(t * n)`` of its ``n`` eligible tokens are masked,
-drawn without replacement (docs/design.md §1):
+Sequence length L (``seq_len``), block size L' (``block_size``), ``nb = L // L'`` blocks. Each block
+gets its own rate ``t ~ U[eps, 1]`` and exactly ``k = round(t * n)`` of its ``n`` eligible tokens
+are masked, drawn without replacement (docs/design.md §1):
 - ``uniform``: every eligible subset of size k is equally likely;
-- ``position``: in proportion to ``w_i(t) = exp(beta * (1 - t) * i)`` (Efficient-DLM's position-dependent
-  masking), by Gumbel-top-k. ``beta = ln2 / (half_life * L')``, so at t = 0 the weight doubles every
-  ``half_life * L'`` positions; later tokens are masked more, matching left-to-right decoding.
+- ``position``: in proportion to ``w_i(t) = exp(beta * (1 - t) * i)`` (Efficient-DLM's
+  position-dependent masking), by Gumbel-top-k. ``beta = ln2 / (half_life * L')``, so at t = 0 the
+  weight doubles every ``half_life * L'`` positions; later tokens are masked more, matching
+  left-to-right decoding.
 
 Rounding is ``torch.round`` everywhere: round half to even (``round(2.5) = 2``, ``round(3.5) = 4``).
 """
@@ -23,8 +24,8 @@ from dlm.settings import STRATEGIES, ConfigError, check
 from dlm.settings.errors import check_block_size
 
 MAX_BETA = 1e30
-"""Cap on beta: keeps log w finite (an infinite beta gives inf * 0 = NaN at position 0). Any beta this
-large already orders the positions deterministically."""
+"""Cap on beta: keeps log w finite (an infinite beta gives inf * 0 = NaN at position 0). Any beta
+this large already orders the positions deterministically."""
 
 
 class MaskSample(NamedTuple):
@@ -64,8 +65,8 @@ def sample_t(
 def position_log_weights(t: Tensor, block_size: int, half_life: float) -> Tensor:
     """``log w_i = beta * (1 - t) * i`` for i in 0..L'-1, shape (B, nb, L').
 
-    ``beta = ln2 / (half_life * L')`` (paper: half_life = 0.1). ``half_life = inf`` gives beta = 0, all
-    weights equal (uniform); a tiny half_life makes the rightmost positions win every draw.
+    ``beta = ln2 / (half_life * L')`` (paper: half_life = 0.1). ``half_life = inf`` gives beta = 0,
+    all weights equal (uniform); a tiny half_life makes the rightmost positions win every draw.
     """
     _check_half_life(half_life)
     beta = min(math.log(2.0) / (half_life * block_size), MAX_BETA)
@@ -74,10 +75,14 @@ def position_log_weights(t: Tensor, block_size: int, half_life: float) -> Tensor
 
 
 def _gumbel(
-    shape: torch.Size, generator: Optional[torch.Generator], device: torch.device, dtype: torch.dtype
+    shape: torch.Size,
+    generator: Optional[torch.Generator],
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> Tensor:
     # torch.rand is in [0, 1): clamp away 0 so -log(-log(u)) stays finite.
-    u = torch.rand(shape, generator=generator, device=device, dtype=dtype).clamp_min(torch.finfo(dtype).tiny)
+    tiny = torch.finfo(dtype).tiny
+    u = torch.rand(shape, generator=generator, device=device, dtype=dtype).clamp_min(tiny)
     return -torch.log(-torch.log(u))
 
 
@@ -85,7 +90,8 @@ def _top_k_per_block(keys: Tensor, k: Tensor) -> Tensor:
     """Bool (B, nb, L'): True at the k[b, j] largest keys of each block (k varies per block)."""
     order = keys.argsort(dim=-1, descending=True)
     ranks = torch.empty_like(order)
-    ranks.scatter_(-1, order, torch.arange(keys.shape[-1], device=keys.device).expand_as(order))
+    positions = torch.arange(keys.shape[-1], device=keys.device).expand_as(order)
+    ranks.scatter_(-1, order, positions)
     return ranks < k.unsqueeze(-1)
 
 
@@ -106,22 +112,25 @@ def sample_mask(
 
     `eligible` (B, L) bool marks tokens that may be noised (SFT: the response only); None = all.
     `t` (B, nb) is drawn from U[eps, 1] when not given. Uniform and position strategies both run as
-    Gumbel-top-k over ``log w + Gumbel`` (log w = 0 for uniform), which samples without replacement in
-    proportion to w; ineligible positions get -inf and are never picked because k <= n.
+    Gumbel-top-k over ``log w + Gumbel`` (log w = 0 for uniform), which samples without replacement
+    in proportion to w; ineligible positions get -inf and are never picked because k <= n.
     """
     check_masking(seq_len, block_size, strategy, half_life)
     num_blocks = seq_len // block_size
     if eligible is None:
         eligible = torch.ones(batch_size, seq_len, dtype=torch.bool, device=device)
     elif eligible.shape != (batch_size, seq_len) or eligible.dtype != torch.bool:
-        raise ValueError(f"eligible.shape={tuple(eligible.shape)}: must be bool ({batch_size}, {seq_len})")
+        raise ValueError(f"eligible.shape={tuple(eligible.shape)}: "
+                         f"must be bool ({batch_size}, {seq_len})")
     device = eligible.device
     if t is None:
         t = sample_t(batch_size, num_blocks, eps=eps, generator=generator, device=device)
     elif t.shape != (batch_size, num_blocks):
-        raise ValueError(f"t.shape={tuple(t.shape)}: must be (batch_size, num_blocks)=({batch_size}, {num_blocks})")
+        raise ValueError(f"t.shape={tuple(t.shape)}: "
+                         f"must be (batch_size, num_blocks)=({batch_size}, {num_blocks})")
     t = t.to(device)
-    rate = t.to(torch.promote_types(t.dtype, torch.float32))  # keys in >= float32 even for a bf16 t
+    # keys in >= float32 even for a bf16 t
+    rate = t.to(torch.promote_types(t.dtype, torch.float32))
 
     blocks = eligible.view(batch_size, num_blocks, block_size)  # (B, nb, L')
     num_eligible = blocks.sum(-1)
@@ -138,14 +147,15 @@ def sample_mask(
 def complementary(sample: MaskSample, eligible: Optional[Tensor] = None) -> MaskSample:
     """The Fast-dLLM v2 complementary copy: mask the eligible tokens `sample` left visible.
 
-    The two copies together supervise every eligible token exactly once. ``t' = 1 - t`` is the nominal
-    complementary rate; the realised count is exact, ``k' = n - k`` (it can differ from
+    The two copies together supervise every eligible token exactly once. ``t' = 1 - t`` is the
+    nominal complementary rate; the realised count is exact, ``k' = n - k`` (it can differ from
     ``round(t' * n)`` by one at a rounding tie), so weight the loss by `num_masked`, not by t.
     """
     if eligible is None:
         eligible = torch.ones_like(sample.mask)
     elif eligible.shape != sample.mask.shape:
-        raise ValueError(f"eligible.shape={tuple(eligible.shape)}: must match mask.shape={tuple(sample.mask.shape)}")
+        raise ValueError(f"eligible.shape={tuple(eligible.shape)}: "
+                         f"must match mask.shape={tuple(sample.mask.shape)}")
     return MaskSample(
         mask=eligible & ~sample.mask,
         t=1.0 - sample.t,

@@ -1,13 +1,13 @@
 """Losses: the masked-diffusion ELBO over the noisy sequence, and plain next-token cross-entropy.
 
-Which logit row predicts token i depends on the attention pattern and on `shift` (docs/design.md §1):
+Which logit row predicts token i depends on the attention pattern and `shift` (docs/design.md §1):
 - no shift (LLaDA, the paper's choice): row i predicts token i;
 - shift (Dream): row i-1 predicts token i, and token 0 has no prediction.
-For a two-halves pattern (``block_clean``) the model sees ``x_t ⊕ x_0`` (2L rows) and only the noisy half is
-scored; which row predicts each token is the pattern's (`Pattern.predicting_rows`).
+For a two-halves pattern (``block_clean``) the model sees ``x_t ⊕ x_0`` (2L rows) and only the noisy
+half is scored; which row predicts each token is the pattern's (`Pattern.predicting_rows`).
 
-Log-softmax runs in float32, on the scored rows only (V can be 150k, so a full (B, L, V) float32 copy is
-what we avoid).
+Log-softmax runs in float32, on the scored rows only (V can be 150k, so a full (B, L, V) float32
+copy is what we avoid).
 """
 
 from __future__ import annotations
@@ -44,25 +44,28 @@ def _check_logits(logits: Tensor, pattern: Pattern, seq_len: int) -> None:
                          f"pattern={pattern.name!r}, seq_len={seq_len}")
 
 
-def predictions_for_targets(logits: Tensor, *, pattern: Pattern, seq_len: int, shift: bool) -> Tensor:
+def predictions_for_targets(logits: Tensor, *, pattern: Pattern, seq_len: int,
+                            shift: bool) -> Tensor:
     """(B, L, V): at index i, the logit row that predicts token i of the noisy sequence.
 
-    `logits` is (B, L, V), or (B, 2L, V) for a two-halves pattern (noisy half first). A gathered copy: for
-    inspection and tests; :func:`diffusion_loss` gathers only the scored rows.
+    `logits` is (B, L, V), or (B, 2L, V) for a two-halves pattern (noisy half first). A gathered
+    copy: for inspection and tests; :func:`diffusion_loss` gathers only the scored rows.
     """
     _check_logits(logits, pattern, seq_len)
     return logits.index_select(1, pattern.predicting_rows(seq_len, shift, logits.device))
 
 
-def block_weights(num_masked: Tensor, num_eligible: Tensor, block_size: int, weighting: str) -> Tensor:
+def block_weights(num_masked: Tensor, num_eligible: Tensor, block_size: int,
+                  weighting: str) -> Tensor:
     """(B, L) per-token loss weight, constant within a block; 0 for blocks with nothing masked.
 
-    ``elbo``: the realised inverse rate n/k (= L'/k with every token eligible), not 1/t: with exactly
-    k = round(t * n) masked, small t gives k in {0, 1} and 1/t would put weights up to 1/eps on single
-    tokens (docs/design.md §1). ``none``: 1.
+    ``elbo``: the realised inverse rate n/k (= L'/k with every token eligible), not 1/t: with
+    exactly k = round(t * n) masked, small t gives k in {0, 1} and 1/t would put weights up to 1/eps
+    on single tokens (docs/design.md §1). ``none``: 1.
     """
     if weighting not in WEIGHTINGS:
-        raise ConfigError(f"objective.weighting={weighting!r}: unknown weighting; allowed: {', '.join(WEIGHTINGS)}")
+        raise ConfigError(f"objective.weighting={weighting!r}: unknown weighting; "
+                          f"allowed: {', '.join(WEIGHTINGS)}")
     has_masked = num_masked > 0
     if weighting == "elbo":
         per_block = num_eligible.float() / num_masked.clamp_min(1).float()
@@ -95,21 +98,25 @@ def diffusion_loss(
 ) -> LossOutput:
     """Weighted masked-token NLL, normalised per eligible token (BD3-LM/MDLM ELBO).
 
-    ``loss = sum_{scored} weights * nll / max(1, eligible.sum())`` where scored = mask & shift-valid.
-    `target_ids` (B, L) is the clean sequence x_0; `mask` (B, L) bool marks the noised tokens; `weights`
-    (B, L) comes from :func:`block_weights`; `eligible` (B, L) bool defaults to all tokens.
+    ``loss = sum_{scored} weights * nll / max(1, eligible.sum())`` where scored = mask &
+    shift-valid. `target_ids` (B, L) is the clean sequence x_0; `mask` (B, L) bool marks the noised
+    tokens; `weights` (B, L) comes from :func:`block_weights`; `eligible` (B, L) bool defaults to
+    all tokens.
     """
     _check_logits(logits, pattern, seq_len)
     batch_size = logits.shape[0]
     if eligible is None:
         eligible = torch.ones_like(mask)
-    for name, tensor in (("target_ids", target_ids), ("mask", mask), ("weights", weights), ("eligible", eligible)):
+    for name, tensor in (("target_ids", target_ids), ("mask", mask), ("weights", weights),
+                         ("eligible", eligible)):
         if tensor.shape != (batch_size, seq_len):
-            raise ValueError(f"{name}.shape={tuple(tensor.shape)}: must be (B, L)=({batch_size}, {seq_len})")
+            raise ValueError(f"{name}.shape={tuple(tensor.shape)}: "
+                             f"must be (B, L)=({batch_size}, {seq_len})")
     rows = pattern.predicting_rows(seq_len, shift, logits.device)
     scored = mask & shift_valid(seq_len, shift, device=logits.device)
     b, i = scored.nonzero(as_tuple=True)  # (N,), (N,)
-    tok_nll, tok_correct = _token_nll(logits[b, rows[i]], target_ids[b, i])  # rows: (N, V)
+    # rows: (N, V)
+    tok_nll, tok_correct = _token_nll(logits[b, rows[i]], target_ids[b, i])
     loss = (weights[b, i].float() * tok_nll).sum() / eligible.sum().clamp_min(1)
     nll = _scatter(tok_nll, (b, i), scored.shape)
     correct = _scatter(tok_correct, (b, i), scored.shape)
@@ -124,7 +131,8 @@ def ar_loss(logits: Tensor, target_ids: Tensor, loss_mask: Optional[Tensor] = No
     """
     batch_size, seq_len = target_ids.shape
     if logits.dim() != 3 or logits.shape[:2] != (batch_size, seq_len):
-        raise ValueError(f"logits.shape={tuple(logits.shape)}: must be (B, L, V)=({batch_size}, {seq_len}, V)")
+        raise ValueError(f"logits.shape={tuple(logits.shape)}: "
+                         f"must be (B, L, V)=({batch_size}, {seq_len}, V)")
     scored = shift_valid(seq_len, True, device=logits.device).expand(batch_size, -1)
     if loss_mask is not None:
         scored = scored & loss_mask

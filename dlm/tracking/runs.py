@@ -1,5 +1,5 @@
-"""MLflow in one place: the default local store, the run file `dlm train` leaves beside its export, run lookup
-with one-line errors, and batched logging of metrics and artifacts."""
+"""MLflow in one place: the default local store, the run file `dlm train` leaves beside its export,
+run lookup with one-line errors, and batched logging of metrics and artifacts."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-"""Local MLflow store in the working directory (`mlflow ui --backend-store-uri sqlite:///mlflow.db`)."""
+"""Local MLflow store in the working directory
+(`mlflow ui --backend-store-uri sqlite:///mlflow.db`)."""
 RUN_ID_FILE = "mlflow_run.json"
 """`{run_id, tracking_uri}` of the run that trained `<output_dir>`, written by `dlm train`."""
 
@@ -31,7 +32,8 @@ def client(tracking_uri: str | None) -> MlflowClient:
 
 def store_exists(tracking_uri: str) -> bool:
     """False for a sqlite file not yet created (a dry run must not create the store)."""
-    return not tracking_uri.startswith("sqlite:///") or Path(tracking_uri[len("sqlite:///"):]).is_file()
+    prefix = "sqlite:///"
+    return not tracking_uri.startswith(prefix) or Path(tracking_uri[len(prefix):]).is_file()
 
 
 def check_run(run_id: str, tracking_uri: str | None, *, key: str = "mlflow_run") -> None:
@@ -48,8 +50,8 @@ def check_run(run_id: str, tracking_uri: str | None, *, key: str = "mlflow_run")
 
 
 def experiment_id(mlflow_client: MlflowClient, name: str, tracking_uri: str) -> str:
-    """The experiment's id, created if new; a sqlite store keeps artifacts in `mlruns/` beside its file
-    (not in the working directory, MLflow's default)."""
+    """The experiment's id, created if new; a sqlite store keeps artifacts in `mlruns/` beside its
+    file (not in the working directory, MLflow's default)."""
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -70,16 +72,19 @@ def read_run_file(out_dir: str | Path) -> dict[str, str] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def resolve_run(run: str | None, tracking_uri: str | None, *, checkpoint: str | Path | None = None,
+def resolve_run(run: str | None, tracking_uri: str | None, *,
+                checkpoint: str | Path | None = None,
                 key: str = "mlflow_run") -> tuple[str, str] | None:
-    """(run id, tracking URI), checked to exist; None when no run is asked for. `auto`: the run that trained
-    `checkpoint`, read from the run file beside it (`<output_dir>/final` -> `<output_dir>/mlflow_run.json`)."""
+    """(run id, tracking URI), checked to exist; None when no run is asked for. `auto`: the run that
+    trained `checkpoint`, read from the run file beside it (`<output_dir>/final` ->
+    `<output_dir>/mlflow_run.json`)."""
     if run is None:
         return None
     if run == "auto":
         saved = read_run_file(Path(checkpoint).resolve().parent) if checkpoint is not None else None
         if saved is None:
-            raise ConfigError(f"{key}='auto': no {RUN_ID_FILE} beside checkpoint={str(checkpoint)!r}; pass a run id")
+            raise ConfigError(f"{key}='auto': no {RUN_ID_FILE} beside "
+                              f"checkpoint={str(checkpoint)!r}; pass a run id")
         run, tracking_uri = saved["run_id"], tracking_uri or saved["tracking_uri"]
     check_run(run, tracking_uri, key=key)
     return run, resolve_uri(tracking_uri)
@@ -91,8 +96,9 @@ def log_metrics(run_id: str, tracking_uri: str | None, metrics: dict[str, float]
     from mlflow.entities import Metric, Param
 
     now = int(time.time() * 1000)
-    client(tracking_uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()],
-                                   params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()])
+    batch_metrics = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    batch_params = [Param(k, str(v)[:6000]) for k, v in (params or {}).items()]
+    client(tracking_uri).log_batch(run_id, metrics=batch_metrics, params=batch_params)
 
 
 def log_artifacts(run_id: str, tracking_uri: str | None, paths: Sequence[str | Path],
@@ -106,4 +112,5 @@ def new_run(tracking_uri: str | None, experiment: str, run_name: str | None = No
     """A fresh run in `experiment` (created if new); its id."""
     uri = resolve_uri(tracking_uri)
     mlflow_client = client(uri)
-    return mlflow_client.create_run(experiment_id(mlflow_client, experiment, uri), run_name=run_name).info.run_id
+    exp_id = experiment_id(mlflow_client, experiment, uri)
+    return mlflow_client.create_run(exp_id, run_name=run_name).info.run_id

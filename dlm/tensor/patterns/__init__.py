@@ -1,10 +1,11 @@
 """The registry of attention patterns: one module per pattern, found by its file name.
 
-A new pattern is one file here defining a :class:`Pattern` subclass whose `name` is the module's name (plus its
-test): training masks (dense and flex), the decoder's cache mask, self-speculative decoding and exact-likelihood
-scoring all derive from the object (`dlm.tensor.patterns.base`), and `attention.pattern` accepts it (the settings
-list this folder's modules without importing them). Options beyond `block_size` are the subclass's dataclass
-fields, set through `attention.options` (and `attention.clean_context` for patterns with a clean context).
+A new pattern is one file here defining a :class:`Pattern` subclass whose `name` is the module's
+name (plus its test): training masks (dense and flex), the decoder's cache mask, self-speculative
+decoding and exact-likelihood scoring all derive from the object (`dlm.tensor.patterns.base`), and
+`attention.pattern` accepts it (the settings list this folder's modules without importing them).
+Options beyond `block_size` are the subclass's dataclass fields, set through `attention.options`
+(and `attention.clean_context` for patterns with a clean context).
 """
 
 from __future__ import annotations
@@ -31,16 +32,19 @@ def _discover() -> dict[str, type[Pattern]]:
             continue
         module = importlib.import_module(f"{__name__}.{info.name}")
         classes = [c for c in vars(module).values()
-                   if isinstance(c, type) and issubclass(c, Pattern) and c.__module__ == module.__name__]
+                   if isinstance(c, type) and issubclass(c, Pattern)
+                   and c.__module__ == module.__name__]
         if len(classes) != 1 or classes[0].name != info.name:
-            raise ImportError(f"{module.__name__}: must define one Pattern subclass with name = {info.name!r}")
+            raise ImportError(f"{module.__name__}: must define one Pattern subclass "
+                              f"with name = {info.name!r}")
         found[info.name] = classes[0]
     return found
 
 
 _REGISTRY = _discover()
 if tuple(sorted(_REGISTRY)) != PATTERNS:  # the settings list file names; both must agree
-    raise ImportError(f"pattern modules {sorted(_REGISTRY)} differ from the settings' names {PATTERNS}")
+    raise ImportError(f"pattern modules {sorted(_REGISTRY)} differ from the settings' names "
+                      f"{PATTERNS}")
 
 
 def registry() -> dict[str, type[Pattern]]:
@@ -54,14 +58,16 @@ def option_names(cls: type[Pattern]) -> list[str]:
 
 def get(name: str, *, block_size: int = 1, clean_context: str = "block",
         options: Mapping[str, Any] | None = None) -> Pattern:
-    """The pattern `name` at `block_size`; `clean_context` and `options` go to the patterns that take them."""
+    """The pattern `name` at `block_size`; `clean_context` and `options` go to the patterns that
+    take them."""
     check(name in _REGISTRY, "attention.pattern", name, "unknown pattern", PATTERNS)
     cls = _REGISTRY[name]
     allowed = option_names(cls)
     kwargs = dict(options or {})
+    choices = ", ".join(k for k in allowed if k != "clean_context") or "none"
     for key in kwargs:
         check(key in allowed and key != "clean_context", f"attention.options.{key}", kwargs[key],
-              f"not an option of the {name} pattern", ", ".join(k for k in allowed if k != "clean_context") or "none")
+              f"not an option of the {name} pattern", choices)
     if "clean_context" in allowed:
         kwargs["clean_context"] = clean_context
     else:
@@ -74,7 +80,8 @@ def get(name: str, *, block_size: int = 1, clean_context: str = "block",
 
 
 def of(attention: "AttentionConfig", block_size: int | None = None) -> Pattern:
-    """The experiment's pattern (at `block_size`: a schedule's stage; default `attention.block_size`)."""
+    """The experiment's pattern (at `block_size`: a schedule's stage; default
+    `attention.block_size`)."""
     return get(attention.pattern, block_size=block_size or attention.block_size,
                clean_context=attention.clean_context, options=attention.options)
 
@@ -86,5 +93,6 @@ def check_experiment(cfg: "ExperimentConfig") -> "ExperimentConfig":
 
 
 def load_experiment(*paths: str, overrides: list[str] | None = None) -> "ExperimentConfig":
-    """`dlm.settings.load_config` and the pattern's rules: what every command that runs an experiment loads."""
+    """`dlm.settings.load_config` and the pattern's rules: what every command that runs an
+    experiment loads."""
     return check_experiment(load_config(*paths, overrides=overrides))

@@ -1,7 +1,9 @@
-"""`bidirectional`: every token sees every token (LLaDA-style full attention; the ablation's upper end).
+"""`bidirectional`: every token sees every token (LLaDA-style full attention; the ablation's upper
+end).
 
-Its training mask has no causal order, so a KV cache cannot hold what training computed: decoding attends
-block-causally over the cache (`exact_cache` False), the approximation this ablation measures."""
+Its training mask has no causal order, so a KV cache cannot hold what training computed: decoding
+attends block-causally over the cache (`exact_cache` False), the approximation this ablation
+measures."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""`block`: ``blk(k) <= blk(q)`` over the noisy sequence alone: block-causal, with a *noisy* context in training
-(the earlier blocks are masked too), a clean one at decode time: the ablation of what the clean half buys."""
+"""`block`: ``blk(k) <= blk(q)`` over the noisy sequence alone: block-causal, with a *noisy* context
+in training (the earlier blocks are masked too), a clean one at decode time: the ablation of what
+the clean half buys."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
-"""`block_clean`: input ``x_t ⊕ x_0`` (BD3-LM's vectorised training), each noisy block seeing the clean blocks
-before it and itself; the paper's winner.
+"""`block_clean`: input ``x_t ⊕ x_0`` (BD3-LM's vectorised training), each noisy block seeing the
+clean blocks before it and itself; the paper's winner.
 
-`clean_context` shapes the clean half: `block` (block-causal, BD3-LM) or `causal` (token-causal: the clean KV
-cache is then exactly a causal LM's, so one network is an AR model and its own drafter: the joint AR +
-diffusion objective and self-speculative decoding)."""
+`clean_context` shapes the clean half: `block` (block-causal, BD3-LM) or `causal` (token-causal: the
+clean KV cache is then exactly a causal LM's, so one network is an AR model and its own drafter: the
+joint AR + diffusion objective and self-speculative decoding)."""
 
 from __future__ import annotations
 

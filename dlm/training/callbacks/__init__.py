@@ -1,1 +1,2 @@
-"""Lightning callbacks: HF export at the end of training; evaluation, benchmarks and drift during it."""
+"""Lightning callbacks: HF export at the end of training; evaluation, benchmarks and drift during
+it."""

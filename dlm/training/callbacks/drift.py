@@ -1,6 +1,8 @@
-"""Log how far the decoder weights move from the initial AR weights while converting (Efficient-DLM Fig. 2e, 4).
+"""Log how far the decoder weights move from the initial AR weights while converting (Efficient-DLM
+Fig. 2e, 4).
 
-A diagnostic, so it never stops a run: any failure is one warning, after which the callback stays quiet.
+A diagnostic, so it never stops a run: any failure is one warning, after which the callback stays
+quiet.
 """
 
 from __future__ import annotations
@@ -22,20 +24,24 @@ PLOT_NAME = "weight_drift.png"
 
 class WeightDriftCallback(L.Callback):
     """Every `every_n_steps` optimizer steps (0: only at the end) and at train end, on rank 0, log
-    `drift/layer_<i>/{attention,mlp}` and `drift/{attention,mlp}_mean` (`dlm.measurement.drift.weight_drift`) at the
-    global step; at train end draw `<default_root_dir>/weight_drift.png` and log it as an MLflow artifact.
+    `drift/layer_<i>/{attention,mlp}` and `drift/{attention,mlp}_mean`
+    (`dlm.measurement.drift.weight_drift`) at the global step; at train end draw
+    `<default_root_dir>/weight_drift.png` and log it as an MLflow artifact.
 
-    Reference: the folder `reference` (a local HF model) when given. Otherwise a CPU copy of the decoder
-    attention/MLP weights taken in `setup`, which Lightning runs before it restores a resumed checkpoint:
-    the copy is the weights the module was built with (the AR checkpoint `model.name_or_path`, or the seeded
-    from-scratch init) on a fresh and a resumed run alike, without reading that checkpoint again, and it
-    works for hub ids too. It costs CPU memory the size of those weights, on rank 0 only.
+    Reference: the folder `reference` (a local HF model) when given. Otherwise a CPU copy of the
+    decoder attention/MLP weights taken in `setup`, which Lightning runs before it restores a
+    resumed checkpoint: the copy is the weights the module was built with (the AR checkpoint
+    `model.name_or_path`, or the seeded from-scratch init) on a fresh and a resumed run alike,
+    without reading that checkpoint again, and it works for hub ids too. It costs CPU memory the
+    size of those weights, on rank 0 only.
     Skipped under sharded strategies (FSDP, DeepSpeed): rank 0 alone does not hold the full weights.
     """
 
-    def __init__(self, every_n_steps: int = 0, log_plot: bool = True, *, reference: str | Path | None = None) -> None:
+    def __init__(self, every_n_steps: int = 0, log_plot: bool = True, *,
+                 reference: str | Path | None = None) -> None:
         if not isinstance(every_n_steps, int) or every_n_steps < 0:
-            raise ConfigError(f"drift.every_n_steps={every_n_steps!r}: must be an integer >= 0 (0: only at train end)")
+            raise ConfigError(f"drift.every_n_steps={every_n_steps!r}: "
+                              "must be an integer >= 0 (0: only at train end)")
         self.every_n_steps, self.log_plot, self.reference = every_n_steps, log_plot, reference
         self._reference: dict[str, Tensor] | None = None
         self._last_step, self._report = -1, None
@@ -44,7 +50,8 @@ class WeightDriftCallback(L.Callback):
         if stage != "fit" or not trainer.is_global_zero:
             return
         if _sharded(trainer):
-            rank_zero_warn(f"WeightDriftCallback: off under {type(trainer.strategy).__name__} (weights are sharded)")
+            rank_zero_warn(f"WeightDriftCallback: off under {type(trainer.strategy).__name__} "
+                           "(weights are sharded)")
             return
         try:
             self._reference = (load_weights(self.reference, key="reference") if self.reference
@@ -78,7 +85,8 @@ class WeightDriftCallback(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(self._report.as_metrics(), step=trainer.global_step)
 
-    def _log_plot(self, trainer: L.Trainer, pl_module: L.LightningModule, report: DriftReport) -> None:
+    def _log_plot(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                  report: DriftReport) -> None:
         name = getattr(getattr(pl_module, "cfg", None), "name", "") or "run"
         path = drift_plot({name: report}, Path(trainer.default_root_dir) / PLOT_NAME)
         for logger in trainer.loggers:
@@ -86,7 +94,8 @@ class WeightDriftCallback(L.Callback):
                 logger.experiment.log_artifact(logger.run_id, str(path))
 
     def _fail(self, doing: str, err: Exception) -> None:
-        """Warn once and switch off: a failure here (a mismatched reference) would repeat every time."""
+        """Warn once and switch off: a failure here (a mismatched reference) would repeat every
+        time."""
         rank_zero_warn(f"WeightDriftCallback: {doing} failed, drift is off and training goes on: "
                        f"{type(err).__name__}: {err}")
         log.debug("drift failure", exc_info=True)

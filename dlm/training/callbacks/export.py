@@ -12,12 +12,14 @@ from dlm.models.lora import merged_copy
 
 
 def export_complete(out_dir: Path) -> bool:
-    """Whether `out_dir` is a finished export (`save_checkpoint` renames `.partial` only once all is written)."""
+    """Whether `out_dir` is a finished export (`save_checkpoint` renames `.partial` only once all is
+    written)."""
     return (out_dir / META_FILE).is_file()
 
 
 def export_module(pl_module: L.LightningModule, out_dir: Path, full_state: dict[str, Any]) -> Path:
-    """The LightningModule's backbone (`full_state`: its state dict, keys `model.*`) as an HF dlm folder."""
+    """The LightningModule's backbone (`full_state`: its state dict, keys `model.*`) as an HF dlm
+    folder."""
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in full_state.items() if k.startswith(prefix)}
     meta = CheckpointMeta.from_config(pl_module.cfg, pl_module.mask_token_id,
@@ -31,16 +33,18 @@ def export_module(pl_module: L.LightningModule, out_dir: Path, full_state: dict[
 class HFExportCallback(L.Callback):
     """`save_pretrained` model + tokenizer + dlm.yaml into `out_dir` (atomically) on rank 0.
 
-    The state dict comes from the strategy, so sharded strategies (FSDP) export gathered full weights.
-    A LoRA run exports a merged copy (default) or only the adapter (`model.lora.export: adapter`).
-    The export path is logged to every logger as the hyperparameter `final_checkpoint`.
+    The state dict comes from the strategy, so sharded strategies (FSDP) export gathered full
+    weights. A LoRA run exports a merged copy (default) or only the adapter
+    (`model.lora.export: adapter`). The export path is logged to every logger as the hyperparameter
+    `final_checkpoint`.
     """
 
     def __init__(self, out_dir: str | Path) -> None:
         self.out_dir = Path(out_dir)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        full = trainer.strategy.lightning_module_state_dict()  # collective under FSDP: every rank calls it
+        # collective under FSDP: every rank calls it
+        full = trainer.strategy.lightning_module_state_dict()
         if not trainer.is_global_zero:
             return
         path = export_module(pl_module, self.out_dir, full)

@@ -45,20 +45,24 @@ def decoding_mode(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
 
 
 class ThroughputCallback(L.Callback):
-    """Every `every_n_steps` optimizer steps and at train end, on rank 0, log `bench/tokens_per_sec`,
-    `bench/tpf`, `bench/nfe` (and `bench/exact_match` for scored prompts) at the global step.
+    """Every `every_n_steps` optimizer steps and at train end, on rank 0, log
+    `bench/tokens_per_sec`, `bench/tpf`, `bench/nfe` (and `bench/exact_match` for scored prompts) at
+    the global step.
 
     A `causal` run (AR pretraining) is measured with the AR decoder, so TPF is 1 there. `prompts`:
-    `synthetic` (the task's test split, from the run's `data` config), a JSONL file, or a list of strings.
-    Skipped under sharded strategies (FSDP, DeepSpeed): rank 0 alone cannot run a sharded forward.
+    `synthetic` (the task's test split, from the run's `data` config), a JSONL file, or a list of
+    strings. Skipped under sharded strategies (FSDP, DeepSpeed): rank 0 alone cannot run a sharded
+    forward.
     """
 
-    def __init__(self, every_n_steps: int, *, prompts: str | Path | Sequence[str] = SYNTHETIC, num_prompts: int = 8,
-                 max_new_tokens: int = 64, threshold: float = DecodeConfig.threshold, batch_size: int = 4,
+    def __init__(self, every_n_steps: int, *, prompts: str | Path | Sequence[str] = SYNTHETIC,
+                 num_prompts: int = 8, max_new_tokens: int = 64,
+                 threshold: float = DecodeConfig.threshold, batch_size: int = 4,
                  block_size: int | None = None,
                  ignore_eos: bool = False) -> None:
         for key, value in (("every_n_steps", every_n_steps), ("num_prompts", num_prompts),
-                           ("max_new_tokens", max_new_tokens), ("batch_size", batch_size), ("block_size", block_size)):
+                           ("max_new_tokens", max_new_tokens), ("batch_size", batch_size),
+                           ("block_size", block_size)):
             check_positive_int(f"throughput.{key}", value, optional=key == "block_size")
         check(0 < threshold <= 1, "throughput.threshold", threshold, "must be in (0, 1]")
         self.every_n_steps, self.prompts, self.num_prompts = every_n_steps, prompts, num_prompts
@@ -84,8 +88,8 @@ class ThroughputCallback(L.Callback):
         try:
             metrics = self.bench(pl_module)
         except Exception as err:  # a failed bench must never end a training run
-            rank_zero_warn(f"ThroughputCallback: bench at step {trainer.global_step} failed, training goes on: "
-                           f"{type(err).__name__}: {err}")
+            rank_zero_warn(f"ThroughputCallback: bench at step {trainer.global_step} failed, "
+                           f"training goes on: {type(err).__name__}: {err}")
             log.debug("bench failure", exc_info=True)
             return
         for logger in trainer.loggers:
@@ -98,15 +102,16 @@ class ThroughputCallback(L.Callback):
         scored = all(p.answer is not None for p in prompts)
         method = "ar" if pl_module.pattern.autoregressive else "dlm"
         with decoding_mode(pl_module.model) as model:
-            target = Target(model, pl_module.tokenizer, pl_module.mask_token_id,
-                            self.block_size or cfg.attention.block_size_at(pl_module.global_step), cfg.objective.shift,
-                            pattern=pl_module.pattern)
+            block_size = self.block_size or cfg.attention.block_size_at(pl_module.global_step)
+            target = Target(model, pl_module.tokenizer, pl_module.mask_token_id, block_size,
+                            cfg.objective.shift, pattern=pl_module.pattern)
             check_positions("the training model", target, prompts, self.max_new_tokens)
             batches = encode_batches(target.tokenizer, prompts, self.batch_size, target.device)
             setting = Setting(method, self.batch_size, None if method == "ar" else self.threshold)
-            m = measure(target, setting, batches, max_new_tokens=self.max_new_tokens, ignore_eos=self.ignore_eos,
-                        scored=scored)
-        metrics = {"bench/tokens_per_sec": m.tokens_per_sec[0], "bench/tpf": m.tpf, "bench/nfe": m.nfe_total / m.calls}
+            m = measure(target, setting, batches, max_new_tokens=self.max_new_tokens,
+                        ignore_eos=self.ignore_eos, scored=scored)
+        metrics = {"bench/tokens_per_sec": m.tokens_per_sec[0], "bench/tpf": m.tpf,
+                   "bench/nfe": m.nfe_total / m.calls}
         if m.exact_match is not None:
             metrics["bench/exact_match"] = m.exact_match
         return metrics
