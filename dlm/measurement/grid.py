@@ -245,7 +245,7 @@ def build_rows(measurements: dict[Setting, Measurement]) -> list[BenchRow]:
         lean = measurements.get(Setting("ar", s.batch_size))
         if lean and s.method != "ar":
             row.same_as_ar = _share_equal(measurements[s].tokens, lean.tokens)
-            row.same_answer_as_ar = _share_equal(measurements[s].answers, lean.answers)
+            row.same_answer_as_ar = share_same_answer(measurements[s].answers, lean.answers)
         ar, hf = rows.get(Setting("ar", s.batch_size)), rows.get(Setting("ar-hf", s.batch_size))
         row.speedup_vs_ar = row.tokens_per_sec / ar.tokens_per_sec if ar else None
         row.speedup_vs_hf = row.tokens_per_sec / hf.tokens_per_sec if hf else None
@@ -259,6 +259,13 @@ def build_rows(measurements: dict[Setting, Measurement]) -> list[BenchRow]:
 
 def _share_equal(ours: Sequence, theirs: Sequence) -> float | None:
     same = [a == b for a, b in zip(ours, theirs, strict=True)]
+    return sum(same) / len(same) if same else None
+
+
+def share_same_answer(ours: Sequence[str | None], theirs: Sequence[str | None]) -> float | None:
+    """Share of problems on which both rows give the same '#### N' answer. Two outputs without an
+    answer do not agree on one: a model that never answers must not score as agreeing."""
+    same = [a is not None and a == b for a, b in zip(ours, theirs, strict=True)]
     return sum(same) / len(same) if same else None
 
 

@@ -23,6 +23,7 @@ from dlm.measurement.grid import (
     measure,
     measure_grid,
     settings_grid,
+    share_same_answer,
 )
 from dlm.settings import BenchConfig, ConfigError
 from tests.conftest import sharp_backbone
@@ -229,3 +230,9 @@ def test_a_bad_decoder_setting_fails_in_one_line():
         BenchConfig(decoders=["policy=factr"])
     with pytest.raises(ConfigError, match=r"^bench.decoders='polcy=factor': unknown decoder field 'polcy'"):
         BenchConfig(decoders=["polcy=factor"])
+
+
+def test_outputs_without_an_answer_do_not_agree_on_one():
+    assert share_same_answer(["18", None, "3", None], ["18", None, "4", "5"]) == 0.25
+    assert share_same_answer([None, None], [None, None]) == 0.0
+    assert share_same_answer([], []) is None
