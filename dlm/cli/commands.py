@@ -20,6 +20,7 @@ from dlm.settings import (
     BenchConfig,
     ConfigError,
     DecodeConfig,
+    DistillConfig,
     DriftConfig,
     EvalConfig,
     LogTarget,
@@ -159,6 +160,43 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         check(stop != "", f"--stop[{i}]", stop,
               "empty; an empty stop string would cut every completion")
     return prompts
+
+
+# -- distill ---------------------------------------------------------------------------------------
+def add_distill(p: argparse.ArgumentParser) -> None:
+    p.add_argument("teacher", help=CHECKPOINT_HELP)
+    add_dataclass_arguments(p, DistillConfig)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="render each prompt as a user turn of the chat template "
+                        "(default: as `dlm generate`)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="weight dtype (bfloat16: AMX CPUs and GPUs run it several times faster)")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    add_dataclass_arguments(p, DecodeConfig, skip=("shift",), aliases={"use_cache": ["--no-cache"]})
+
+
+def run_distill(args: argparse.Namespace) -> Any:
+    settings = dataclass_from_args(args, DistillConfig)
+    check(args.threads is None or args.threads > 0, "--threads", args.threads,
+          "must be a positive integer")
+    from dlm.decoding.distill import distill, source_rows
+    from dlm.decoding.text import chat_format_for, decode_config_for, load_for_decoding
+    from dlm.models.checkpoint import read_meta
+    from dlm.models.device import resolve_device
+
+    rows = source_rows(settings)  # a bad file or field fails before the weights load
+    resolve_device(args.device, key="--device")
+    decode = decode_config_for(read_meta(args.teacher), **given(args, DecodeConfig))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    backbone, meta = load_for_decoding(args.teacher, device=args.device, dtype=args.dtype)
+    chat = chat_format_for(meta, backbone.tokenizer, args.chat)
+    report = distill((backbone, meta), rows, settings, decode, chat=chat)
+    print(report.line())
+    return report
 
 
 # -- exactness -------------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ COMMANDS = [
     Command("import",
             "write a GGUF file, HF folder or hub id once as a plain HF folder (an AR checkpoint)",
             c.add_import, c.run_import),
+    Command("distill",
+            "a teacher's greedy completions of a prompt file as training rows (JSONL)",
+            c.add_distill, c.run_distill),
     Command("exactness", ("fast decoders vs their references on real prompts: "
                           "cache, batch, speculative; near-ties"),
             c.add_exactness, c.run_exactness),

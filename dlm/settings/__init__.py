@@ -7,6 +7,7 @@ values where they enter (`__post_init__`, or `validate` for the experiment confi
 
 from dlm.settings.bench import BenchConfig, TrainBenchConfig
 from dlm.settings.decode import DecodeConfig
+from dlm.settings.distill import DistillConfig
 from dlm.settings.drift import DriftConfig
 from dlm.settings.errors import ConfigError, check
 from dlm.settings.eval import EvalConfig
@@ -37,7 +38,8 @@ from dlm.settings.tracking import LogTarget, TrackingConfig
 __all__ = [
     "BACKENDS", "CLEAN_CONTEXTS", "DTYPES", "PATTERNS",
     "STRATEGIES", "SYNTHETIC", "WEIGHTINGS", "AttentionConfig", "BenchConfig", "ConfigError",
-    "DataConfig", "DecodeConfig", "DriftConfig", "EvalConfig", "ExperimentConfig", "LogTarget",
+    "DataConfig", "DecodeConfig", "DistillConfig", "DriftConfig", "EvalConfig", "ExperimentConfig",
+    "LogTarget",
     "LoraConfig", "MaskingConfig",
     "ModelConfig", "ObjectiveConfig", "OptimConfig", "TrackingConfig", "TrainBenchConfig",
     "TrainerConfig", "check",
