@@ -35,7 +35,7 @@ from dlm.measurement.plots import pareto_plot
 from dlm.models.backbone import load_backbone
 from dlm.models.checkpoint import META_FILE, CheckpointMeta, load_checkpoint, read_meta
 from dlm.models.device import resolve_device
-from dlm.settings import BenchConfig, ConfigError, LogTarget
+from dlm.settings import BenchConfig, ConfigError, LogTarget, check
 from dlm.settings.experiment import load_config
 from dlm.tracking import runs
 
@@ -162,6 +162,20 @@ def _source_meta(checkpoint: str | Path) -> CheckpointMeta:
     return read_meta(checkpoint)
 
 
+def _ar_only(checkpoint: str | Path, settings: BenchConfig) -> tuple[None, str]:
+    """An AR checkpoint (pattern causal) benches its own AR rows and forward costs: the baseline's
+    speed and the cost table of its shape, without a dLM beside it."""
+    if settings.ar_baseline is not None:
+        raise ConfigError(f"bench.ar_baseline={settings.ar_baseline!r}: the checkpoint "
+                          f"{str(checkpoint)!r} is itself an AR model (pattern causal); "
+                          "allowed: unset")
+    check(not settings.speculative, "bench.speculative", settings.speculative,
+          f"{str(checkpoint)!r} is an AR model (pattern causal): nothing drafts; allowed: false")
+    print(f"note: {checkpoint} is an AR model (pattern causal): only its AR rows and forward "
+          "costs are measured")
+    return None, f"{checkpoint} (an AR model)"
+
+
 def ar_baseline_for(checkpoint: str | Path, settings: BenchConfig) -> tuple[str | None, str]:
     """Which model the AR rows run and how the table names it: `--ar-baseline`, else the AR
     checkpoint the model was converted from (dlm.yaml `base_model`), else the model itself in AR
@@ -190,12 +204,11 @@ def run_bench(checkpoint: str | Path, settings: BenchConfig | None = None, *,
     """
     s = settings or BenchConfig()
     source = _source_meta(checkpoint)
-    if source.attention_pattern.autoregressive:
-        raise ConfigError(f"checkpoint={str(checkpoint)!r}: pattern=causal is an AR model; "
-                          "pass it as --ar-baseline")
+    autoregressive = source.attention_pattern.autoregressive
     if s.speculative:
         source.check_decode_mode("speculative")
-    ar_path, ar_name = ar_baseline_for(checkpoint, s)
+    ar_path, ar_name = (_ar_only(checkpoint, s) if autoregressive
+                        else ar_baseline_for(checkpoint, s))
     run = runs.resolve_run(log.mlflow_run, log.tracking_uri, checkpoint=checkpoint,
                            key="bench.mlflow_run") if log else None
     chat = s.chat if s.chat is not None else bool(source.chat_template)
@@ -211,7 +224,8 @@ def run_bench(checkpoint: str | Path, settings: BenchConfig | None = None, *,
                                                        key="bench.chat")
     prompt_tokens = check_positions(str(checkpoint), dlm_target, prompt_set, s.max_new_tokens)
     check_positions(str(ar_path or checkpoint), ar_target, prompt_set, s.max_new_tokens)
-    grid = {g: (ar_target if g.method in AR_METHODS else dlm_target) for g in settings_grid(s)}
+    grid = {g: (ar_target if g.method in AR_METHODS else dlm_target) for g in settings_grid(s)
+            if g.method in AR_METHODS or not autoregressive}
     rows = build_rows(measure_grid(grid, prompt_set, max_new_tokens=s.max_new_tokens,
                                    repeats=s.repeats, warmup=s.warmup, ignore_eos=s.ignore_eos,
                                    scored=scored, compile=s.compile))

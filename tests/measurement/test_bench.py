@@ -145,13 +145,26 @@ def test_bad_input_fails_in_one_line_before_any_output(files, new_run, tmp_path,
     assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
 
 
-def test_checkpoint_without_dlm_yaml_or_with_the_causal_pattern_is_refused(files, tmp_path):
+def test_checkpoint_without_dlm_yaml_is_refused(files, tmp_path):
     with pytest.raises(ConfigError, match=r"^checkpoint='.*': no dlm.yaml and no config.json"):
         bench(tmp_path)
-    with pytest.raises(ConfigError, match=r"pattern=causal is an AR model; pass it as --ar-baseline"):
-        bench(files["ar"])
     with pytest.raises(ConfigError, match=r"no dlm.yaml and no config.json"):
         bench(files["dlm"], ar_baseline=tmp_path)
+
+
+def test_an_ar_checkpoint_benches_its_own_ar_rows_and_forward_costs(files, tmp_path, capsys):
+    out = bench(files["ar"], thresholds=(0.3,), batch_sizes=(1,), no_cache_thresholds=(), max_new_tokens=6,
+                repeats=1, warmup=0, prompts=files["prompts"], forward_costs=(1, 4), forward_cost_context=8,
+                output_dir=tmp_path / "ar")
+    assert {r.method for r in out.rows} == {"ar", "ar-hf"} and all(r.tpf == 1.0 for r in out.rows)
+    assert [c["query_tokens"] for c in out.meta["forward_costs"]] == [1, 4]
+    assert "is an AR model (pattern causal): only its AR rows" in capsys.readouterr().out
+    assert "(an AR model)" in out.table and out.plot_path.is_file()
+    with pytest.raises(ConfigError, match=r"^bench.ar_baseline='.*': the checkpoint .* is itself an AR model"):
+        bench(files["ar"], ar_baseline=files["ar"], output_dir=tmp_path / "refused")
+    with pytest.raises(ConfigError, match=r"^bench.speculative=True: '.*' is an AR model \(pattern causal\)"):
+        bench(files["ar"], speculative=True, output_dir=tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
 
 
 def test_a_plain_hf_folder_is_an_ar_baseline_and_rows_report_agreement_with_it(files, tmp_path):
