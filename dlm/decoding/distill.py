@@ -2,9 +2,10 @@
 2016) for a conversion.
 
 Converted on the reference answers, a student learns the data's distribution; converted on the
-teacher's greedy completions of the same prompts, it learns the teacher's mode: its answers agree
-with the teacher's more often, and the low-entropy targets raise the confidence the threshold
-decoder commits on, so it commits more tokens per pass. Each written row is its source row with
+teacher's greedy completions of the same prompts, it learns the teacher's mode (what agreement with
+the teacher asks), and the low-entropy targets raise the confidence the threshold decoder commits
+on (BENCHMARKS.md §14: higher TPF at half the tokens; agreement still needs a teacher that is mostly
+right). Each written row is its source row with
 the response field replaced by the teacher's text (the source's value kept under `reference`), so
 the same `data.prompt_field` / `data.response_field` read either file.
 """
@@ -51,12 +52,13 @@ def source_rows(settings: DistillConfig) -> list[dict]:
         raise ConfigError(f"distill.out={settings.out!r}: exists; allowed: a new path "
                           "(written rows are never overwritten)")
     rows = read_jsonl(source)[: settings.limit]
+    if not rows:
+        raise ConfigError(f"distill.data={settings.data!r}: no rows; "
+                          "allowed: a JSONL file of prompt rows")
     missing = [i for i, row in enumerate(rows) if settings.prompt_field not in row]
-    if not rows or missing:
-        found = sorted(rows[missing[0]]) if missing else []
-        raise ConfigError(f"distill.prompt_field={settings.prompt_field!r}: "
-                          f"{'no rows' if not rows else f'row {missing[0]} has no such field'}; "
-                          f"allowed: one of {found}")
+    if missing:
+        raise ConfigError(f"distill.prompt_field={settings.prompt_field!r}: row {missing[0]} has "
+                          f"no such field; allowed: one of {sorted(rows[missing[0]])}")
     return rows
 
 

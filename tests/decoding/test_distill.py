@@ -66,6 +66,9 @@ def test_source_rows_refuse_bad_input_before_anything_loads(prompts, tmp_path):
     with pytest.raises(ConfigError, match="row 0 has no such field; allowed: one of \\['answer', 'question'\\]"):
         source_rows(DistillConfig(str(prompts), str(out), prompt_field="prompt", response_field="x"))
     assert len(source_rows(DistillConfig(str(prompts), str(out), limit=2))) == 2
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(ConfigError, match="distill.data='.*empty.jsonl': no rows"):
+        source_rows(DistillConfig(str(tmp_path / "empty.jsonl"), str(out)))
     out.write_text("kept\n")
     with pytest.raises(ConfigError, match="distill.out=.*: exists"):
         source_rows(DistillConfig(str(prompts), str(out)))
