@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dlm.cli.dataclass_args import add_dataclass_arguments, dataclass_from_args, given
 from dlm.settings import (
@@ -30,6 +30,11 @@ from dlm.settings import (
 from dlm.settings.errors import deprecated
 from dlm.settings.scaling import PlanConfig
 from dlm.settings.sweep import ReportConfig, SweepRunConfig
+
+if TYPE_CHECKING:
+    from dlm.data.chat import ChatFormat
+    from dlm.models.backbone import Backbone
+    from dlm.models.checkpoint import CheckpointMeta
 
 CHECKPOINT_HELP = ("dlm checkpoint folder (HF model + tokenizer + dlm.yaml), "
                    "e.g. outputs/tiny/final; "
@@ -98,6 +103,11 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", help="stop string; repeatable")
     p.add_argument("--ar", action="store_true",
                    help="deprecated alias of --mode ar (the engine's lean greedy AR loop)")
+    _add_decoder_flags(p)
+
+
+def _add_decoder_flags(p: argparse.ArgumentParser) -> None:
+    """What loads a checkpoint for decoding and how it decodes: `dlm generate` and `dlm distill`."""
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="render each prompt as a user turn of the chat template "
                         "(default: on when the checkpoint was trained on chat-rendered data, "
@@ -109,22 +119,31 @@ def add_generate(p: argparse.ArgumentParser) -> None:
     add_dataclass_arguments(p, DecodeConfig, skip=("shift",), aliases={"use_cache": ["--no-cache"]})
 
 
-def run_generate(args: argparse.Namespace) -> None:
-    prompts = _prompts(args)
+def _load_decoder(args: argparse.Namespace, path: str
+                  ) -> tuple[Backbone, CheckpointMeta, DecodeConfig, ChatFormat | None]:
+    """`(backbone, meta, decode settings, chat format)` from `_add_decoder_flags`' flags; a bad
+    thread count, device or decode setting fails before the weights load."""
     check(args.threads is None or args.threads > 0, "--threads", args.threads,
           "must be a positive integer")
-    from dlm.decoding.text import chat_format_for, complete, decode_config_for, load_for_decoding
+    from dlm.decoding.text import chat_format_for, decode_config_for, load_for_decoding
     from dlm.models.checkpoint import read_meta
     from dlm.models.device import resolve_device
 
     resolve_device(args.device, key="--device")  # an absent device fails before anything is read
-    decode = decode_config_for(read_meta(args.checkpoint), **given(args, DecodeConfig))
+    decode = decode_config_for(read_meta(path), **given(args, DecodeConfig))
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    backbone, meta = load_for_decoding(args.checkpoint, device=args.device, dtype=args.dtype)
-    chat = chat_format_for(meta, backbone.tokenizer, args.chat)
+    backbone, meta = load_for_decoding(path, device=args.device, dtype=args.dtype)
+    return backbone, meta, decode, chat_format_for(meta, backbone.tokenizer, args.chat)
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    prompts = _prompts(args)
+    backbone, meta, decode, chat = _load_decoder(args, args.checkpoint)
+    from dlm.decoding.text import complete
+
     if args.ar:
         deprecated("dlm generate --ar", "--mode ar")
         decode = dataclasses.replace(decode, mode="ar")
@@ -166,34 +185,15 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 def add_distill(p: argparse.ArgumentParser) -> None:
     p.add_argument("teacher", help=CHECKPOINT_HELP)
     add_dataclass_arguments(p, DistillConfig)
-    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
-                   help="render each prompt as a user turn of the chat template "
-                        "(default: as `dlm generate`)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", choices=DTYPES, default="float32",
-                   help="weight dtype (bfloat16: AMX CPUs and GPUs run it several times faster)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    add_dataclass_arguments(p, DecodeConfig, skip=("shift",), aliases={"use_cache": ["--no-cache"]})
+    _add_decoder_flags(p)
 
 
 def run_distill(args: argparse.Namespace) -> Any:
     settings = dataclass_from_args(args, DistillConfig)
-    check(args.threads is None or args.threads > 0, "--threads", args.threads,
-          "must be a positive integer")
     from dlm.decoding.distill import distill, source_rows
-    from dlm.decoding.text import chat_format_for, decode_config_for, load_for_decoding
-    from dlm.models.checkpoint import read_meta
-    from dlm.models.device import resolve_device
 
     rows = source_rows(settings)  # a bad file or field fails before the weights load
-    resolve_device(args.device, key="--device")
-    decode = decode_config_for(read_meta(args.teacher), **given(args, DecodeConfig))
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    backbone, meta = load_for_decoding(args.teacher, device=args.device, dtype=args.dtype)
-    chat = chat_format_for(meta, backbone.tokenizer, args.chat)
+    backbone, meta, decode, chat = _load_decoder(args, args.teacher)
     report = distill((backbone, meta), rows, settings, decode, chat=chat)
     print(report.line())
     return report
