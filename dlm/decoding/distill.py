@@ -51,10 +51,11 @@ def source_rows(settings: DistillConfig) -> list[dict]:
     if out.exists():
         raise ConfigError(f"distill.out={settings.out!r}: exists; allowed: a new path "
                           "(written rows are never overwritten)")
-    rows = read_jsonl(source)[: settings.limit]
-    if not rows:
-        raise ConfigError(f"distill.data={settings.data!r}: no rows; "
-                          "allowed: a JSONL file of prompt rows")
+    rows = read_jsonl(source)
+    if not rows[settings.skip:]:
+        raise ConfigError(f"distill.data={settings.data!r}: no rows after distill.skip="
+                          f"{settings.skip}; allowed: a JSONL file of more than skip prompt rows")
+    rows = rows[settings.skip:][: settings.limit]
     missing = [i for i, row in enumerate(rows) if settings.prompt_field not in row]
     if missing:
         raise ConfigError(f"distill.prompt_field={settings.prompt_field!r}: row {missing[0]} has "

@@ -269,10 +269,10 @@ def generate(model: PreTrainedModel, input_ids: Tensor, *, mask_token_id: int | 
                              cfg.max_new_tokens, stopper, exclude=mask_token_id)
         elif cfg.mode == "speculative":
             # the token-causal layout: the clean cache is an AR model's
-            slots = slots_needed(cfg.max_new_tokens, cfg.block_size - 1)
+            slots = slots_needed(cfg.max_new_tokens, cfg.block_size - 1, cfg.speculative_form)
             spec = Speculation(cfg.max_new_tokens, cfg.block_size - 1, mask_token_id,
                                drafter or SelfDrafter(mask_token_id), cfg.shift,
-                               cfg.speculative_form == "fused")
+                               form=cfg.speculative_form)
             run = Runner(model, Layout.build(attention_mask, slots, pattern.resized(1)), cfg)
             rows = speculative(run, input_ids, spec, stopper)
         else:

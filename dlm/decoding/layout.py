@@ -51,28 +51,35 @@ class Layout:
     def total(self) -> int:
         return self.real.shape[1]
 
-    def mask(self, start: int, end: int, keys: int, noisy: tuple[int, int] | None = None) -> Tensor:
+    def mask(self, start: int, end: int, keys: int, noisy: tuple[int, int] | None = None, *,
+             group_width: int | None = None) -> Tensor:
         """`(B, 1, end - start, keys)` bool: queries `start:end` over keys `:keys` (cache + input);
-        slots `noisy[0]:noisy[1]` are the block being denoised (one group), every other slot is
-        committed.
+        slots `noisy[0]:noisy[1]` are the block being denoised (one group; with `group_width`,
+        consecutive groups of that many slots, each seeing only itself among the noisy slots), every
+        other slot is committed.
 
         A real query sees real keys as the pattern's view allows; a pad query sees only itself, so
         no softmax row is empty (NaN) and pads never leak into real tokens. Keys of later blocks (a
         static cache's unwritten slots) are never seen: every pattern's decode rules are causal
         across blocks.
         """
-        q, k = self._slots(start, end, noisy), self._slots(0, keys, noisy)
+        q, k = self._slots(start, end, noisy, group_width), self._slots(0, keys, noisy, group_width)
         q = Slots(*(t[:, :, None] for t in q))
         k = Slots(*(t[:, None, :] for t in k))
         sees = self.pattern.view(q, k) & self.real[:, None, :keys]
         itself = q.index == k.index
         return torch.where(self.real[:, start:end, None], sees, itself)[:, None]
 
-    def _slots(self, lo: int, hi: int, noisy: tuple[int, int] | None) -> Slots:
+    def _slots(self, lo: int, hi: int, noisy: tuple[int, int] | None,
+               group_width: int | None = None) -> Slots:
         index = torch.arange(lo, hi, device=self.real.device).expand(self.real.shape[0], -1)
-        flag = (torch.zeros_like(index, dtype=torch.bool) if noisy is None
-                else (index >= noisy[0]) & (index < noisy[1]))
-        return Slots(index, self.block_ids[:, lo:hi], flag, flag.long())
+        if noisy is None:
+            flag = torch.zeros_like(index, dtype=torch.bool)
+            return Slots(index, self.block_ids[:, lo:hi], flag, flag.long())
+        flag = (index >= noisy[0]) & (index < noisy[1])
+        group = flag.long() if group_width is None else torch.where(
+            flag, 1 + (index - noisy[0]) // group_width, 0)
+        return Slots(index, self.block_ids[:, lo:hi], flag, group)
 
     def select(self, rows: Tensor) -> "Layout":
         """The layout of the kept `rows` (finished rows leave the batch)."""

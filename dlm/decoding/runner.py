@@ -66,11 +66,13 @@ class Runner:
         self._mask = (start, rows_end, noisy, mask)
         return self._rows(mask, 0, end - start, end)
 
-    def fresh_mask(self, start: int, end: int, noisy: tuple[int, int] | None = None) -> Tensor:
+    def fresh_mask(self, start: int, end: int, noisy: tuple[int, int] | None = None, *,
+                   group_width: int | None = None) -> Tensor:
         """Queries `start:end` built now from the layout (over every slot of a static cache, else
         the `end` tokens so far), in the model's form: what a caller that edits the layout
-        (speculative decoding's holes) passes."""
-        mask = self.layout.mask(start, end, self.layout.total if self.static else end, noisy)
+        (speculative decoding's holes and branches) passes."""
+        mask = self.layout.mask(start, end, self.layout.total if self.static else end, noisy,
+                                group_width=group_width)
         return additive_mask(mask, self.model.dtype) if self.eager else mask
 
     def _rows(self, mask: Tensor, first: int, last: int, end: int) -> Tensor:

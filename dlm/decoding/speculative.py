@@ -12,7 +12,14 @@ token `g` known, two forms:
 - fused (one forward a step, Nemotron-Labs-Diffusion's form): `[g, d_1..d_k]` causally, followed by
   a noisy block of `k + 1` [MASK]s that sees the cache, `g`, the drafts and itself. The causal rows
   verify; the noisy rows are the row's next draft, kept only when it accepted every draft (they were
-  conditioned on them).
+  conditioned on them). A row that rejects a draft has none for its next step, which then gains it
+  one token: at a per-token acceptance of 0.6 and k = 3, a third of the steps.
+- branched (one forward a step): as fused, with a noisy block for every count n = 0..k of drafts a
+  row may accept, each seeing the cache, `g` and `d_1..d_n` only (its slots take the block id of
+  `d_{n+1}`, so the pattern's noisy rule hides the rest; each block is its own group). After
+  verifying, each row keeps the block of the count it accepted, so every step has a draft. It adds
+  `k (k + 1)` query tokens a forward, nearly free where decoding is weight-bound (bf16 on these
+  CPUs, a GPU at small batch: BENCHMARKS.md).
 
 Each row accepts the longest prefix of its drafts with `d_j == v_j` (n drafts) plus the causal
 path's next token `v_{n+1}` (:func:`accept`). Every committed token is the causal greedy argmax
@@ -42,10 +49,12 @@ from dlm.decoding.runner import Runner
 from dlm.decoding.stopping import Stopper
 
 
-def slots_needed(max_new_tokens: int, draft_len: int) -> int:
+def slots_needed(max_new_tokens: int, draft_len: int, form: str = "fused") -> int:
     """Cache slots past the prompt a call may occupy: every step gains each row >= 1 token and takes
-    at most `draft_len + 1` slots, plus a noisy block of `draft_len + 1`."""
-    return (max_new_tokens + 1) * (draft_len + 1)
+    at most `draft_len + 1` slots, plus its noisy blocks of `draft_len + 1` (one per acceptance
+    count when branched)."""
+    extra = draft_len * (draft_len + 1) if form == "branched" else 0
+    return (max_new_tokens + 1) * (draft_len + 1) + extra
 
 
 def accepted_counts(draft: Tensor, verified: Tensor) -> Tensor:
@@ -73,7 +82,18 @@ class Speculation:
     mask_token_id: int
     drafter: Drafter
     shift: bool = False
-    fused: bool = True
+    form: str = "fused"
+    """`decode.speculative_form`: fused, separate or branched."""
+
+    @property
+    def fused(self) -> bool:
+        """One forward a step verifies and drafts (fused, branched)."""
+        return self.form != "separate"
+
+    @property
+    def branches(self) -> int:
+        """Noisy blocks a fused step drafts with: one per acceptance count when branched."""
+        return self.draft_len + 1 if self.form == "branched" else 1
 
 
 @dataclass
@@ -103,11 +123,12 @@ class _Decode:
 
     # -- forwards ----------------------------------------------------------------------------------
     def forward(self, start: int, end: int, keep: int | Tensor, *, noisy: int = 0,
-                first: bool = False) -> Tensor:
-        """Logits of inputs `start:end`, whose last `noisy` are one noisy block; the mask is built
-        fresh (the holes change every step). `first`: the prompt's forward, uncompiled (its shape is
-        the prompt's)."""
-        mask = self.run.fresh_mask(start, end, (end - noisy, end) if noisy else None)
+                first: bool = False, group_width: int | None = None) -> Tensor:
+        """Logits of inputs `start:end`, whose last `noisy` are one noisy block (or groups of
+        `group_width`); the mask is built fresh (the holes change every step). `first`: the prompt's
+        forward, uncompiled (its shape is the prompt's)."""
+        mask = self.run.fresh_mask(start, end, (end - noisy, end) if noisy else None,
+                                   group_width=group_width)
         return self.run(self.rows.seq, start, end, keep, first=first, mask=mask)
 
     def argmax(self, logits: Tensor) -> Tensor:
@@ -168,20 +189,38 @@ class _Decode:
     def fused_step(self, pos: int, width: int, limit: Tensor) -> list[int]:
         """One forward: verify each row's draft and draft its next `width - 1` tokens with a noisy
         block of `width` [MASK]s after the drafts; a row keeps that draft only when it accepted all
-        of its drafts. Returns the tokens each row gained."""
+        of its drafts. Branched: one such block per acceptance count, and each row keeps its own.
+        Returns the tokens each row gained."""
         rows, st, shift = self.rows, self.st, self.spec.shift
         draft, lens = st.draft, st.lens
         k = draft.shape[1]
-        end = pos + k + 1 + width
+        branches = (k + 1 if self.spec.branches > 1 else 1) if width else 0
+        end = pos + k + 1 + branches * width
         rows.seq[:, pos + 1:pos + k + 1] = draft
         rows.seq[:, pos + k + 1:end] = self.spec.mask_token_id
         self.place(pos + 1, st.g_pos + 1, lens, k)
-        self.place(pos + k + 1, st.g_pos + lens + 1, torch.full_like(lens, width), width)
-        keep = torch.arange(k + 1 + width, device=draft.device)
-        # causal rows, then draft rows
-        keep = torch.cat([keep[:k + 1], keep[k + 2 - shift:k + 1 + width - shift]])
-        logits = self.forward(pos, end, keep, noisy=width)
+        natural = self.run.layout.block_ids[:, pos + 1:end].clone()
+        if branches == 1:
+            self.place(pos + k + 1, st.g_pos + lens + 1, torch.full_like(lens, width), width)
+        for n in range(branches if branches > 1 else 0):  # block n sees g and d_1..d_n
+            first = pos + k + 1 + n * width
+            self.place(first, st.g_pos + n + 1, torch.full_like(lens, width), width)
+            self.run.layout.block_ids[:, first:first + width] = natural[:, n:n + 1]
+        keep = torch.arange(k + 1 + branches * width, device=draft.device)
+        # causal rows, then each block's draft rows
+        keep = torch.cat([keep[:k + 1], *(keep[k + 1 + n * width + 1 - shift:
+                                               k + 1 + (n + 1) * width - shift]
+                                          for n in range(branches))])
+        logits = self.forward(pos, end, keep, noisy=branches * width, group_width=width)
+        self.run.layout.block_ids[:, pos + 1:end] = natural
         rows.count_forward()
+        if branches > 1:
+            counts, new = self.verify(pos, draft, logits[:, :k + 1], limit)
+            noisy = logits[:, k + 1:].unflatten(1, (branches, width - 1))
+            noisy = noisy[torch.arange(len(counts), device=counts.device), counts]
+            st.draft = self.draft(st.g_pos + 1, width - 1, noisy)
+            st.lens = torch.full_like(counts, width - 1)
+            return new
         noisy = logits[:, k + 1:]
         next_draft = self.draft(st.g_pos + lens + 2, noisy.shape[1], noisy)
         counts, new = self.verify(pos, draft, logits[:, :k + 1], limit)

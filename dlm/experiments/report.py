@@ -233,7 +233,8 @@ def summary_table(points: pd.DataFrame, evals: pd.DataFrame, bench: pd.DataFrame
 SPEC_COLUMNS = {"ar-self": {"exact_match": "ar_mode_em"},
                 "spec": {"tpf": "spec_tpf", "speedup_vs_ar": "spec_x_ar",
                          "same_as_ar_mode": "spec_same"},
-                "spec-sep": {"tpf": "spec_sep_tpf", "speedup_vs_ar": "spec_sep_x_ar"}}
+                "spec-sep": {"tpf": "spec_sep_tpf", "speedup_vs_ar": "spec_sep_x_ar"},
+                "spec-br": {"tpf": "spec_br_tpf", "speedup_vs_ar": "spec_br_x_ar"}}
 """Joint-objective sweeps: the dLM's own AR mode and self-speculative decoding, per point (smallest
 batch)."""
 

@@ -137,7 +137,7 @@ def accuracy_vs_tpf(points: pd.DataFrame, bench: pd.DataFrame) -> Figure | None:
 def speculative(points: pd.DataFrame, bench: pd.DataFrame) -> Figure | None:
     """Joint-objective sweeps, per point (smallest bench batch): left, exact match of the dLM's own
     AR mode and of threshold decoding (is the converted model still a good AR model, and a good
-    dLM?); right, tokens per forward of threshold decoding and of both self-speculative forms
+    dLM?); right, tokens per forward of threshold decoding and of the self-speculative forms
     (lossless)."""
     if bench.empty or "ar-self" not in set(bench["method"]):
         return None
@@ -145,7 +145,8 @@ def speculative(points: pd.DataFrame, bench: pd.DataFrame) -> Figure | None:
     names = [label(r, varying(points)) for _, r in points.iterrows()]
     threshold = rows.loc[rows["method"] == "dlm", "threshold"].max()
     pick = {"AR mode": ("ar-self", None), f"threshold {threshold:g}": ("dlm", threshold),
-            "speculative, fused": ("spec", None), "speculative, separate": ("spec-sep", None)}
+            "speculative, fused": ("spec", None), "speculative, separate": ("spec-sep", None),
+            "speculative, branched": ("spec-br", None)}
     fig = _figure(11, 4.2)
     for panel, (key, title, shown) in enumerate([("exact_match", "Exact match", list(pick)[:2]),
                                                  ("tpf", "Tokens per forward", list(pick)[1:])]):

@@ -33,9 +33,12 @@ METHODS = {"ar": "AR, lean loop (same engine)",
            "dlm-v2count": "dLM cached, Fast-dLLM v2 counting",
            "ar-self": "AR mode of the dLM (its causal path)",
            "spec": "dLM self-speculative, fused",
-           "spec-sep": "dLM self-speculative, separate verify"}
-MODES = {"ar": "ar", "ar-self": "ar", "spec": "speculative", "spec-sep": "speculative"}
-SPECULATIVE = ("spec", "spec-sep")
+           "spec-sep": "dLM self-speculative, separate verify",
+           "spec-br": "dLM self-speculative, branched"}
+FORMS = {"spec": "fused", "spec-sep": "separate", "spec-br": "branched"}
+"""The speculative methods and their `decode.speculative_form`."""
+SPECULATIVE = tuple(FORMS)
+MODES = {"ar": "ar", "ar-self": "ar", **{m: "speculative" for m in SPECULATIVE}}
 AR_METHODS = ("ar", "ar-hf")
 
 
@@ -104,7 +107,7 @@ def decode_config(target: Target, setting: Setting, *, max_new_tokens: int,
     fixed = setting.tokens_per_pass or (1 if m == "dlm-1tpf" else None)
     threshold = setting.threshold or (DecodeConfig.threshold if setting.decoder else 1.0)
     cfg = DecodeConfig(mode=MODES.get(m, "diffusion"), block_size=target.block_size,
-                       speculative_form="separate" if m == "spec-sep" else "fused",
+                       speculative_form=FORMS.get(m, "fused"),
                        threshold=threshold,
                        max_new_tokens=max_new_tokens,
                        policy="fixed" if fixed else "threshold", tokens_per_pass=fixed or 1,

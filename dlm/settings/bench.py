@@ -41,10 +41,10 @@ class BenchConfig:
     one_token_reference: bool = True
     """Also time the dLM at one token per forward (the non-parallel reference)."""
     speculative: bool = False
-    """Also the self-speculative rows (decode.mode=speculative, fused and separate: drafts of
-    block_size - 1, lossless) and the checkpoint's own AR mode, whose tokens they must equal (the
-    `= AR mode` column: share of prompts token for token); needs a checkpoint trained with
-    attention.clean_context=causal."""
+    """Also the self-speculative rows (decode.mode=speculative, fused, separate and branched:
+    drafts of block_size - 1, lossless) and the checkpoint's own AR mode, whose tokens they must
+    equal (the `= AR mode` column: share of prompts token for token); needs a checkpoint trained
+    with attention.clean_context=causal."""
     ar_mode: bool = False
     """Also the checkpoint's own AR mode (decode.mode=ar on the dLM: is it still a good AR model?);
     on whenever `speculative` is."""

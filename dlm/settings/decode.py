@@ -79,12 +79,15 @@ class DecodeConfig:
     shift: bool = False
     """Dream-style checkpoints: the logit at i-1 predicts token i
     (must match training's `objective.shift`)."""
-    speculative_form: Literal["fused", "separate"] = "fused"
+    speculative_form: Literal["fused", "separate", "branched"] = "fused"
     """mode=speculative only.
     fused: one forward per step verifies the last draft (causal) and drafts the next block (its
-    [MASK]s after the drafts), up to block_size tokens per forward |
+    [MASK]s after the drafts), up to block_size tokens per forward; a row that rejects a draft has
+    none for its next step |
     separate: a diffusion draft forward, then a causal verify forward (two per step, up to
-    block_size / 2 tokens per forward)."""
+    block_size / 2 tokens per forward) |
+    branched: fused, with a noisy block for each count of drafts a row may accept, so every step
+    has a draft (block_size x (block_size - 1) more query tokens a forward)."""
 
     def __post_init__(self) -> None:
         if self.one_token_per_forward:

@@ -20,8 +20,11 @@ class DistillConfig:
     response_field: str = "answer"
     """The column the teacher's completion is written to; the source's value moves to
     `reference`."""
+    skip: int = 0
+    """Rows to pass over first: a second pass continues where one with `limit` stopped (its
+    rows were answered already), writing to a new `out`."""
     limit: Optional[int] = None
-    """Answer only the first `limit` rows (default: all)."""
+    """Answer at most `limit` rows after the skipped ones (default: all)."""
     batch_size: int = 64
     """Prompts decoded together (rows that finish leave the batch early)."""
     keep_unfinished: bool = False
@@ -29,6 +32,8 @@ class DistillConfig:
     response cut mid-sentence would teach the student to end there)."""
 
     def __post_init__(self) -> None:
+        check(isinstance(self.skip, int) and self.skip >= 0, "distill.skip", self.skip,
+              "must be a non-negative integer")
         check_positive_int("distill.limit", self.limit, optional=True)
         check_positive_int("distill.batch_size", self.batch_size)
         check(self.prompt_field != self.response_field, "distill.response_field",

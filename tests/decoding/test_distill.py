@@ -66,8 +66,12 @@ def test_source_rows_refuse_bad_input_before_anything_loads(prompts, tmp_path):
     with pytest.raises(ConfigError, match="row 0 has no such field; allowed: one of \\['answer', 'question'\\]"):
         source_rows(DistillConfig(str(prompts), str(out), prompt_field="prompt", response_field="x"))
     assert len(source_rows(DistillConfig(str(prompts), str(out), limit=2))) == 2
+    rest = source_rows(DistillConfig(str(prompts), str(out), skip=2, limit=2))
+    assert [r["question"] for r in rest] == [r["question"] for r in ROWS[2:4]]
+    with pytest.raises(ConfigError, match=f"no rows after distill.skip={len(ROWS)}"):
+        source_rows(DistillConfig(str(prompts), str(out), skip=len(ROWS)))
     (tmp_path / "empty.jsonl").write_text("\n")
-    with pytest.raises(ConfigError, match="distill.data='.*empty.jsonl': no rows"):
+    with pytest.raises(ConfigError, match="distill.data='.*empty.jsonl': no rows after distill.skip=0"):
         source_rows(DistillConfig(str(tmp_path / "empty.jsonl"), str(out)))
     out.write_text("kept\n")
     with pytest.raises(ConfigError, match="distill.out=.*: exists"):

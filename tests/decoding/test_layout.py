@@ -40,3 +40,15 @@ def test_select_keeps_the_rows_asked_for():
     layout = Layout.build(torch.tensor([[0, 1], [1, 1], [0, 1]]), max_new_tokens=2, pattern=block(2))
     kept = layout.select(torch.tensor([2, 0]))
     assert torch.equal(kept.position_ids, layout.position_ids[[2, 0]]) and kept.prompt_len == 2
+
+
+def test_noisy_groups_see_themselves_and_the_committed_tokens_before_their_block_id():
+    """Slots 2..7 noisy in groups of 3 (speculative decoding's branches): a group sees itself, not the other group,
+    and the committed slots its block id allows (here the second group took the block id of slot 1)."""
+    layout = Layout.build(torch.ones(1, 2, dtype=torch.long), max_new_tokens=6,
+                          pattern=patterns.get("block_clean", clean_context="causal"))
+    layout.block_ids[:, 5:8] = layout.block_ids[:, 1]
+    mask = layout.mask(2, 8, keys=8, noisy=(2, 8), group_width=3)[0, 0].int()
+    assert mask.tolist() == [[1, 1, 1, 1, 1, 0, 0, 0]] * 3 + [[1, 0, 0, 0, 0, 1, 1, 1]] * 3
+    whole = layout.mask(2, 8, keys=8, noisy=(2, 8))[0, 0]
+    assert whole[:, 2:].all()  # one group by default

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from dlm.decoding.drafting import DraftRequest
+from dlm.decoding.drafting import DraftRequest, SelfDrafter
 from dlm.decoding.engine import generate
 from dlm.decoding.speculative import accept, accepted_counts
 from dlm.decoding.text import left_pad
@@ -17,7 +17,7 @@ from tests.conftest import sharp_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FORMS = ["fused", "separate"]
+FORMS = ["fused", "separate", "branched"]
 PROMPTS = ["Tom has 3 apples and", "Q: 12 + 7 =", "Sara buys 4 pens. She gives 2 away. How many", "x"]
 
 
@@ -108,7 +108,7 @@ def test_one_prompt_alone_equals_its_row_in_the_batch(bb, tokenizer, form):
     (dict(block_size=1), r"^decode.block_size=1: must be >= 2 with decode.mode=speculative"),
     (dict(use_cache=False), r"^decode.use_cache=False: decode.mode=speculative verifies over the KV cache"),
     (dict(temperature=0.5), r"^decode.temperature=0.5: decode.mode=speculative is greedy"),
-    (dict(speculative_form="both"), r"^decode.speculative_form='both': .*allowed: fused, separate"),
+    (dict(speculative_form="both"), r"^decode.speculative_form='both': .*allowed: fused, separate, branched"),
 ])
 def test_bad_speculative_settings_fail_in_one_line(kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -143,11 +143,16 @@ class Oracle:
     wrong_rows: tuple[int, ...] = ()
     noisy_pass: bool = True
     calls: int = 0
+    wrong_at: int = 0
+    """Non-zero: instead, the draft of every position divisible by it is wrong, whichever step drafts it."""
 
     def draft(self, request: DraftRequest) -> torch.Tensor:
         self.calls += 1
         guess = _lookup(self.ar_seq, self.mask, request.first, request.length, request.rows)
-        if self.wrong_every == 1:
+        if self.wrong_at:
+            positions = request.first[:, None] + torch.arange(request.length)
+            guess[positions % self.wrong_at == 0] = self.mask_token_id
+        elif self.wrong_every == 1:
             guess[:] = self.mask_token_id
         elif guess.shape[1] and self.by_position:
             guess[request.first % self.wrong_every == 0, guess.shape[1] // 2] = self.mask_token_id
@@ -162,7 +167,7 @@ def _with_oracle(bb, tokenizer, form: str, wrong_every: int):
     ids, mask = _batch(tokenizer)
     ar = _decode(bb, ids, mask, "ar", max_new_tokens=21)
     oracle = Oracle(torch.cat([ids, torch.tensor(ar.tokens)], dim=1), mask, bb.mask_token_id, wrong_every,
-                    by_position=form == "fused")
+                    by_position=form != "separate")
     return _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21, speculative_form=form,
                    drafter=oracle), ar
 
@@ -228,3 +233,59 @@ def test_a_drafter_without_the_noisy_pass_costs_no_draft_forward(bb, tokenizer):
                    drafter=oracle)
     assert spec.tokens == ar.tokens
     assert spec.nfe == 1 + 4  # the prefill, then 5 tokens per verify forward
+
+
+@dataclass
+class Recorder:
+    """The model's own drafter, keeping each row's draft requests in order: (first drafted position, logits)."""
+
+    mask_token_id: int
+    noisy_pass: bool = True
+
+    def __post_init__(self):
+        self.seen: dict[int, list[tuple[int, torch.Tensor]]] = {}
+
+    def draft(self, request: DraftRequest) -> torch.Tensor:
+        for row, first, logits in zip(request.rows, request.first.tolist(), request.logits):
+            self.seen.setdefault(row, []).append((first, logits.clone()))
+        return SelfDrafter(self.mask_token_id).draft(request)
+
+    def kept_by_fused(self, k: int) -> dict[tuple[int, int], torch.Tensor]:
+        """The fused form drafts before it verifies; a draft conditioned on drafts the row then rejected is dropped,
+        and the row's next draft starts before `first + k + 1`. The kept ones, by (row, first)."""
+        return {(row, first): logits for row, seen in self.seen.items()
+                for (first, logits), (after, _) in zip(seen, seen[1:]) if after == first + k + 1}
+
+    def every(self) -> dict[tuple[int, int], torch.Tensor]:
+        return {(row, first): logits for row, seen in self.seen.items() for first, logits in seen}
+
+
+def test_a_branch_drafts_what_the_fused_block_drafts_after_the_same_accepted_prefix(bb, tokenizer):
+    """A branch sees the cache, `g` and the drafts its count accepted, nothing else (not the later drafts, not
+    the other branches): where the fused form kept a draft from the same committed prefix, the logits are the
+    same."""
+    ids, mask = _batch(tokenizer)
+    fused, branched = Recorder(bb.mask_token_id), Recorder(bb.mask_token_id)
+    out = [_decode(bb, ids, mask, "speculative", block_size=4, max_new_tokens=25, speculative_form=form,
+                   drafter=drafter) for form, drafter in (("fused", fused), ("branched", branched))]
+    assert out[0].tokens == out[1].tokens
+    kept, every = fused.kept_by_fused(3), branched.every()
+    common = set(kept) & set(every)
+    assert len(common) >= 4 and set(every) - set(kept)  # branched also drafts where fused had to wait a step
+    for key in common:
+        torch.testing.assert_close(every[key], kept[key], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("wrong_at", [3, 7])
+def test_branched_form_drafts_every_step_so_a_rejection_costs_no_extra_forward(bb, tokenizer, wrong_at):
+    """The same positions drafted wrong in both forms: the fused form spends a forward after each rejection (no
+    draft for the next step), the branched form keeps the draft of the count it accepted."""
+    ids, mask = _batch(tokenizer)
+    ar = _decode(bb, ids, mask, "ar", max_new_tokens=21)
+    out = {}
+    for form in ("fused", "branched"):
+        oracle = Oracle(torch.cat([ids, torch.tensor(ar.tokens)], dim=1), mask, bb.mask_token_id, wrong_at=wrong_at)
+        out[form] = _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21, speculative_form=form,
+                            drafter=oracle)
+    assert out["branched"].tokens == out["fused"].tokens == ar.tokens
+    assert all(b < f for b, f in zip(out["branched"].row_forwards, out["fused"].row_forwards))

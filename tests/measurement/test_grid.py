@@ -48,9 +48,9 @@ def direct(target: Target, setting: Setting, batch: Batch, eos: int | None):
     return generate(target.model, batch.input_ids, attention_mask=batch.attention_mask,
                     mask_token_id=target.mask_token_id, eos_token_id=eos, block_size=target.block_size,
                     max_new_tokens=GEN, threshold=setting.threshold or 1.0,
-                    mode={"ar": "ar", "ar-self": "ar", "spec": "speculative",
-                          "spec-sep": "speculative"}.get(setting.method, "diffusion"),
-                    speculative_form="separate" if setting.method == "spec-sep" else "fused",
+                    mode={"ar": "ar", "ar-self": "ar", "spec": "speculative", "spec-sep": "speculative",
+                          "spec-br": "speculative"}.get(setting.method, "diffusion"),
+                    speculative_form={"spec-sep": "separate", "spec-br": "branched"}.get(setting.method, "fused"),
                     policy="fixed" if setting.tokens_per_pass else "threshold",
                     tokens_per_pass=setting.tokens_per_pass or 1, early_exit=setting.method != "dlm-v2count",
                     one_token_per_forward=setting.method == "dlm-1tpf", use_cache=setting.method != "dlm-nocache")
@@ -83,7 +83,7 @@ def test_settings_grid_per_batch_size_is_ar_then_reference_then_cached_then_no_c
                            Setting("dlm", b, 0.5), Setting("dlm", b, 0.9), Setting("dlm-fixed", b, tokens_per_pass=3),
                            Setting("dlm-nocache", b, 0.9), Setting("dlm-nocache", b, tokens_per_pass=3),
                            Setting("dlm-v2count", b, 0.9), Setting("ar-self", b), Setting("spec", b),
-                           Setting("spec-sep", b)]
+                           Setting("spec-sep", b), Setting("spec-br", b)]
     assert grid == per_batch(1) + per_batch(4)
     assert {s.method for s in grid} == set(METHODS)
 
@@ -193,7 +193,7 @@ def test_speculative_rows_report_the_share_of_prompts_equal_to_the_checkpoints_o
     rows = build_rows(measure_grid(grid, PROMPTS, max_new_tokens=GEN, repeats=1, warmup=0, ignore_eos=True,
                                    scored=False))
     same = {r.method: r.same_as_ar_mode for r in rows}
-    assert same == {"ar": None, "ar-self": None, "spec": 1.0, "spec-sep": 1.0}
+    assert same == {"ar": None, "ar-self": None, "spec": 1.0, "spec-sep": 1.0, "spec-br": 1.0}
     assert build_rows({Setting("spec", 1): measurement([1.0])})[0].same_as_ar_mode is None  # no AR mode row
 
 
