@@ -77,7 +77,7 @@ class DiffusionCollator:
                generator: torch.Generator | None = None) -> TrainBatch:
         m = self.masking
         sample = sample_mask(ids.shape[0], ids.shape[1], block_size, m.strategy, m.half_life,
-                             generator=generator, eligible=eligible, eps=m.eps)
+                             generator=generator, eligible=eligible, eps=max(m.eps, m.t_min))
         if m.complementary:
             other = complementary(sample, eligible)
             sample = type(sample)(*(torch.cat([a, b]) for a, b in zip(sample, other)))

@@ -122,6 +122,10 @@ class MaskingConfig:
     so every token is supervised once."""
     eps: float = 1e-3
     """t ~ U[eps, 1] per block."""
+    t_min: float = 0.0
+    """Lower end of the per-block rate, t ~ U[max(eps, t_min), 1]. A self-speculative draft is a
+    block of [MASK]s only, which t ~ U[0, 1] trains on one block in 2 * block_size; a high t_min
+    (0.75 at block 4: half the blocks all masked) trains the drafter on what it decodes."""
 
 
 @dataclass
@@ -267,6 +271,7 @@ def validate(cfg: ExperimentConfig) -> ExperimentConfig:
     check_schedule(a, d.max_length)
     check(m.half_life > 0, "masking.half_life", m.half_life, "must be > 0 (large = uniform)")
     check(0 < m.eps < 1, "masking.eps", m.eps, "must be in (0, 1)")
+    check(0 <= m.t_min < 1, "masking.t_min", m.t_min, "must be in [0, 1)")
     has_model = cfg.model.name_or_path is not None or cfg.model.arch is not None
     check(has_model, "model.name_or_path", None,
           "set a checkpoint, or model.arch (+ model.config) to build one from scratch")

@@ -165,6 +165,7 @@ CASES: dict[str, list[str]] = {
     "max_length zero": _train("data.max_length=0"),
     "half_life zero": _train("masking.half_life=0"),
     "eps above one": _train("masking.eps=1.5"),
+    "t_min one": _train("masking.t_min=1"),
     "no model source": _train("model.arch=null"),
     "batch_size zero": _train("data.batch_size=0"),
     "val_fraction one": _train("data.val_fraction=1"),

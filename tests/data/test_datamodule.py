@@ -39,6 +39,16 @@ def test_collate_complementary_doubles_batch_and_covers_every_token(tmp_path):
     assert torch.equal(batch.mask[:2] ^ batch.mask[2:], torch.ones(2, 16, dtype=torch.bool))
 
 
+@pytest.mark.parametrize("t_min, all_masked", [(0.9, True), (0.0, False)])
+def test_collate_t_min_raises_the_masking_rate(tmp_path, t_min, all_masked):
+    """t >= 0.9 masks round(4 t) = 4 of a block's 4 tokens: every block is a draft's all-[MASK] block."""
+    cfg = _cfg(tmp_path, f"masking.t_min={t_min}")
+    collate = DiffusionCollator(patterns.get("block_clean", block_size=4), mask_token_id=1, masking=cfg.masking)
+    torch.manual_seed(0)
+    batch = collate([{"input_ids": list(range(10, 42)), "eligible": [1] * 32} for _ in range(8)])
+    assert bool(batch.mask.all()) == all_masked
+
+
 def test_collate_causal_has_no_noise(tmp_path):
     collate = DiffusionCollator(patterns.get("causal", block_size=4), mask_token_id=1, masking=_cfg(tmp_path).masking)
     batch = collate([{"input_ids": [5, 6, 7, 8], "eligible": [1, 1, 1, 1]}])
