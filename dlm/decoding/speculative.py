@@ -18,8 +18,8 @@ token `g` known, two forms:
   row may accept, each seeing the cache, `g` and `d_1..d_n` only (its slots take the block id of
   `d_{n+1}`, so the pattern's noisy rule hides the rest; each block is its own group). After
   verifying, each row keeps the block of the count it accepted, so every step has a draft. It adds
-  `k (k + 1)` query tokens a forward, nearly free where decoding is weight-bound (bf16 on these
-  CPUs, a GPU at small batch: BENCHMARKS.md).
+  `k (k + 1)` query tokens a forward: nearly free where decoding is weight-bound (a GPU at small
+  batch, a CPU with AMX), 1.6x one token at k = 3 on an AVX-512 CPU (BENCHMARKS.md §14).
 
 Each row accepts the longest prefix of its drafts with `d_j == v_j` (n drafts) plus the causal
 path's next token `v_{n+1}` (:func:`accept`). Every committed token is the causal greedy argmax
@@ -91,9 +91,9 @@ class Speculation:
         return self.form != "separate"
 
     @property
-    def branches(self) -> int:
-        """Noisy blocks a fused step drafts with: one per acceptance count when branched."""
-        return self.draft_len + 1 if self.form == "branched" else 1
+    def branched(self) -> bool:
+        """A fused step drafts with one noisy block per acceptance count."""
+        return self.form == "branched"
 
 
 @dataclass
@@ -194,18 +194,19 @@ class _Decode:
         rows, st, shift = self.rows, self.st, self.spec.shift
         draft, lens = st.draft, st.lens
         k = draft.shape[1]
-        branches = (k + 1 if self.spec.branches > 1 else 1) if width else 0
+        branches = (k + 1 if self.spec.branched else 1) if width else 0
         end = pos + k + 1 + branches * width
         rows.seq[:, pos + 1:pos + k + 1] = draft
         rows.seq[:, pos + k + 1:end] = self.spec.mask_token_id
         self.place(pos + 1, st.g_pos + 1, lens, k)
         natural = self.run.layout.block_ids[:, pos + 1:end].clone()
-        if branches == 1:
+        if branches > 1:
+            for n in range(branches):  # block n sees g and d_1..d_n
+                first = pos + k + 1 + n * width
+                self.place(first, st.g_pos + n + 1, torch.full_like(lens, width), width)
+                self.run.layout.block_ids[:, first:first + width] = natural[:, n:n + 1]
+        else:
             self.place(pos + k + 1, st.g_pos + lens + 1, torch.full_like(lens, width), width)
-        for n in range(branches if branches > 1 else 0):  # block n sees g and d_1..d_n
-            first = pos + k + 1 + n * width
-            self.place(first, st.g_pos + n + 1, torch.full_like(lens, width), width)
-            self.run.layout.block_ids[:, first:first + width] = natural[:, n:n + 1]
         keep = torch.arange(k + 1 + branches * width, device=draft.device)
         # causal rows, then each block's draft rows
         keep = torch.cat([keep[:k + 1], *(keep[k + 1 + n * width + 1 - shift:
