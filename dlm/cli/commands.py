@@ -210,7 +210,8 @@ def add_exactness(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--pairs", default="cache,batch,speculative",
                    help="comma list of: cache (cached vs no-cache), batch (batched vs alone), "
-                        "speculative (vs AR mode)")
+                        "speculative (vs AR mode), speculative-branched (the branched form vs AR "
+                        "mode)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="render prompts through the chat template "
                         "(default: as the checkpoint was trained)")

@@ -1,7 +1,8 @@
 """`dlm exactness`: do the decoder's fast paths give the reference's tokens on a real checkpoint?
 
-Three pairs, each on the same prompts: cached vs no-cache decoding, batch N vs one prompt at a time,
-and (for a checkpoint with a causal clean context) self-speculative vs the AR mode. In float32 they
+Pairs, each on the same prompts: cached vs no-cache decoding, batch N vs one prompt at a time, and
+(for a checkpoint with a causal clean context) self-speculative vs the AR mode, in the default fused
+form (`speculative`) or the branched one (`speculative-branched`). In float32 they
 are equal by construction. In bf16 a forward over k tokens and k one-token forwards round
 differently, so a row may differ; for each such row the report gives the first differing position
 and the reference's top-2 logit margin there against bf16's resolution at that logit (a margin
@@ -31,7 +32,7 @@ from dlm.settings import DecodeConfig, check
 from dlm.settings.errors import check_positive_int
 from dlm.tensor.patterns import Pattern
 
-PAIRS = ("cache", "batch", "speculative")
+PAIRS = ("cache", "batch", "speculative", "speculative-branched")
 
 
 @dataclass
@@ -70,13 +71,16 @@ def check_exactness(checkpoint: str | Path, *, prompts: str, num_prompts: int = 
     texts = render_prompts(backbone.tokenizer, texts, form)
     ar = meta.attention_pattern.autoregressive
     base = decode_config_for(meta, max_new_tokens=max_new_tokens, mode="ar" if ar else None)
-    if "speculative" in pairs:
+    if any(pair.startswith("speculative") for pair in pairs):
         meta.check_decode_mode("speculative")
+    ar_mode = (dataclasses.replace(base, mode="ar"), batch_size)
     runs = {
         "cache": ((base, batch_size), (dataclasses.replace(base, use_cache=False), batch_size)),
         "batch": ((base, batch_size), (base, 1)),
-        "speculative": ((dataclasses.replace(base, mode="speculative"), batch_size),
-                        (dataclasses.replace(base, mode="ar"), batch_size)),
+        "speculative": ((dataclasses.replace(base, mode="speculative"), batch_size), ar_mode),
+        "speculative-branched": ((dataclasses.replace(base, mode="speculative",
+                                                      speculative_form="branched"), batch_size),
+                                 ar_mode),
     }
     results = []
     for pair in pairs:
@@ -98,7 +102,7 @@ def format_results(results: Sequence[PairResult], *, checkpoint: str | Path, dty
             "|---|---|---|"]
     note = (f"\n{checkpoint}, {dtype}; cache: cached vs no-cache decoding; "
             "batch: batched vs one prompt at a time; "
-            "speculative: self-speculative vs the AR mode.")
+            "speculative(-branched): self-speculative (fused, branched) vs the AR mode.")
     return "\n".join(head + [r.line() for r in results]) + note
 
 
