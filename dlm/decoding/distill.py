@@ -51,15 +51,15 @@ def source_rows(settings: DistillConfig) -> list[dict]:
     if out.exists():
         raise ConfigError(f"distill.out={settings.out!r}: exists; allowed: a new path "
                           "(written rows are never overwritten)")
-    rows = read_jsonl(source)
-    if not rows[settings.skip:]:
+    rows = read_jsonl(source)[settings.skip:][: settings.limit]
+    if not rows:
         raise ConfigError(f"distill.data={settings.data!r}: no rows after distill.skip="
                           f"{settings.skip}; allowed: a JSONL file of more than skip prompt rows")
-    rows = rows[settings.skip:][: settings.limit]
     missing = [i for i, row in enumerate(rows) if settings.prompt_field not in row]
-    if missing:
-        raise ConfigError(f"distill.prompt_field={settings.prompt_field!r}: row {missing[0]} has "
-                          f"no such field; allowed: one of {sorted(rows[missing[0]])}")
+    if missing:  # numbered as in the file
+        raise ConfigError(f"distill.prompt_field={settings.prompt_field!r}: row "
+                          f"{settings.skip + missing[0]} has no such field; "
+                          f"allowed: one of {sorted(rows[missing[0]])}")
     return rows
 
 

@@ -199,8 +199,9 @@ class _Decode:
         rows.seq[:, pos + 1:pos + k + 1] = draft
         rows.seq[:, pos + k + 1:end] = self.spec.mask_token_id
         self.place(pos + 1, st.g_pos + 1, lens, k)
-        natural = self.run.layout.block_ids[:, pos + 1:end].clone()
+        natural = None  # branched: the slots' own block ids, restored after the forward
         if branches > 1:
+            natural = self.run.layout.block_ids[:, pos + 1:end].clone()
             for n in range(branches):  # block n sees g and d_1..d_n
                 first = pos + k + 1 + n * width
                 self.place(first, st.g_pos + n + 1, torch.full_like(lens, width), width)
@@ -213,9 +214,9 @@ class _Decode:
                                                k + 1 + (n + 1) * width - shift]
                                           for n in range(branches))])
         logits = self.forward(pos, end, keep, noisy=branches * width, group_width=width)
-        self.run.layout.block_ids[:, pos + 1:end] = natural
         rows.count_forward()
-        if branches > 1:
+        if natural is not None:  # branched: each row keeps the block of the count it accepted
+            self.run.layout.block_ids[:, pos + 1:end] = natural
             counts, new = self.verify(pos, draft, logits[:, :k + 1], limit)
             noisy = logits[:, k + 1:].unflatten(1, (branches, width - 1))
             noisy = noisy[torch.arange(len(counts), device=counts.device), counts]

@@ -70,6 +70,10 @@ def test_source_rows_refuse_bad_input_before_anything_loads(prompts, tmp_path):
     assert [r["question"] for r in rest] == [r["question"] for r in ROWS[2:4]]
     with pytest.raises(ConfigError, match=f"no rows after distill.skip={len(ROWS)}"):
         source_rows(DistillConfig(str(prompts), str(out), skip=len(ROWS)))
+    holed = tmp_path / "holed.jsonl"
+    holed.write_text("".join(json.dumps(r if i != 3 else {"answer": "x"}) + "\n" for i, r in enumerate(ROWS)))
+    with pytest.raises(ConfigError, match="row 3 has no such field"):  # numbered as in the file
+        source_rows(DistillConfig(str(holed), str(out), skip=2))
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ConfigError, match="distill.data='.*empty.jsonl': no rows after distill.skip=0"):
         source_rows(DistillConfig(str(tmp_path / "empty.jsonl"), str(out)))
