@@ -154,7 +154,7 @@ def run_generate(args: argparse.Namespace) -> None:
     ar_mode = decode.mode == "ar"
     mode = ("AR model" if meta.attention_pattern.autoregressive
             else "AR mode of the dLM" if ar_mode
-            else f"speculative ({decode.speculative_form}), drafts of {decode.block_size - 1}"
+            else f"speculative ({decode.speculative_label}), drafts of {decode.block_size - 1}"
             if decode.mode == "speculative"
             else f"parallel, block {decode.block_size}, threshold {decode.threshold}")
     shown = f"{mode}, {args.dtype}" + (", chat template" if chat else "")

@@ -272,7 +272,7 @@ def generate(model: PreTrainedModel, input_ids: Tensor, *, mask_token_id: int | 
             slots = slots_needed(cfg.max_new_tokens, cfg.block_size - 1, cfg.speculative_form)
             spec = Speculation(cfg.max_new_tokens, cfg.block_size - 1, mask_token_id,
                                drafter or SelfDrafter(mask_token_id), cfg.shift,
-                               form=cfg.speculative_form)
+                               form=cfg.speculative_form, branches=cfg.speculative_branches)
             run = Runner(model, Layout.build(attention_mask, slots, pattern.resized(1)), cfg)
             rows = speculative(run, input_ids, spec, stopper)
         else:

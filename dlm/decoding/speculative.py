@@ -19,7 +19,9 @@ token `g` known, two forms:
   `d_{n+1}`, so the pattern's noisy rule hides the rest; each block is its own group). After
   verifying, each row keeps the block of the count it accepted, so every step has a draft. It adds
   `k (k + 1)` query tokens a forward: nearly free where decoding is weight-bound (a GPU at small
-  batch, a CPU with AMX), 1.6x one token at k = 3 on an AVX-512 CPU (BENCHMARKS.md §14).
+  batch, a CPU with AMX), 1.6x one token at k = 3 on an AVX-512 CPU (BENCHMARKS.md §14). With
+  `branches` < k + 1, each row drafts only after the counts its drafts' confidences make most
+  likely (:func:`likely_counts`); a row that accepts another count goes on as in the fused form.
 
 Each row accepts the longest prefix of its drafts with `d_j == v_j` (n drafts) plus the causal
 path's next token `v_{n+1}` (:func:`accept`). Every committed token is the causal greedy argmax
@@ -73,6 +75,26 @@ def accept(draft: Tensor, verified: Tensor, limit: Tensor | None = None) -> tupl
     return counts, verified.gather(1, counts[:, None])[:, 0]
 
 
+def likely_counts(conf: Tensor, usable: Tensor, m: int) -> Tensor:
+    """`(B, m)`: per row, the `m` acceptance counts most likely, most likely first, taking each of
+    its drafts as accepted with its own probability `conf` `(B, k)`: P(n) = c_1..c_n (1 - c_{n+1}),
+    with no draft past `usable` `(B,)` (its length, or its length limit) accepted."""
+    k = conf.shape[1]
+    c = torch.where(torch.arange(k, device=conf.device) < usable[:, None], conf, 0)
+    ones = torch.ones_like(c[:, :1])
+    prob = torch.cat([ones, c.cumprod(dim=1)], dim=1) * torch.cat([1 - c, ones], dim=1)
+    return prob.topk(m, dim=1).indices
+
+
+def draft_confidence(logits: Tensor | None, draft: Tensor, mask_token_id: int) -> Tensor:
+    """`(B, k)`: the probability the noisy block gave each drafted token (1 without logits: an
+    external drafter's drafts count as sure)."""
+    if logits is None:
+        return torch.ones(draft.shape, device=draft.device)
+    probs = torch.softmax(without_mask(logits, mask_token_id).float(), dim=-1)
+    return probs.gather(-1, draft[..., None])[..., 0]
+
+
 @dataclass(frozen=True)
 class Speculation:
     """The settings of one speculative call."""
@@ -84,6 +106,8 @@ class Speculation:
     shift: bool = False
     form: str = "fused"
     """`decode.speculative_form`: fused, separate or branched."""
+    branches: int | None = None
+    """`decode.speculative_branches`: branched only, noisy blocks a forward (None: k + 1)."""
 
     @property
     def fused(self) -> bool:
@@ -100,15 +124,17 @@ class Speculation:
 class _Rows:
     """Per active row: the position of its next token `g` (at the common slot `pos`), its tokens so
     far, and its next draft (`draft` `(B, k)`, `lens` real ones each; [MASK] past them, which no
-    causal argmax equals)."""
+    causal argmax equals; `conf`: the probability the drafter gave each)."""
 
     g_pos: Tensor  # (B,) long
     generated: list[list[int]]
     draft: Tensor
     lens: Tensor  # (B,) long
+    conf: Tensor  # (B, k)
 
     def select(self, keep: Tensor) -> None:
         self.g_pos, self.draft, self.lens = self.g_pos[keep], self.draft[keep], self.lens[keep]
+        self.conf = self.conf[keep]
         self.generated = [self.generated[k] for k in keep.tolist()]
 
 
@@ -141,8 +167,13 @@ class _Decode:
         self.run.layout.real[:, start:start + width] = j[None, :] < lens[:, None]
         self.run.layout.position_ids[:, start:start + width] = first_pos[:, None] + j[None, :]
 
-    def draft(self, first: Tensor, length: int, logits: Tensor | None) -> Tensor:
-        return self.spec.drafter.draft(DraftRequest(list(self.rows.ids), first, length, logits))
+    def draft(self, first: Tensor, length: int, logits: Tensor | None,
+              rows: list[int] | None = None) -> tuple[Tensor, Tensor]:
+        """The drafter's tokens and the probability the noisy block gave each, for every row or
+        for `rows` (indices into the batch) only."""
+        ids = list(self.rows.ids) if rows is None else [self.rows.ids[r] for r in rows]
+        draft = self.spec.drafter.draft(DraftRequest(ids, first, length, logits))
+        return draft, draft_confidence(logits, draft, self.spec.mask_token_id)
 
     # -- the story ---------------------------------------------------------------------------------
     def prefill(self, g_pos: Tensor, width: int) -> None:
@@ -153,7 +184,7 @@ class _Decode:
         rows, spec, prompt_len = self.rows, self.spec, self.rows.prompt_len
         if not width:
             last_logit = self.run(rows.seq, 0, prompt_len, 1, first=True)[:, -1]
-            g, draft = self.argmax(last_logit), rows.seq[:, :0]
+            g, (draft, conf) = self.argmax(last_logit), (rows.seq[:, :0], None)
         else:
             end = prompt_len + width
             rows.seq[:, prompt_len:end] = spec.mask_token_id
@@ -161,10 +192,13 @@ class _Decode:
             keep = torch.tensor([prompt_len - 1, *drafted], device=g_pos.device)
             logits = self.forward(0, end, keep, noisy=width, first=True)
             self.run.keep_until(prompt_len)  # the noisy block's KV is not the causal one: drop it
-            g, draft = self.argmax(logits[:, 0]), self.draft(g_pos + 1, width - 1, logits[:, 1:])
+            g, (draft, conf) = self.argmax(logits[:, 0]), self.draft(g_pos + 1, width - 1,
+                                                                     logits[:, 1:])
         rows.seq[:, prompt_len] = g
         rows.count_forward()
-        self.st = _Rows(g_pos, [[t] for t in g.tolist()], draft, torch.full_like(g, draft.shape[1]))
+        conf = torch.ones(draft.shape, device=draft.device) if conf is None else conf
+        self.st = _Rows(g_pos, [[t] for t in g.tolist()], draft,
+                        torch.full_like(g, draft.shape[1]), conf)
         self.stop([1] * len(self.st.generated))
 
     def separate_step(self, pos: int, k: int, limit: Tensor) -> list[int]:
@@ -180,7 +214,7 @@ class _Decode:
                 logits = self.forward(pos, pos + k + 1, k + spec.shift, noisy=k + 1)[:, :k]
                 self.run.keep_until(pos)  # the draft's KV is not the causal one: drop it
                 rows.count_forward()
-            draft = self.draft(st.g_pos + 1, k, logits)
+            draft = self.draft(st.g_pos + 1, k, logits)[0]
         rows.seq[:, pos + 1:pos + k + 1] = draft
         logits = self.forward(pos, pos + k + 1, k + 1)
         rows.count_forward()
@@ -189,23 +223,24 @@ class _Decode:
     def fused_step(self, pos: int, width: int, limit: Tensor) -> list[int]:
         """One forward: verify each row's draft and draft its next `width - 1` tokens with a noisy
         block of `width` [MASK]s after the drafts; a row keeps that draft only when it accepted all
-        of its drafts. Branched: one such block per acceptance count, and each row keeps its own.
-        Returns the tokens each row gained."""
+        of its drafts. Branched: one such block per acceptance count (or per likely count), and
+        each row keeps the one of the count it accepted. Returns the tokens each row gained."""
         rows, st, shift = self.rows, self.st, self.spec.shift
         draft, lens = st.draft, st.lens
         k = draft.shape[1]
-        branches = (k + 1 if self.spec.branched else 1) if width else 0
+        counts_drafted = self.branch_counts(k, limit) if self.spec.branched and width else None
+        branches = 0 if not width else 1 if counts_drafted is None else counts_drafted.shape[1]
         end = pos + k + 1 + branches * width
         rows.seq[:, pos + 1:pos + k + 1] = draft
         rows.seq[:, pos + k + 1:end] = self.spec.mask_token_id
         self.place(pos + 1, st.g_pos + 1, lens, k)
         natural = None  # branched: the slots' own block ids, restored after the forward
-        if branches > 1:
+        if counts_drafted is not None:
             natural = self.run.layout.block_ids[:, pos + 1:end].clone()
-            for n in range(branches):  # block n sees g and d_1..d_n
-                first = pos + k + 1 + n * width
+            for j, n in enumerate(counts_drafted.unbind(dim=1)):  # block j sees g and d_1..d_n
+                first = pos + k + 1 + j * width
                 self.place(first, st.g_pos + n + 1, torch.full_like(lens, width), width)
-                self.run.layout.block_ids[:, first:first + width] = natural[:, n:n + 1]
+                self.run.layout.block_ids[:, first:first + width] = natural.gather(1, n[:, None])
         else:
             self.place(pos + k + 1, st.g_pos + lens + 1, torch.full_like(lens, width), width)
         keep = torch.arange(k + 1 + branches * width, device=draft.device)
@@ -215,22 +250,41 @@ class _Decode:
                                           for n in range(branches))])
         logits = self.forward(pos, end, keep, noisy=branches * width, group_width=width)
         rows.count_forward()
-        if natural is not None:  # branched: each row keeps the block of the count it accepted
+        if natural is not None:
             self.run.layout.block_ids[:, pos + 1:end] = natural
-            counts, new = self.verify(pos, draft, logits[:, :k + 1], limit)
-            noisy = logits[:, k + 1:].unflatten(1, (branches, width - 1))
-            noisy = noisy[torch.arange(len(counts), device=counts.device), counts]
-            st.draft = self.draft(st.g_pos + 1, width - 1, noisy)
-            st.lens = torch.full_like(counts, width - 1)
-            return new
-        noisy = logits[:, k + 1:]
-        next_draft = self.draft(st.g_pos + lens + 2, noisy.shape[1], noisy)
+        g_pos = st.g_pos  # verify moves it past the accepted tokens
         counts, new = self.verify(pos, draft, logits[:, :k + 1], limit)
-        kept = counts == lens
-        masks = torch.full_like(next_draft, self.spec.mask_token_id)
-        st.draft = torch.where(kept[:, None], next_draft, masks)
-        st.lens = torch.where(kept, next_draft.shape[1], 0)
+        if not branches:  # no row needs a next draft
+            st.draft, st.lens, st.conf = draft[:, :0], torch.zeros_like(lens), st.conf[:, :0]
+            return new
+        noisy = logits[:, k + 1:].unflatten(1, (branches, width - 1))
+        # per row, the block drafted after the count it accepted (fused: after all its drafts)
+        drafted = counts_drafted if natural is not None else lens[:, None]
+        hit = drafted == counts[:, None]
+        block = hit.long().argmax(dim=1)  # a row without its count: any block, then dropped
+        noisy = noisy[torch.arange(len(counts), device=counts.device), block]
+        after = drafted.gather(1, block[:, None])[:, 0]  # the drafts the block saw
+        kept = hit.any(dim=1)
+        if branches == k + 1 or natural is None:  # every row has its block, or fused's rule
+            next_draft, st.conf = self.draft(g_pos + after + 2, width - 1, noisy)
+            st.draft = torch.where(kept[:, None], next_draft, self.spec.mask_token_id)
+        else:  # fewer blocks than counts: only rows that have theirs ask the drafter (one sync)
+            ids = kept.nonzero()[:, 0]
+            st.draft = torch.full_like(draft[:, :width - 1], self.spec.mask_token_id)
+            st.conf = torch.zeros(st.draft.shape, device=draft.device)
+            if len(ids):
+                st.draft[ids], st.conf[ids] = self.draft((g_pos + after + 2)[ids], width - 1,
+                                                         noisy[ids], ids.tolist())
+        st.lens = torch.where(kept, width - 1, 0)
         return new
+
+    def branch_counts(self, k: int, limit: Tensor) -> Tensor:
+        """`(B, m)`: the acceptance counts each row drafts after this step: all `0..k` (the
+        branched form's default), or the `decode.speculative_branches` most likely."""
+        st, m = self.st, self.spec.branches
+        if m is None or m >= k + 1:
+            return torch.arange(k + 1, device=st.lens.device).expand(len(st.lens), k + 1)
+        return likely_counts(st.conf, torch.minimum(st.lens, limit), m)
 
     def verify(self, pos: int, draft: Tensor, logits: Tensor,
                limit: Tensor) -> tuple[Tensor, list[int]]:

@@ -52,6 +52,12 @@ class Setting:
     decoder: str = ""
 
     @property
+    def speculative(self) -> bool:
+        """A self-speculative row: a speculative method, or decoder overrides with that mode."""
+        overrides = dict(DecodeConfig.overrides(self.decoder)) if self.decoder else {}
+        return self.method in SPECULATIVE or overrides.get("mode") == "speculative"
+
+    @property
     def label(self) -> str:
         """Key part for MLflow metrics, e.g. `dlm_batch4_t0.9`, `dlm-fixed_batch1_n3`,
         `dlm_batch1_policy-factor_factor-1.5`."""
@@ -243,7 +249,7 @@ def build_rows(measurements: dict[Setting, Measurement]) -> list[BenchRow]:
     rows = {s: _row(s, m) for s, m in measurements.items()}
     for s, row in rows.items():
         own_ar = measurements.get(Setting("ar-self", s.batch_size))
-        if s.method in SPECULATIVE and own_ar:
+        if s.speculative and own_ar:
             row.same_as_ar_mode = _share_equal(measurements[s].tokens, own_ar.tokens)
         lean = measurements.get(Setting("ar", s.batch_size))
         if lean and s.method != "ar":

@@ -50,7 +50,7 @@ def test_a_bad_dlm_model_arg_is_one_error_line_and_exit_2(monkeypatch, capsys, l
         "error: model_args.treshold=0.9: unknown key (did you mean 'threshold'?); allowed: pretrained, batch_size, "
         "max_batch_size, device, dtype, max_length, loglikelihood, mc_num, seed, mode, block_size, threshold, "
         "max_new_tokens, sub_block_size, temperature, top_p, policy, factor, tokens_per_pass, one_token_per_forward, "
-        "use_cache, cache, early_exit, compile, speculative_form, gen_length"]
+        "use_cache, cache, early_exit, compile, speculative_form, speculative_branches, gen_length"]
     assert "Traceback" not in err
 
 

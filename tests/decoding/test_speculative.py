@@ -10,20 +10,26 @@ import torch
 
 from dlm.decoding.drafting import DraftRequest, SelfDrafter
 from dlm.decoding.engine import generate
-from dlm.decoding.speculative import accept, accepted_counts
+from dlm.decoding.speculative import accept, accepted_counts, likely_counts
 from dlm.decoding.text import left_pad
 from dlm.settings import ConfigError, DecodeConfig
 from tests.conftest import sharp_backbone
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FORMS = ["fused", "separate", "branched"]
+FORMS = ["fused", "separate", "branched", "branched/2"]
+"""`decode.speculative_form`, `/m`: with `speculative_branches=m`."""
 PROMPTS = ["Tom has 3 apples and", "Q: 12 + 7 =", "Sara buys 4 pens. She gives 2 away. How many", "x"]
 
 
 @pytest.fixture(scope="module", params=["qwen3", "llama"])
 def bb(request, tokenizer):
     return sharp_backbone(request.param, tokenizer)
+
+
+def _form(form: str) -> dict:
+    name, _, m = form.partition("/")
+    return dict(speculative_form=name, speculative_branches=int(m) if m else None)
 
 
 def _batch(tokenizer, prompts=PROMPTS):
@@ -57,12 +63,33 @@ def test_each_row_accepts_its_own_longest_prefix_up_to_its_limit():
     assert n.tolist() == [1, 0] and nxt.tolist() == [6, 1]
 
 
+def test_likely_counts_rank_counts_by_the_drafts_confidences():
+    conf = torch.tensor([[0.9, 0.9, 0.9], [0.1, 0.9, 0.9], [0.9, 0.5, 0.9], [0.9, 0.9, 0.9]])
+    usable = torch.tensor([3, 3, 3, 1])  # row 3 has one draft (or one token left)
+    # P(n) = c_1..c_n (1 - c_{n+1}): row 0 [.1 .09 .081 .729], row 1 [.9 .01 .009 .081], row 2 [.1 .45 .045 .405]
+    assert likely_counts(conf, usable, 2).tolist() == [[3, 0], [0, 3], [1, 3], [1, 0]]
+    assert likely_counts(conf, usable, 1).tolist() == [[3], [0], [1], [1]]
+
+
+@pytest.mark.parametrize("branches", [1, 2, 3, 4, None])
+def test_any_number_of_branches_equals_the_ar_mode(bb, tokenizer, branches):
+    """A row that accepts a count no block was drafted after goes on as in the fused form: never a different
+    token, at most one forward a step; every count drafted is the default branched form itself."""
+    ids, mask = _batch(tokenizer)
+    spec = _decode(bb, ids, mask, "speculative", block_size=4, speculative_form="branched",
+                   speculative_branches=branches)
+    assert spec.tokens == _decode(bb, ids, mask, "ar").tokens and spec.nfe <= 19
+    if branches == 4:
+        full = _decode(bb, ids, mask, "speculative", block_size=4, speculative_form="branched")
+        assert spec.row_forwards == full.row_forwards
+
+
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("block_size", [2, 4, 8])
 def test_speculative_equals_ar_mode_on_mixed_length_prompts(bb, tokenizer, block_size, form):
     ids, mask = _batch(tokenizer)
     ar = _decode(bb, ids, mask, "ar")
-    spec = _decode(bb, ids, mask, "speculative", block_size=block_size, speculative_form=form)
+    spec = _decode(bb, ids, mask, "speculative", block_size=block_size, **_form(form))
     assert spec.tokens == ar.tokens and all(len(t) == 19 for t in spec.tokens)
     if form == "separate":  # prefill + draft and verify per step (a row's last token: verify only), >= 1 token each
         assert spec.nfe <= 1 + 2 * 18
@@ -79,7 +106,7 @@ def test_speculative_equals_ar_with_eos_and_stop_strings(bb, tokenizer, cache, f
     stop = tokenizer.decode(ar.tokens[2][8:10])
     kw = dict(eos_token_id=eos, stop=[stop], tokenizer=tokenizer, cache=cache)
     expected = _decode(bb, ids, mask, "ar", **kw)
-    got = _decode(bb, ids, mask, "speculative", block_size=4, speculative_form=form, **kw)
+    got = _decode(bb, ids, mask, "speculative", block_size=4, **_form(form), **kw)
     assert got.tokens == expected.tokens
     assert len(got.tokens[0]) <= 7 and got.tokens[0][-1] == eos
     assert stop not in tokenizer.decode(got.tokens[2])
@@ -98,9 +125,9 @@ def test_lengths_shorter_than_a_draft_still_equal_ar_mode(bb, tokenizer, max_new
 @pytest.mark.parametrize("form", FORMS)
 def test_one_prompt_alone_equals_its_row_in_the_batch(bb, tokenizer, form):
     ids, mask = _batch(tokenizer)
-    batch = _decode(bb, ids, mask, "speculative", block_size=4, speculative_form=form)
+    batch = _decode(bb, ids, mask, "speculative", block_size=4, **_form(form))
     one_ids, one_mask = _batch(tokenizer, PROMPTS[1:2])
-    alone = _decode(bb, one_ids, one_mask, "speculative", block_size=4, speculative_form=form)
+    alone = _decode(bb, one_ids, one_mask, "speculative", block_size=4, **_form(form))
     assert alone.tokens[0] == batch.tokens[1]
 
 
@@ -109,6 +136,10 @@ def test_one_prompt_alone_equals_its_row_in_the_batch(bb, tokenizer, form):
     (dict(use_cache=False), r"^decode.use_cache=False: decode.mode=speculative verifies over the KV cache"),
     (dict(temperature=0.5), r"^decode.temperature=0.5: decode.mode=speculative is greedy"),
     (dict(speculative_form="both"), r"^decode.speculative_form='both': .*allowed: fused, separate, branched"),
+    (dict(speculative_branches=2), r"^decode.speculative_branches=2: only with decode.speculative_form=branched"),
+    (dict(speculative_form="branched", speculative_branches=0), r"^decode.speculative_branches=0: must be"),
+    (dict(speculative_form="branched", block_size=4, speculative_branches=5),
+     r"^decode.speculative_branches=5: at most one block per acceptance count \(block_size=4\); allowed: 1, 2, 3, 4$"),
 ])
 def test_bad_speculative_settings_fail_in_one_line(kw, match):
     with pytest.raises(ConfigError, match=match):
@@ -168,7 +199,7 @@ def _with_oracle(bb, tokenizer, form: str, wrong_every: int):
     ar = _decode(bb, ids, mask, "ar", max_new_tokens=21)
     oracle = Oracle(torch.cat([ids, torch.tensor(ar.tokens)], dim=1), mask, bb.mask_token_id, wrong_every,
                     by_position=form != "separate")
-    return _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21, speculative_form=form,
+    return _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21, **_form(form),
                    drafter=oracle), ar
 
 
@@ -212,7 +243,7 @@ def test_a_context_free_model_drafts_right_and_accepts_k_plus_one_per_verify(tok
         emb = bb.model.get_input_embeddings().weight
         emb.copy_(emb[:1].expand_as(emb))
     ids, mask = _batch(tokenizer)
-    spec = _decode(bb, ids, mask, "speculative", block_size=4, max_new_tokens=13, speculative_form=form)
+    spec = _decode(bb, ids, mask, "speculative", block_size=4, max_new_tokens=13, **_form(form))
     assert spec.tokens == _decode(bb, ids, mask, "ar", max_new_tokens=13).tokens
     assert spec.nfe == nfe and spec.tokens_per_forward == pytest.approx(13 / nfe)
 
@@ -220,7 +251,7 @@ def test_a_context_free_model_drafts_right_and_accepts_k_plus_one_per_verify(tok
 @pytest.mark.parametrize("form", FORMS)
 def test_shifted_checkpoints_draft_from_the_previous_row_and_still_equal_ar(bb, tokenizer, form):
     ids, mask = _batch(tokenizer)
-    spec = _decode(bb, ids, mask, "speculative", block_size=4, shift=True, speculative_form=form)
+    spec = _decode(bb, ids, mask, "speculative", block_size=4, shift=True, **_form(form))
     assert spec.tokens == _decode(bb, ids, mask, "ar").tokens
 
 
@@ -266,7 +297,7 @@ def test_a_branch_drafts_what_the_fused_block_drafts_after_the_same_accepted_pre
     same."""
     ids, mask = _batch(tokenizer)
     fused, branched = Recorder(bb.mask_token_id), Recorder(bb.mask_token_id)
-    out = [_decode(bb, ids, mask, "speculative", block_size=4, max_new_tokens=25, speculative_form=form,
+    out = [_decode(bb, ids, mask, "speculative", block_size=4, max_new_tokens=25, **_form(form),
                    drafter=drafter) for form, drafter in (("fused", fused), ("branched", branched))]
     assert out[0].tokens == out[1].tokens
     kept, every = fused.kept_by_fused(3), branched.every()
@@ -274,6 +305,22 @@ def test_a_branch_drafts_what_the_fused_block_drafts_after_the_same_accepted_pre
     assert len(common) >= 4 and set(every) - set(kept)  # branched also drafts where fused had to wait a step
     for key in common:
         torch.testing.assert_close(every[key], kept[key], rtol=1e-9, atol=1e-9)
+
+
+def test_fewer_branches_draft_what_every_branch_drafts_from_the_same_prefix(bb, tokenizer):
+    """Each row's blocks sit after the counts chosen for it (its own positions and block ids): a row that accepted
+    a chosen count drafts what the full branched form drafts after the same committed prefix, and a row that did
+    not asks the drafter nothing."""
+    ids, mask = _batch(tokenizer)
+    full, few = Recorder(bb.mask_token_id), Recorder(bb.mask_token_id)
+    out = [_decode(bb, ids, mask, "speculative", block_size=4, max_new_tokens=25, speculative_form="branched",
+                   speculative_branches=m, drafter=drafter) for m, drafter in ((None, full), (2, few))]
+    assert out[0].tokens == out[1].tokens
+    every, chosen = full.every(), few.every()
+    common = set(every) & set(chosen)
+    assert len(common) >= 8
+    for key in common:
+        torch.testing.assert_close(chosen[key], every[key], rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("wrong_at", [3, 7])
@@ -285,7 +332,7 @@ def test_branched_form_drafts_every_step_so_a_rejection_costs_no_extra_forward(b
     out = {}
     for form in ("fused", "branched"):
         oracle = Oracle(torch.cat([ids, torch.tensor(ar.tokens)], dim=1), mask, bb.mask_token_id, wrong_at=wrong_at)
-        out[form] = _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21, speculative_form=form,
+        out[form] = _decode(bb, ids, mask, "speculative", block_size=5, max_new_tokens=21, **_form(form),
                             drafter=oracle)
     assert out["branched"].tokens == out["fused"].tokens == ar.tokens
     assert all(b < f for b, f in zip(out["branched"].row_forwards, out["fused"].row_forwards))

@@ -189,11 +189,13 @@ def test_speculative_rows_generate_the_ar_rows_tokens(target):
 
 
 def test_speculative_rows_report_the_share_of_prompts_equal_to_the_checkpoints_own_ar_mode(target):
-    grid = {Setting(m, 1): target for m in ("ar", "ar-self", *SPECULATIVE)}
+    fewer = "mode=speculative speculative_form=branched speculative_branches=2"  # a decoder row is one too
+    grid = {Setting(m, 1): target for m in ("ar", "ar-self", *SPECULATIVE)} | {Setting("dlm", 1, decoder=fewer): target}
     rows = build_rows(measure_grid(grid, PROMPTS, max_new_tokens=GEN, repeats=1, warmup=0, ignore_eos=True,
                                    scored=False))
-    same = {r.method: r.same_as_ar_mode for r in rows}
-    assert same == {"ar": None, "ar-self": None, "spec": 1.0, "spec-sep": 1.0, "spec-br": 1.0}
+    same = {r.method + r.decoder: r.same_as_ar_mode for r in rows}
+    assert same == {"ar": None, "ar-self": None, "spec": 1.0, "spec-sep": 1.0, "spec-br": 1.0, "dlm" + fewer: 1.0}
+    assert not Setting("dlm", 1, decoder="policy=factor").speculative
     assert build_rows({Setting("spec", 1): measurement([1.0])})[0].same_as_ar_mode is None  # no AR mode row
 
 

@@ -95,3 +95,11 @@ def test_redundant_fields_are_aliases_with_one_deprecation_line(capsys):
     assert capsys.readouterr().err.splitlines() == [
         "deprecated: decode.one_token_per_forward=true; use decode.policy=fixed decode.tokens_per_pass=1",
         "deprecated: decode.use_cache=false; use decode.cache=none"]
+
+
+@pytest.mark.parametrize("kw,label", [
+    ({}, "fused"), (dict(speculative_form="separate"), "separate"), (dict(speculative_form="branched"), "branched"),
+    (dict(speculative_form="branched", speculative_branches=1), "branched, 1 block"),
+    (dict(speculative_form="branched", speculative_branches=2), "branched, 2 blocks")])
+def test_the_speculative_label_names_the_form_and_its_blocks(kw, label):
+    assert DecodeConfig(mode="speculative", block_size=4, **kw).speculative_label == label

@@ -12,7 +12,8 @@ from dlm.settings.loading import merge
 from dlm.settings.sweep import SweepBench, SweepConfig, SweepEval
 
 DECODE_KEYS = ("mode, block_size, threshold, max_new_tokens, sub_block_size, temperature, top_p, policy, factor, "
-               "tokens_per_pass, one_token_per_forward, use_cache, cache, early_exit, compile, speculative_form")
+               "tokens_per_pass, one_token_per_forward, use_cache, cache, early_exit, compile, speculative_form, "
+               "speculative_branches")
 
 
 def test_eval_defaults():
