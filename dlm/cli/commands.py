@@ -211,7 +211,7 @@ def add_exactness(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pairs", default="cache,batch,speculative",
                    help="comma list of: cache (cached vs no-cache), batch (batched vs alone), "
                         "speculative (vs AR mode), speculative-branched (the branched form vs AR "
-                        "mode)")
+                        "mode), speculative-branched-2 (the same with 2 blocks a forward)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="render prompts through the chat template "
                         "(default: as the checkpoint was trained)")

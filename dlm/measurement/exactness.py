@@ -32,7 +32,7 @@ from dlm.settings import DecodeConfig, check
 from dlm.settings.errors import check_positive_int
 from dlm.tensor.patterns import Pattern
 
-PAIRS = ("cache", "batch", "speculative", "speculative-branched")
+PAIRS = ("cache", "batch", "speculative", "speculative-branched", "speculative-branched-2")
 
 
 @dataclass
@@ -81,6 +81,11 @@ def check_exactness(checkpoint: str | Path, *, prompts: str, num_prompts: int = 
         "speculative-branched": ((dataclasses.replace(base, mode="speculative",
                                                       speculative_form="branched"), batch_size),
                                  ar_mode),
+        # two blocks a forward: each row's own likely counts (its positions and block ids)
+        "speculative-branched-2": ((dataclasses.replace(base, mode="speculative",
+                                                        speculative_form="branched",
+                                                        speculative_branches=2), batch_size),
+                                   ar_mode),
     }
     results = []
     for pair in pairs:

@@ -34,7 +34,8 @@ def test_every_pair_is_equal_in_float32(joint):
     ckpt, prompts = joint
     results = check_exactness(ckpt, prompts=str(prompts), num_prompts=5, batch_size=3, max_new_tokens=12)
     assert [(r.pair, r.equal, r.rows) for r in results] == [("cache", 5, 5), ("batch", 5, 5), ("speculative", 5, 5),
-                                                            ("speculative-branched", 5, 5)]
+                                                            ("speculative-branched", 5, 5),
+                                                            ("speculative-branched-2", 5, 5)]
 
 
 def test_a_difference_is_located_and_its_margin_read_off_a_causal_forward(joint):
@@ -56,7 +57,7 @@ def test_a_difference_is_located_and_its_margin_read_off_a_causal_forward(joint)
 
 def test_bad_pair_or_count_is_one_line(joint, capsys):
     ckpt, prompts = joint
-    allowed = "cache, batch, speculative, speculative-branched"
+    allowed = "cache, batch, speculative, speculative-branched, speculative-branched-2"
     with pytest.raises(ConfigError, match=rf"^--pairs='spec': unknown pair; allowed: {allowed}"):
         check_exactness(ckpt, prompts=str(prompts), pairs=["spec"])
     assert main(["exactness", str(ckpt), "--prompts", str(prompts), "--num-prompts", "0"]) == 2
