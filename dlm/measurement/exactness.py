@@ -75,7 +75,7 @@ def check_exactness(checkpoint: str | Path, *, prompts: str, num_prompts: int = 
         meta.check_decode_mode("speculative")
     ar_mode = (dataclasses.replace(base, mode="ar"), batch_size)
     runs = {
-        "cache": ((base, batch_size), (dataclasses.replace(base, use_cache=False), batch_size)),
+        "cache": ((base, batch_size), (dataclasses.replace(base, cache="none"), batch_size)),
         "batch": ((base, batch_size), (base, 1)),
         "speculative": ((dataclasses.replace(base, mode="speculative"), batch_size), ar_mode),
         "speculative-branched": ((dataclasses.replace(base, mode="speculative",
@@ -107,7 +107,8 @@ def format_results(results: Sequence[PairResult], *, checkpoint: str | Path, dty
             "|---|---|---|"]
     note = (f"\n{checkpoint}, {dtype}; cache: cached vs no-cache decoding; "
             "batch: batched vs one prompt at a time; "
-            "speculative(-branched): self-speculative (fused, branched) vs the AR mode.")
+            "speculative(-branched[-2]): self-speculative (fused, branched, branched with 2 "
+            "blocks) vs the AR mode.")
     return "\n".join(head + [r.line() for r in results]) + note
 
 
