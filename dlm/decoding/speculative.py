@@ -173,7 +173,9 @@ class _Decode:
         for `rows` (indices into the batch) only."""
         ids = list(self.rows.ids) if rows is None else [self.rows.ids[r] for r in rows]
         draft = self.spec.drafter.draft(DraftRequest(ids, first, length, logits))
-        return draft, draft_confidence(logits, draft, self.spec.mask_token_id)
+        # only fewer branches than counts read the probabilities
+        chosen = logits if self.spec.branches is not None else None
+        return draft, draft_confidence(chosen, draft, self.spec.mask_token_id)
 
     # -- the story ---------------------------------------------------------------------------------
     def prefill(self, g_pos: Tensor, width: int) -> None:
