@@ -69,4 +69,6 @@ def test_joint_conversion_in_bf16_speculates_the_ar_modes_tokens(tmp_path):
     final = _short_run(tmp_path, "smollm2-135m-joint.yaml")
     assert read_meta(final).clean_context == "causal"
     with torch.inference_mode():
-        assert _decode(final, mode="speculative") == _decode(final, mode="ar")
+        ar = _decode(final, mode="ar")
+        assert _decode(final, mode="speculative") == ar
+        assert _decode(final, mode="speculative", speculative_form="branched", speculative_branches=2) == ar
