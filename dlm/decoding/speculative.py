@@ -260,25 +260,36 @@ class _Decode:
             st.draft, st.lens, st.conf = draft[:, :0], torch.zeros_like(lens), st.conf[:, :0]
             return new
         noisy = logits[:, k + 1:].unflatten(1, (branches, width - 1))
-        # per row, the block drafted after the count it accepted (fused: after all its drafts)
+        # fused: the one block, drafted after all of a row's drafts
         drafted = counts_drafted if natural is not None else lens[:, None]
+        self.next_drafts(noisy, drafted, counts, g_pos, every=branches == k + 1 or natural is None)
+        return new
+
+    def next_drafts(self, noisy: Tensor, drafted: Tensor, counts: Tensor, g_pos: Tensor, *,
+                    every: bool) -> None:
+        """Each row's next draft, from the block (of `noisy` `(B, blocks, k)`) drafted after the
+        count it accepted (`drafted` `(B, blocks)`: each block's count); a row without that block
+        has none (the fused form's rule). `every`: each row has its block, or the fused form's
+        rule holds, so the drafter sees the whole batch; otherwise only the rows that have theirs
+        ask it (one sync). `g_pos`: each row's `g` position before this step."""
+        st, length = self.st, noisy.shape[2]
         hit = drafted == counts[:, None]
         block = hit.long().argmax(dim=1)  # a row without its count: any block, then dropped
         noisy = noisy[torch.arange(len(counts), device=counts.device), block]
-        after = drafted.gather(1, block[:, None])[:, 0]  # the drafts the block saw
+        first = g_pos + drafted.gather(1, block[:, None])[:, 0] + 2  # after the drafts it saw
         kept = hit.any(dim=1)
-        if branches == k + 1 or natural is None:  # every row has its block, or fused's rule
-            next_draft, st.conf = self.draft(g_pos + after + 2, width - 1, noisy)
+        if every:
+            next_draft, st.conf = self.draft(first, length, noisy)
             st.draft = torch.where(kept[:, None], next_draft, self.spec.mask_token_id)
-        else:  # fewer blocks than counts: only rows that have theirs ask the drafter (one sync)
+        else:
             ids = kept.nonzero()[:, 0]
-            st.draft = torch.full_like(draft[:, :width - 1], self.spec.mask_token_id)
-            st.conf = torch.zeros(st.draft.shape, device=draft.device)
+            st.draft = torch.full((len(counts), length), self.spec.mask_token_id,
+                                  dtype=torch.long, device=counts.device)
+            st.conf = torch.zeros(st.draft.shape, device=counts.device)
             if len(ids):
-                st.draft[ids], st.conf[ids] = self.draft((g_pos + after + 2)[ids], width - 1,
-                                                         noisy[ids], ids.tolist())
-        st.lens = torch.where(kept, width - 1, 0)
-        return new
+                st.draft[ids], st.conf[ids] = self.draft(first[ids], length, noisy[ids],
+                                                         ids.tolist())
+        st.lens = torch.where(kept, length, 0)
 
     def branch_counts(self, k: int, limit: Tensor) -> Tensor:
         """`(B, m)`: the acceptance counts each row drafts after this step: all `0..k` (the

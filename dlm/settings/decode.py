@@ -93,7 +93,8 @@ class DecodeConfig:
     (block_size). Fewer: each row drafts after the counts its drafts' confidences make most likely
     (each draft taken as accepted with its own probability); a row that accepts another count has
     no draft for its next step, as in the fused form. Where each query token costs compute (a CPU
-    without AMX) two of four keep ~80% of the drafts at 12 query tokens instead of 20."""
+    without AMX) two of four blocks are faster: 12 query tokens instead of 20, and the accepted
+    count among the two on ~80% of steps (BENCHMARKS.md §14)."""
 
     def __post_init__(self) -> None:
         if self.one_token_per_forward:

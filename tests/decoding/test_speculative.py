@@ -309,8 +309,8 @@ def test_a_branch_drafts_what_the_fused_block_drafts_after_the_same_accepted_pre
 
 def test_fewer_branches_draft_what_every_branch_drafts_from_the_same_prefix(bb, tokenizer):
     """Each row's blocks sit after the counts chosen for it (its own positions and block ids): a row that accepted
-    a chosen count drafts what the full branched form drafts after the same committed prefix, and a row that did
-    not asks the drafter nothing."""
+    a chosen count drafts what the full branched form drafts after the same committed prefix (a row that did not
+    asks the drafter nothing, so every recorded draft is one of these)."""
     ids, mask = _batch(tokenizer)
     full, few = Recorder(bb.mask_token_id), Recorder(bb.mask_token_id)
     out = [_decode(bb, ids, mask, "speculative", block_size=4, max_new_tokens=25, speculative_form="branched",
