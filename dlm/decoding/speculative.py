@@ -260,9 +260,10 @@ class _Decode:
             st.draft, st.lens, st.conf = draft[:, :0], torch.zeros_like(lens), st.conf[:, :0]
             return new
         noisy = logits[:, k + 1:].unflatten(1, (branches, width - 1))
-        # fused: the one block, drafted after all of a row's drafts
-        drafted = counts_drafted if natural is not None else lens[:, None]
-        self.next_drafts(noisy, drafted, counts, g_pos, every=branches == k + 1 or natural is None)
+        if counts_drafted is None:  # fused: the one block, drafted after all of a row's drafts
+            self.next_drafts(noisy, lens[:, None], counts, g_pos, every=True)
+        else:
+            self.next_drafts(noisy, counts_drafted, counts, g_pos, every=branches == k + 1)
         return new
 
     def next_drafts(self, noisy: Tensor, drafted: Tensor, counts: Tensor, g_pos: Tensor, *,

@@ -32,7 +32,14 @@ from dlm.settings import DecodeConfig, check
 from dlm.settings.errors import check_positive_int
 from dlm.tensor.patterns import Pattern
 
-PAIRS = ("cache", "batch", "speculative", "speculative-branched", "speculative-branched-2")
+SPECULATIVE_PAIRS = {
+    "speculative": {},
+    "speculative-branched": dict(speculative_form="branched"),
+    # two blocks a forward: each row's own likely counts (its positions and block ids)
+    "speculative-branched-2": dict(speculative_form="branched", speculative_branches=2),
+}
+"""Each self-speculative pair's decoder settings; its reference is the AR mode."""
+PAIRS = ("cache", "batch", *SPECULATIVE_PAIRS)
 
 
 @dataclass
@@ -71,28 +78,27 @@ def check_exactness(checkpoint: str | Path, *, prompts: str, num_prompts: int = 
     texts = render_prompts(backbone.tokenizer, texts, form)
     ar = meta.attention_pattern.autoregressive
     base = decode_config_for(meta, max_new_tokens=max_new_tokens, mode="ar" if ar else None)
-    if any(pair.startswith("speculative") for pair in pairs):
+    if any(pair in SPECULATIVE_PAIRS for pair in pairs):
         meta.check_decode_mode("speculative")
     ar_mode = (dataclasses.replace(base, mode="ar"), batch_size)
     runs = {
         "cache": ((base, batch_size), (dataclasses.replace(base, cache="none"), batch_size)),
         "batch": ((base, batch_size), (base, 1)),
-        "speculative": ((dataclasses.replace(base, mode="speculative"), batch_size), ar_mode),
-        "speculative-branched": ((dataclasses.replace(base, mode="speculative",
-                                                      speculative_form="branched"), batch_size),
-                                 ar_mode),
-        # two blocks a forward: each row's own likely counts (its positions and block ids)
-        "speculative-branched-2": ((dataclasses.replace(base, mode="speculative",
-                                                        speculative_form="branched",
-                                                        speculative_branches=2), batch_size),
-                                   ar_mode),
+        **{pair: ((dataclasses.replace(base, mode="speculative", **kw), batch_size), ar_mode)
+           for pair, kw in SPECULATIVE_PAIRS.items()},
     }
+    decoded: dict[str, list[list[int]]] = {}  # a run shared by pairs (the AR mode) decodes once
+
+    def tokens(cfg: DecodeConfig, batch: int) -> list[list[int]]:
+        key = f"{cfg!r} batch {batch}"
+        if key not in decoded:
+            decoded[key] = _decode(backbone, texts, cfg, batch, meta.attention_pattern)
+        return decoded[key]
+
     results = []
     for pair in pairs:
         (fast, fast_batch), (ref, ref_batch) = runs[pair]
-        pattern = meta.attention_pattern
-        got = _decode(backbone, texts, fast, fast_batch, pattern)
-        want = _decode(backbone, texts, ref, ref_batch, pattern)
+        got, want = tokens(fast, fast_batch), tokens(ref, ref_batch)
         # the margin is read off a causal forward: it means something for AR references
         causal = ref.mode == "ar"
         diffs = [_difference(backbone, texts[i], i, a, b, causal=causal)
