@@ -162,18 +162,25 @@ def _source_meta(checkpoint: str | Path) -> CheckpointMeta:
     return read_meta(checkpoint)
 
 
-def _ar_only(checkpoint: str | Path, settings: BenchConfig) -> tuple[None, str]:
+def _ar_only(checkpoint: str | Path, settings: BenchConfig) -> tuple[str | None, str]:
     """An AR checkpoint (pattern causal) benches its own AR rows and forward costs: the baseline's
-    speed and the cost table of its shape, without a dLM beside it."""
-    if settings.ar_baseline is not None:
-        raise ConfigError(f"bench.ar_baseline={settings.ar_baseline!r}: the checkpoint "
-                          f"{str(checkpoint)!r} is itself an AR model (pattern causal); "
-                          "allowed: unset")
+    speed and the cost table of its shape. With `--ar-baseline` naming another AR model, the
+    checkpoint's own AR loop runs beside that baseline's (two fine-tunes, two steps of one run):
+    the agreement columns then say how far two AR models' greedy outputs part."""
     check(not settings.speculative, "bench.speculative", settings.speculative,
           f"{str(checkpoint)!r} is an AR model (pattern causal): nothing drafts; allowed: false")
-    print(f"note: {checkpoint} is an AR model (pattern causal): only its AR rows and forward "
-          "costs are measured")
-    return None, f"{checkpoint} (an AR model)"
+    baseline = settings.ar_baseline
+    if baseline is None:
+        print(f"note: {checkpoint} is an AR model (pattern causal): only its AR rows and forward "
+              "costs are measured")
+        return None, f"{checkpoint} (an AR model)"
+    if Path(baseline).resolve() == Path(checkpoint).resolve():
+        raise ConfigError(f"bench.ar_baseline={baseline!r}: the checkpoint {str(checkpoint)!r} "
+                          "itself; allowed: another AR model, or unset")
+    read_meta(baseline)
+    print(f"note: {checkpoint} is an AR model (pattern causal): its own AR loop runs beside "
+          f"the baseline {baseline}")
+    return baseline, f"{baseline} (--ar-baseline)"
 
 
 def ar_baseline_for(checkpoint: str | Path, settings: BenchConfig) -> tuple[str | None, str]:
@@ -209,6 +216,8 @@ def run_bench(checkpoint: str | Path, settings: BenchConfig | None = None, *,
         source.check_decode_mode("speculative")
     ar_path, ar_name = (_ar_only(checkpoint, s) if autoregressive
                         else ar_baseline_for(checkpoint, s))
+    if autoregressive and ar_path is not None:
+        s = replace(s, ar_mode=True)  # the checkpoint's rows: its own AR loop
     run = runs.resolve_run(log.mlflow_run, log.tracking_uri, checkpoint=checkpoint,
                            key="bench.mlflow_run") if log else None
     chat = s.chat if s.chat is not None else bool(source.chat_template)
@@ -225,7 +234,7 @@ def run_bench(checkpoint: str | Path, settings: BenchConfig | None = None, *,
     prompt_tokens = check_positions(str(checkpoint), dlm_target, prompt_set, s.max_new_tokens)
     check_positions(str(ar_path or checkpoint), ar_target, prompt_set, s.max_new_tokens)
     grid = {g: (ar_target if g.method in AR_METHODS else dlm_target) for g in settings_grid(s)
-            if g.method in AR_METHODS or not autoregressive}
+            if g.method in AR_METHODS or g.method == "ar-self" or not autoregressive}
     rows = build_rows(measure_grid(grid, prompt_set, max_new_tokens=s.max_new_tokens,
                                    repeats=s.repeats, warmup=s.warmup, ignore_eos=s.ignore_eos,
                                    scored=scored, compile=s.compile))

@@ -31,7 +31,7 @@ METHODS = {"ar": "AR, lean loop (same engine)",
            "dlm-fixed": "dLM cached, fixed",
            "dlm-nocache": "dLM no cache",
            "dlm-v2count": "dLM cached, Fast-dLLM v2 counting",
-           "ar-self": "AR mode of the dLM (its causal path)",
+           "ar-self": "the checkpoint's AR mode (its causal path)",
            "spec": "dLM self-speculative, fused",
            "spec-sep": "dLM self-speculative, separate verify",
            "spec-br": "dLM self-speculative, branched"}

@@ -81,7 +81,8 @@ class BenchConfig:
     chat-rendered data."""
     ar_baseline: Optional[str] = None
     """AR checkpoint for the baseline rows; none: the one the model was converted from (`base_model`
-    in its dlm.yaml), else the model itself in AR mode."""
+    in its dlm.yaml), else the model itself in AR mode. Where the checkpoint is itself an AR model,
+    its own AR loop runs beside this one (the agreement columns compare two AR models)."""
     device: str = "auto"
     """auto (CUDA when present) | cpu | cuda | cuda:N."""
     threads: Optional[int] = None
@@ -95,10 +96,11 @@ class BenchConfig:
             for t in getattr(self, key):
                 check(0 < t <= 1, f"bench.{key}", t,
                       "must be in (0, 1] (1.0 = one token per pass unless certain)")
-        # bench.decoders rows count too
-        any_setting = bool(self.thresholds or self.tokens_per_pass or self.decoders)
+        # bench.decoders rows and the checkpoint's own AR mode count too
+        any_setting = bool(self.thresholds or self.tokens_per_pass or self.decoders
+                           or self.ar_mode or self.speculative)
         check(any_setting, "bench.thresholds", self.thresholds,
-              "need at least one threshold (or bench.tokens_per_pass)")
+              "need at least one threshold (or bench.tokens_per_pass, decoders, ar_mode)")
         for text in self.decoders:
             DecodeConfig.overrides(text, key="bench.decoders")
         check(bool(self.batch_sizes), "bench.batch_sizes", self.batch_sizes,

@@ -129,7 +129,8 @@ BAD_FLAGS = {
                                   "error: bench.thresholds=1.5: must be in (0, 1] (1.0 = one token per pass unless "
                                   "certain)"),
     "bench-empty-thresholds": (["bench", MISSING_CKPT, "--thresholds", ""],
-                               "error: bench.thresholds=[]: need at least one threshold (or bench.tokens_per_pass)"),
+                               "error: bench.thresholds=[]: need at least one threshold "
+                               "(or bench.tokens_per_pass, decoders, ar_mode)"),
     "bench-batch-size-zero": (["bench", MISSING_CKPT, "--batch-sizes", "1,0"],
                               "error: bench.batch_sizes=0: must be a positive integer"),
     "sweep-max-parallel-zero": (["sweep", "X.yaml", "--max-parallel", "0"], "error: max_parallel=0: must be >= 1"),

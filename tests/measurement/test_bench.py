@@ -129,7 +129,8 @@ def test_cached_and_uncached_decoding_agree_on_tokens_per_forward(files):
     ({"tokens_per_pass": (2, 0)}, r"^bench.tokens_per_pass=0: must be a positive integer"),
     ({"forward_costs": (-1,)}, r"^bench.forward_costs=-1: must be a positive integer"),
     ({"v2_count_thresholds": (2.0,)}, r"^bench.v2_count_thresholds=2.0: must be in \(0, 1\]"),
-    ({"thresholds": ()}, r"^bench.thresholds=\[\]: need at least one threshold \(or bench.tokens_per_pass\)"),
+    ({"thresholds": ()}, r"^bench.thresholds=\[\]: need at least one threshold "
+                         r"\(or bench.tokens_per_pass, decoders, ar_mode\)"),
     ({"dtype": "float8"}, r"^bench.dtype='float8': .*allowed: float32, bfloat16, float16, float64"),
     ({"scored": True, "prompts": "PLAIN"}, r"scoring needs an 'answer' in every row"),
     ({"speculative": True}, r"^decode.mode='speculative': needs a checkpoint trained with "
@@ -160,11 +161,26 @@ def test_an_ar_checkpoint_benches_its_own_ar_rows_and_forward_costs(files, tmp_p
     assert [c["query_tokens"] for c in out.meta["forward_costs"]] == [1, 4]
     assert "is an AR model (pattern causal): only its AR rows" in capsys.readouterr().out
     assert "(an AR model)" in out.table and out.plot_path.is_file()
-    with pytest.raises(ConfigError, match=r"^bench.ar_baseline='.*': the checkpoint .* is itself an AR model"):
+    with pytest.raises(ConfigError, match=r"^bench.ar_baseline='.*': the checkpoint '.*' itself; allowed: another AR"):
         bench(files["ar"], ar_baseline=files["ar"], output_dir=tmp_path / "refused")
     with pytest.raises(ConfigError, match=r"^bench.speculative=True: '.*' is an AR model \(pattern causal\)"):
         bench(files["ar"], speculative=True, output_dir=tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+def test_an_ar_checkpoint_runs_its_own_ar_loop_beside_another_ar_baseline(files, tokenizer, tmp_path, capsys):
+    same = tmp_path / "same"  # the checkpoint's weights as a plain HF folder: its loop must give the baseline's tokens
+    shutil.copytree(files["ar"], same, ignore=shutil.ignore_patterns("dlm.yaml"))
+    other = _save(tokenizer, tmp_path / "other", "causal", 2)
+    kwargs = dict(batch_sizes=(1,), no_cache_thresholds=(), max_new_tokens=6, repeats=1, warmup=0,
+                  prompts=files["prompts"], hf_generate=False)
+    twin = bench(files["ar"], ar_baseline=same, output_dir=tmp_path / "twin", **kwargs)  # thresholds: no rows
+    assert [r.method for r in twin.rows] == ["ar", "ar-self"]
+    assert _row(twin, "ar-self", 1).same_as_ar == 1.0 and _row(twin, "ar-self", 1).tpf == 1.0
+    assert "its own AR loop runs beside the baseline" in capsys.readouterr().out
+    apart = bench(files["ar"], ar_baseline=other, thresholds=(), ar_mode=True, output_dir=tmp_path / "apart",
+                  **kwargs)
+    assert _row(apart, "ar-self", 1).same_as_ar < 1.0 and f"{other} (--ar-baseline)" in apart.table
 
 
 def test_a_plain_hf_folder_is_an_ar_baseline_and_rows_report_agreement_with_it(files, tmp_path):

@@ -45,7 +45,8 @@ def test_bench_accepts_edge_values():
     ({"thresholds": [0.5, 1.5]}, rf"bench\.thresholds=1\.5: {IN_RANGE}"),
     ({"thresholds": [0]}, rf"bench\.thresholds=0: {IN_RANGE}"),
     ({"no_cache_thresholds": [-0.5]}, rf"bench\.no_cache_thresholds=-0\.5: {IN_RANGE}"),
-    ({"thresholds": []}, r"bench\.thresholds=\[\]: need at least one threshold \(or bench\.tokens_per_pass\)"),
+    ({"thresholds": []}, r"bench\.thresholds=\[\]: need at least one threshold "
+                         r"\(or bench\.tokens_per_pass, decoders, ar_mode\)"),
     ({"batch_sizes": []}, r"bench\.batch_sizes=\[\]: need at least one batch size"),
     ({"batch_sizes": [4, 0]}, r"bench\.batch_sizes=0: must be a positive integer"),
     ({"max_new_tokens": 0}, r"bench\.max_new_tokens=0: must be a positive integer"),
