@@ -216,8 +216,6 @@ def run_bench(checkpoint: str | Path, settings: BenchConfig | None = None, *,
         source.check_decode_mode("speculative")
     ar_path, ar_name = (_ar_only(checkpoint, s) if autoregressive
                         else ar_baseline_for(checkpoint, s))
-    if autoregressive and ar_path is not None:
-        s = replace(s, ar_mode=True)  # the checkpoint's rows: its own AR loop
     run = runs.resolve_run(log.mlflow_run, log.tracking_uri, checkpoint=checkpoint,
                            key="bench.mlflow_run") if log else None
     chat = s.chat if s.chat is not None else bool(source.chat_template)
@@ -233,8 +231,7 @@ def run_bench(checkpoint: str | Path, settings: BenchConfig | None = None, *,
                                                        key="bench.chat")
     prompt_tokens = check_positions(str(checkpoint), dlm_target, prompt_set, s.max_new_tokens)
     check_positions(str(ar_path or checkpoint), ar_target, prompt_set, s.max_new_tokens)
-    grid = {g: (ar_target if g.method in AR_METHODS else dlm_target) for g in settings_grid(s)
-            if g.method in AR_METHODS or g.method == "ar-self" or not autoregressive}
+    grid = _grid(s, autoregressive, dlm_target, ar_target)
     rows = build_rows(measure_grid(grid, prompt_set, max_new_tokens=s.max_new_tokens,
                                    repeats=s.repeats, warmup=s.warmup, ignore_eos=s.ignore_eos,
                                    scored=scored, compile=s.compile))
@@ -252,6 +249,16 @@ def run_bench(checkpoint: str | Path, settings: BenchConfig | None = None, *,
             "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     out = Path(s.output_dir) if s.output_dir else Path(checkpoint).resolve().parent / "bench"
     return _report(rows, meta, out, run)
+
+
+def _grid(s: BenchConfig, autoregressive: bool, dlm_target: Target,
+          ar_target: Target) -> dict[Setting, Target]:
+    """Each setting and the model it decodes: AR rows the baseline, the rest the checkpoint. An AR
+    checkpoint has only its own AR loop, and that only beside another baseline."""
+    if autoregressive and ar_target is not dlm_target:
+        s = replace(s, ar_mode=True)
+    return {g: (ar_target if g.method in AR_METHODS else dlm_target) for g in settings_grid(s)
+            if g.method in AR_METHODS or g.method == "ar-self" or not autoregressive}
 
 
 def _load_targets(checkpoint: str | Path, ar_path: str | None, s: BenchConfig,
