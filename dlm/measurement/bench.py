@@ -255,10 +255,11 @@ def _grid(s: BenchConfig, autoregressive: bool, dlm_target: Target,
           ar_target: Target) -> dict[Setting, Target]:
     """Each setting and the model it decodes: AR rows the baseline, the rest the checkpoint. An AR
     checkpoint has only its own AR loop, and that only beside another baseline."""
-    if autoregressive and ar_target is not dlm_target:
+    paired = autoregressive and ar_target is not dlm_target  # an AR model beside another
+    if paired:
         s = replace(s, ar_mode=True)
     return {g: (ar_target if g.method in AR_METHODS else dlm_target) for g in settings_grid(s)
-            if g.method in AR_METHODS or g.method == "ar-self" or not autoregressive}
+            if g.method in AR_METHODS or not autoregressive or (paired and g.method == "ar-self")}
 
 
 def _load_targets(checkpoint: str | Path, ar_path: str | None, s: BenchConfig,

@@ -87,10 +87,10 @@ def check_exactness(checkpoint: str | Path, *, prompts: str, num_prompts: int = 
         **{pair: ((dataclasses.replace(base, mode="speculative", **kw), batch_size), ar_mode)
            for pair, kw in SPECULATIVE_PAIRS.items()},
     }
-    decoded: dict[str, list[list[int]]] = {}  # a run shared by pairs (the AR mode) decodes once
+    decoded: dict[tuple, list[list[int]]] = {}  # a run shared by pairs (the AR mode) decodes once
 
     def tokens(cfg: DecodeConfig, batch: int) -> list[list[int]]:
-        key = f"{cfg!r} batch {batch}"
+        key = (dataclasses.astuple(cfg), batch)
         if key not in decoded:
             decoded[key] = _decode(backbone, texts, cfg, batch, meta.attention_pattern)
         return decoded[key]
