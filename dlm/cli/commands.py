@@ -251,6 +251,23 @@ def run_import(args: argparse.Namespace) -> None:
           "use it as model.name_or_path or --ar-baseline")
 
 
+# -- average ---------------------------------------------------------------------------------------
+def add_average(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sources", nargs="+",
+                   help="two or more checkpoints of one lineage that decode the same way")
+    p.add_argument("--out", required=True, help="folder to write (the mean weights, the first "
+                   "source's tokenizer and dlm.yaml)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weight dtype of the written folder (default: the first source's)")
+
+
+def run_average(args: argparse.Namespace) -> None:
+    from dlm.models.averaging import average_checkpoints
+
+    out = average_checkpoints(args.sources, args.out, dtype=args.dtype)
+    print(f"averaged {len(args.sources)} checkpoints -> {out}")
+
+
 # -- bench, bench-train ----------------------------------------------------------------------------
 def add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help=CHECKPOINT_HELP)

@@ -55,7 +55,8 @@ class CheckpointMeta:
     system_prompt: str | None = None
     """The system turn of that rendering (None: the template's own default)."""
     source: str = ""
-    """What `dlm import` read (a GGUF file, HF folder or hub id); empty for a trained checkpoint."""
+    """What `dlm import` read (a GGUF file, HF folder or hub id), or the checkpoints `dlm average`
+    averaged; empty for a trained checkpoint."""
     pattern_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     """`attention.options` of training (a pattern's own options, e.g. a window)."""
 
