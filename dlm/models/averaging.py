@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dlm.models.backbone import load_model, load_tokenizer
 from dlm.models.checkpoint import (
     META_FILE,
     CheckpointMeta,
@@ -25,7 +27,7 @@ from dlm.models.checkpoint import (
     save_checkpoint,
 )
 from dlm.models.lora import is_adapter_folder
-from dlm.settings import DTYPES, check
+from dlm.settings import DTYPES, ModelConfig, check
 from dlm.settings.experiment import Dtype
 
 SHARED_FIELDS = ("pattern", "block_size", "mask_token", "mask_token_id", "shift", "clean_context",
@@ -39,10 +41,10 @@ def average_checkpoints(sources: Sequence[str | Path], out: str | Path, *,
     `<out>.prev-<time>`) with the first source's tokenizer and `dlm.yaml`; return `out`."""
     metas = _check_sources(sources, out, dtype)
     dtype = dtype or _stored_dtype(Path(sources[0]))
-    backbone, _ = load_checkpoint(sources[0], dtype="float32")
-    total = {name: t.detach().clone() for name, t in backbone.model.state_dict().items()}
-    for source in sources[1:]:
-        other = load_checkpoint(source, dtype="float32")[0].model.state_dict()
+    model, tokenizer = _load(sources[0], metas[0])
+    total = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    for source, meta in zip(sources[1:], metas[1:]):
+        other = _load(source, meta)[0].state_dict()
         check(other.keys() == total.keys()
               and all(other[k].shape == total[k].shape for k in total), "source", str(source),
               f"its parameters differ from {sources[0]}'s", "checkpoints of one architecture")
@@ -50,12 +52,24 @@ def average_checkpoints(sources: Sequence[str | Path], out: str | Path, *,
             total[name] += tensor
         del other
     with torch.no_grad():
-        for name, param in backbone.model.state_dict().items():
+        for name, param in model.state_dict().items():
             param.copy_(total[name] / len(sources))
-    backbone.model.to(getattr(torch, dtype))
+    model.to(getattr(torch, dtype))
     names = ", ".join(str(Path(s).resolve()) if Path(s).exists() else str(s) for s in sources)
     meta = dataclasses.replace(metas[0], source=f"average of {len(sources)}: {names}")
-    return save_checkpoint(backbone.model, backbone.tokenizer, meta, out)
+    return save_checkpoint(model, tokenizer, meta, out)
+
+
+def _load(source: str | Path, meta: CheckpointMeta) -> tuple[PreTrainedModel,
+                                                             PreTrainedTokenizerBase]:
+    """The source in float32; an AR model without [MASK] as it is (as `dlm import` writes it), so
+    the mean of plain HF folders is a plain HF folder of the same vocabulary."""
+    if meta.mask_token_id is None:
+        cfg = ModelConfig(name_or_path=str(source), dtype="float32")
+        tokenizer = load_tokenizer(cfg)
+        return load_model(cfg, tokenizer), tokenizer
+    backbone = load_checkpoint(source, dtype="float32")[0]
+    return backbone.model, backbone.tokenizer
 
 
 def _check_sources(sources: Sequence[str | Path], out: str | Path,

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from torch.testing import assert_close
+from transformers import AutoModelForCausalLM
 
 from dlm.cli.main import main
 from dlm.models.averaging import average_checkpoints
@@ -90,3 +91,24 @@ def test_different_shapes_are_refused(three, tmp_path, tokenizer):
     llama = save_tiny(make_backbone("llama", tokenizer), tmp_path / "llama")
     with pytest.raises(ConfigError, match="its parameters differ"):
         average_checkpoints([three[0], llama], tmp_path / "avg")
+
+
+def test_plain_hf_folders_average_to_a_plain_folder_with_tied_embeddings(tmp_path, tokenizer):
+    """Two AR fine-tunes as plain HF folders (no dlm.yaml; tied embeddings, as SmolLM2's): the mean
+    keeps their vocabulary and ties, and reads back as an AR checkpoint."""
+    from tests.models.test_importing import tiny_llama
+
+    folders = []
+    for seed in range(2):
+        folder = tmp_path / f"plain{seed}"
+        tiny_llama(tied=True, seed=seed).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders.append(folder)
+    out = average_checkpoints(folders, tmp_path / "avg")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    sources = [AutoModelForCausalLM.from_pretrained(f) for f in folders]
+    embed = model.get_input_embeddings().weight
+    assert embed.shape == sources[0].get_input_embeddings().weight.shape
+    assert_close(embed, sum(s.get_input_embeddings().weight for s in sources) / 2)
+    assert model.lm_head.weight.data_ptr() == embed.data_ptr()
+    assert read_meta(out).attention_pattern.autoregressive
