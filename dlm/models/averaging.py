@@ -11,20 +11,18 @@ first source's stored dtype (or `dtype`).
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from dlm.models.backbone import load_model, load_tokenizer
 from dlm.models.checkpoint import (
     META_FILE,
     CheckpointMeta,
     check_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
+        save_checkpoint,
 )
 from dlm.models.lora import is_adapter_folder
 from dlm.settings import DTYPES, ModelConfig, check
@@ -40,11 +38,11 @@ def average_checkpoints(sources: Sequence[str | Path], out: str | Path, *,
     """Write the mean of `sources`' weights to `out` (atomically; an existing folder is kept as
     `<out>.prev-<time>`) with the first source's tokenizer and `dlm.yaml`; return `out`."""
     metas = _check_sources(sources, out, dtype)
-    dtype = dtype or _stored_dtype(Path(sources[0]))
-    model, tokenizer = _load(sources[0], metas[0])
+    dtype = dtype or _stored_dtype(sources[0])
+    model, tokenizer = _load(sources[0])
     total = {name: t.detach().clone() for name, t in model.state_dict().items()}
-    for source, meta in zip(sources[1:], metas[1:]):
-        other = _load(source, meta)[0].state_dict()
+    for source in sources[1:]:
+        other = _load(source)[0].state_dict()
         check(other.keys() == total.keys()
               and all(other[k].shape == total[k].shape for k in total), "source", str(source),
               f"its parameters differ from {sources[0]}'s", "checkpoints of one architecture")
@@ -60,16 +58,12 @@ def average_checkpoints(sources: Sequence[str | Path], out: str | Path, *,
     return save_checkpoint(model, tokenizer, meta, out)
 
 
-def _load(source: str | Path, meta: CheckpointMeta) -> tuple[PreTrainedModel,
-                                                             PreTrainedTokenizerBase]:
-    """The source in float32; an AR model without [MASK] as it is (as `dlm import` writes it), so
-    the mean of plain HF folders is a plain HF folder of the same vocabulary."""
-    if meta.mask_token_id is None:
-        cfg = ModelConfig(name_or_path=str(source), dtype="float32")
-        tokenizer = load_tokenizer(cfg)
-        return load_model(cfg, tokenizer), tokenizer
-    backbone = load_checkpoint(source, dtype="float32")[0]
-    return backbone.model, backbone.tokenizer
+def _load(source: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The source in float32, as saved: a dlm checkpoint's vocabulary holds its [MASK] already, and
+    a plain AR folder gets none (as `dlm import` writes it), so the mean keeps the vocabulary."""
+    cfg = ModelConfig(name_or_path=str(source), dtype="float32")
+    tokenizer = load_tokenizer(cfg)
+    return load_model(cfg, tokenizer), tokenizer
 
 
 def _check_sources(sources: Sequence[str | Path], out: str | Path,
@@ -96,9 +90,7 @@ def _check_sources(sources: Sequence[str | Path], out: str | Path,
     return metas
 
 
-def _stored_dtype(path: Path) -> Dtype:
-    """The dtype `config.json` records for the saved weights (float32 when it records none)."""
-    config_file = path / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+def _stored_dtype(source: str | Path) -> Dtype:
+    """The dtype the source's HF config records for its saved weights (float32 when none)."""
+    dtype = str(AutoConfig.from_pretrained(source).dtype or "float32").removeprefix("torch.")
     return dtype if dtype in DTYPES else "float32"
