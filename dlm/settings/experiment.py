@@ -140,6 +140,12 @@ class ObjectiveConfig:
     0 = diffusion only. NLD: 1.0."""
     diffusion_weight: float = 1.0
     """Weight of the diffusion loss (NLD's joint objective: 0.3 with ar_weight 1.0)."""
+    certainty_weight: float = 0.0
+    """Weight of certainty forcing (dParallel): the mean entropy of softmax(logits / T) over the
+    masked tokens predicted right, added to the diffusion loss so correct predictions turn
+    confident sooner (more tokens per threshold pass). 0 = off."""
+    certainty_temperature: float = 1.0
+    """T of the certainty term's softmax."""
 
 
 @dataclass
@@ -308,6 +314,10 @@ def _validate_objective(cfg: ExperimentConfig) -> None:
     o = cfg.objective
     check(o.ar_weight >= 0, "objective.ar_weight", o.ar_weight, "must be >= 0 (0 = diffusion only)")
     check(o.diffusion_weight >= 0, "objective.diffusion_weight", o.diffusion_weight, "must be >= 0")
+    check(o.certainty_weight >= 0, "objective.certainty_weight", o.certainty_weight,
+          "must be >= 0 (0 = off)")
+    check(o.certainty_temperature > 0, "objective.certainty_temperature",
+          o.certainty_temperature, "must be > 0")
 
 
 def _validate_optim(o: OptimConfig) -> None:

@@ -8,6 +8,10 @@ half is scored; which row predicts each token is the pattern's (`Pattern.predict
 
 Log-softmax runs in float32, on the scored rows only (V can be 150k, so a full (B, L, V) float32
 copy is what we avoid).
+
+The certainty term (dParallel's certainty forcing, Chen et al. 2025) is the mean entropy of the
+temperature-scaled prediction over the masked tokens the model already gets right: minimising it
+makes correct predictions confident sooner, which is what a confidence-threshold decoder commits on.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ class LossOutput(NamedTuple):
     nll: Tensor  # (B, L) float32, -log p(target) per token, 0 where not scored
     scored: Tensor  # (B, L) bool, positions that entered the loss
     correct: Tensor  # (B, L) bool, argmax == target at scored positions
+    certainty: Optional[Tensor] = None  # () float32: entropy over the correct scored rows, if asked
 
 
 def shift_valid(seq_len: int, shift: bool, *, device: torch.device | str | None = None) -> Tensor:
@@ -81,6 +86,15 @@ def _token_nll(rows: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     return F.cross_entropy(rows, targets, reduction="none"), rows.argmax(-1) == targets
 
 
+def _certainty(rows: Tensor, correct: Tensor, temperature: float) -> Tensor:
+    """Mean entropy of softmax(rows / T) over the correctly predicted rows (0 when none are):
+    only right answers are sharpened, so the term never makes a wrong guess confident."""
+    if not bool(correct.any()):
+        return rows.new_zeros((), dtype=torch.float32)
+    log_p = F.log_softmax(rows[correct].float() / temperature, dim=-1)
+    return -(log_p.exp() * log_p).sum(-1).mean()
+
+
 def _scatter(values: Tensor, index: tuple[Tensor, Tensor], shape: torch.Size) -> Tensor:
     return values.new_zeros(shape).index_put(index, values)
 
@@ -95,13 +109,15 @@ def diffusion_loss(
     seq_len: int,
     shift: bool,
     eligible: Optional[Tensor] = None,
+    certainty_temperature: Optional[float] = None,
 ) -> LossOutput:
     """Weighted masked-token NLL, normalised per eligible token (BD3-LM/MDLM ELBO).
 
     ``loss = sum_{scored} weights * nll / max(1, eligible.sum())`` where scored = mask &
     shift-valid. `target_ids` (B, L) is the clean sequence x_0; `mask` (B, L) bool marks the noised
     tokens; `weights` (B, L) comes from :func:`block_weights`; `eligible` (B, L) bool defaults to
-    all tokens.
+    all tokens. With `certainty_temperature` the output also carries the certainty term (module
+    docstring), computed from the same gathered rows.
     """
     _check_logits(logits, pattern, seq_len)
     batch_size = logits.shape[0]
@@ -115,12 +131,14 @@ def diffusion_loss(
     rows = pattern.predicting_rows(seq_len, shift, logits.device)
     scored = mask & shift_valid(seq_len, shift, device=logits.device)
     b, i = scored.nonzero(as_tuple=True)  # (N,), (N,)
-    # rows: (N, V)
-    tok_nll, tok_correct = _token_nll(logits[b, rows[i]], target_ids[b, i])
+    scored_logits = logits[b, rows[i]]  # (N, V)
+    tok_nll, tok_correct = _token_nll(scored_logits, target_ids[b, i])
     loss = (weights[b, i].float() * tok_nll).sum() / eligible.sum().clamp_min(1)
     nll = _scatter(tok_nll, (b, i), scored.shape)
     correct = _scatter(tok_correct, (b, i), scored.shape)
-    return LossOutput(loss, nll, scored, correct)
+    certainty = (None if certainty_temperature is None
+                 else _certainty(scored_logits, tok_correct, certainty_temperature))
+    return LossOutput(loss, nll, scored, correct, certainty)
 
 
 def ar_loss(logits: Tensor, target_ids: Tensor, loss_mask: Optional[Tensor] = None) -> LossOutput:

@@ -60,7 +60,7 @@ class DiffusionLM(L.LightningModule):
         self.flops_per_batch = 0
         # before any sharding; once
         self._n_params = sum(p.numel() for p in self.model.parameters())
-        # objective.ar_weight > 0: the joint objective's terms, per step
+        # the diffusion objective's terms (diffusion, certainty, AR), per step
         self.loss_terms: dict[str, Tensor] = {}
 
     def configure_model(self) -> None:
@@ -113,22 +113,27 @@ class DiffusionLM(L.LightningModule):
         weights = block_weights(batch.num_masked, batch.num_eligible, block_size,
                                 objective.weighting)
         logits = self(inputs, docs, block_size)
+        certainty_t = objective.certainty_temperature if objective.certainty_weight > 0 else None
         diffusion = diffusion_loss(logits, batch.input_ids, batch.mask, weights=weights,
                                    eligible=batch.eligible, pattern=pattern,
-                                   seq_len=noised.shape[1], shift=objective.shift)
-        if objective.ar_weight == 0:
-            return diffusion._replace(loss=objective.diffusion_weight * diffusion.loss)
-        return self._joint(diffusion, logits[:, noised.shape[1]:], batch)
+                                   seq_len=noised.shape[1], shift=objective.shift,
+                                   certainty_temperature=certainty_t)
+        self.loss_terms = {"diffusion_loss": diffusion.loss.detach()}
+        total = objective.diffusion_weight * diffusion.loss
+        if diffusion.certainty is not None:
+            self.loss_terms["certainty"] = diffusion.certainty.detach()
+            total = total + objective.certainty_weight * diffusion.certainty
+        if objective.ar_weight > 0:
+            total = total + self._ar_term(logits[:, noised.shape[1]:], batch)
+        return diffusion._replace(loss=total)
 
-    def _joint(self, diffusion: LossOutput, clean_logits: Tensor, batch: TrainBatch) -> LossOutput:
-        """NLD's joint objective: the causal clean half's next-token loss on x_0, added to the
-        diffusion loss of the same forward; both terms kept in `loss_terms` for logging (accuracy
-        stays the masked tokens')."""
-        objective = self.cfg.objective
+    def _ar_term(self, clean_logits: Tensor, batch: TrainBatch) -> Tensor:
+        """NLD's joint objective: the causal clean half's next-token loss on x_0, from the same
+        forward as the diffusion loss; kept in `loss_terms` for logging (accuracy stays the masked
+        tokens')."""
         ar = ar_loss(clean_logits, batch.input_ids, batch.eligible)
-        self.loss_terms = {"ar_loss": ar.loss.detach(), "diffusion_loss": diffusion.loss.detach()}
-        joint = objective.diffusion_weight * diffusion.loss + objective.ar_weight * ar.loss
-        return diffusion._replace(loss=joint)
+        self.loss_terms["ar_loss"] = ar.loss.detach()
+        return self.cfg.objective.ar_weight * ar.loss
 
     def on_train_epoch_start(self) -> None:
         """A stream (`data.streaming`) reshuffles per epoch only when told the epoch (Lightning
@@ -150,7 +155,7 @@ class DiffusionLM(L.LightningModule):
         self.train_acc.update(out.correct[out.scored].float())
         rows = len(batch.input_ids)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=rows)
-        # objective.ar_weight > 0: the joint objective's two terms
+        # the objective's terms (diffusion; certainty and AR where weighted)
         for name, value in self.loss_terms.items():
             self.log(f"train/{name}", value, batch_size=rows)
         self.log("train/masked_acc", self.train_acc, prog_bar=True, batch_size=rows)

@@ -53,6 +53,8 @@ def test_saved_config_reloads_exactly(tmp_path):
         ("objective.ar_weight=-1", r"^objective.ar_weight=-1.0: must be >= 0"),
         ("objective.diffusion_weight=-0.5 attention.clean_context=causal objective.ar_weight=1",
          r"^objective.diffusion_weight=-0.5: must be >= 0"),
+        ("objective.certainty_weight=-1", r"^objective.certainty_weight=-1.0: must be >= 0 \(0 = off\)$"),
+        ("objective.certainty_temperature=0", r"^objective.certainty_temperature=0.0: must be > 0$"),
     ],
 )
 def test_bad_values_fail_at_load_in_one_line(override, match):

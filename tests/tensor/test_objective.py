@@ -134,6 +134,39 @@ def test_loss_matches_hand_computation():
     assert out.loss.item() == pytest.approx((2 * nll[0] + nll[2] + nll[3]) / 3)
 
 
+def _entropy(row: list[float], temperature: float = 1.0) -> float:
+    z = [x / temperature for x in row]
+    norm = math.log(sum(math.exp(x) for x in z))
+    return -sum(math.exp(x - norm) * (x - norm) for x in z)
+
+
+def test_certainty_is_the_mean_entropy_of_the_correctly_predicted_masked_rows():
+    # L = 4, block 2, V = 3: rows 0 and 2 predict their targets (argmax 0 and 1), row 3 does not, row 1 is unmasked
+    a, b, c, u = [2.0, 0.5, 0.0], [0.0, 3.0, 1.0], [1.0, 0.0, 0.0], [5.0, 0.0, 0.0]
+    logits = torch.tensor([[a, u, b, c]])
+    targets = torch.tensor([[0, 0, 1, 2]])
+    mask = torch.tensor([[T, F_, T, T]])
+    for temperature in (1.0, 0.5):
+        out = diffusion_loss(logits, targets, mask, weights=torch.ones(1, 4), pattern=P("block", 2), seq_len=4,
+                             shift=False, certainty_temperature=temperature)
+        expected = (_entropy(a, temperature) + _entropy(b, temperature)) / 2
+        assert out.certainty.item() == pytest.approx(expected, rel=1e-5)
+        assert out.correct.tolist() == [[T, F_, T, F_]]
+    assert loss_for(logits, targets, mask, pattern="block").certainty is None  # not asked: not computed
+
+
+def test_certainty_is_zero_when_nothing_is_predicted_right_and_its_gradient_sharpens():
+    logits = torch.tensor([[[0.0, 1.0, 0.0], [0.0, 0.5, 0.0]]], requires_grad=True)
+    wrong = diffusion_loss(logits, torch.tensor([[0, 0]]), torch.tensor([[T, T]]), weights=torch.ones(1, 2),
+                           pattern=P("block", 2), seq_len=2, shift=False, certainty_temperature=1.0)
+    assert wrong.certainty.item() == 0.0
+    right = diffusion_loss(logits, torch.tensor([[1, 1]]), torch.tensor([[T, T]]), weights=torch.ones(1, 2),
+                           pattern=P("block", 2), seq_len=2, shift=False, certainty_temperature=1.0)
+    right.certainty.backward()
+    # descending the entropy raises the top logit against the others on every correct row
+    assert (logits.grad[0, :, 1] < 0).all() and (logits.grad[0, :, [0, 2]] > 0).all()
+
+
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("shift", [False, True])
 def test_loss_matches_dense_log_softmax_reference(pattern, shift):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import warnings
 
 import pytest
@@ -241,6 +243,22 @@ def test_joint_loss_is_the_weighted_sum_of_both_terms(joint):
     assert_close(total, 0.3 * terms["diffusion_loss"] + terms["ar_loss"])
 
 
+def test_certainty_term_is_added_with_its_weight(tmp_path):
+    """With the final norm zeroed every logit is 0: argmax is token 0, so masked targets of 0 are the
+    correct predictions, each of entropy log V."""
+    cfg = _cfg(tmp_path, **{"attention.clean_context": "causal", "objective.ar_weight": 1.0,
+                            "objective.diffusion_weight": 0.3, "objective.certainty_weight": 2.0})
+    module = DiffusionLM(cfg).eval()
+    batch = _batch(module)
+    batch = dataclasses.replace(batch, input_ids=batch.input_ids.masked_fill(batch.mask, 0))
+    with torch.no_grad():
+        module.model.model.norm.weight.zero_()
+        total = module.loss(batch).loss
+    terms = module.loss_terms
+    assert terms["certainty"].item() == pytest.approx(math.log(module.model.config.vocab_size), rel=1e-5)
+    assert_close(total, 0.3 * terms["diffusion_loss"] + 2.0 * terms["certainty"] + terms["ar_loss"])
+
+
 def test_joint_training_step_logs_both_terms(tmp_path):
     import lightning as L
 
@@ -253,4 +271,5 @@ def test_joint_training_step_logs_both_terms(tmp_path):
     trainer.fit(module, datamodule=data)
     logged = trainer.callback_metrics
     assert {"train/ar_loss", "train/diffusion_loss", "train/loss"} <= set(logged)
+    assert "train/certainty" not in logged  # off by default
     assert torch.isfinite(logged["train/ar_loss"]) and logged["train/ar_loss"] > 0

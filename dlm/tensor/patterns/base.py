@@ -102,6 +102,9 @@ class Pattern:
         check(o.ar_weight > 0 or o.diffusion_weight > 0 or self.autoregressive,
               "objective.diffusion_weight", o.diffusion_weight,
               "must be > 0 when objective.ar_weight is 0 (nothing would train)")
+        check(o.certainty_weight == 0 or not self.autoregressive, "objective.certainty_weight",
+              o.certainty_weight, f"the {self.name} pattern trains no masked tokens to sharpen; "
+              "set a diffusion pattern or 0")
         check(o.ar_weight == 0 or (self.two_halves and self.verifies), "objective.ar_weight",
               o.ar_weight,
               f"needs attention.pattern=block_clean with attention.clean_context=causal "

@@ -58,6 +58,8 @@ def test_bad_pattern_settings_fail_in_one_line(kwargs, match):
     ("attention.pattern=block_window attention.options.window=-1", r"^attention.options.window=-1: must be an "
                                                                    r"integer >= 1"),
     ("attention.pattern=block_window objective.ar_weight=1", r"^objective.ar_weight=1.0: needs"),
+    ("attention.pattern=causal objective.certainty_weight=1", r"^objective.certainty_weight=1.0: the causal "
+                                                              r"pattern trains no masked tokens to sharpen"),
 ])
 def test_the_patterns_experiment_rules_fail_at_load_in_one_line(override, match):
     with pytest.raises(ConfigError, match=match) as info:
