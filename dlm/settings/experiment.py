@@ -229,6 +229,9 @@ class TrainerConfig:
     limit_val_batches: int = 20
     log_every_n_steps: int = 10
     checkpoint_every_n_steps: int = 200
+    export_every_n_steps: int = 0
+    """Also export an HF dlm folder `<output_dir>/steps/step-NNNNNN` every N steps, for
+    `dlm average` along the run (LAWA) or `dlm bench`; 0 = only `<output_dir>/final`."""
     progress_bar: bool = True
     throughput_window: int = 20
     """Steps averaged for train/items_per_sec (tokens/s) and train/device/mfu."""
@@ -337,6 +340,9 @@ def _validate_run_knobs(cfg: ExperimentConfig) -> None:
     for key in ("num_nodes", "accumulate_grad_batches", "val_every_n_steps", "log_every_n_steps",
                 "checkpoint_every_n_steps", "throughput_window"):
         check_positive_int(f"trainer.{key}", getattr(t, key))
+    check(isinstance(t.export_every_n_steps, int) and t.export_every_n_steps >= 0,
+          "trainer.export_every_n_steps", t.export_every_n_steps,
+          "must be an integer >= 0 (0 exports only the final folder)")
     check(isinstance(t.limit_val_batches, int) and t.limit_val_batches >= 0,
           "trainer.limit_val_batches", t.limit_val_batches,
           "must be an integer >= 0 (0 skips validation)")

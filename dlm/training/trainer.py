@@ -23,7 +23,12 @@ from dlm.data.datamodule import DiffusionDataModule
 from dlm.settings import ConfigError, ExperimentConfig, flatten, to_yaml
 from dlm.tensor import patterns
 from dlm.tracking import lock, runs
-from dlm.training.callbacks.export import HFExportCallback, export_complete, export_module
+from dlm.training.callbacks.export import (
+    HFExportCallback,
+    StepExportCallback,
+    export_complete,
+    export_module,
+)
 from dlm.training.module import DiffusionLM
 from dlm.training.preflight import (
     check_model_source,
@@ -117,6 +122,9 @@ def build_trainer(cfg: ExperimentConfig, logger: Logger, callbacks: list[L.Callb
     checkpoints = ModelCheckpoint(dirpath=out / "checkpoints",
                                   every_n_train_steps=t.checkpoint_every_n_steps,
                                   save_last=True, save_top_k=1)
+    exports: list[L.Callback] = [HFExportCallback(out / "final")]
+    if t.export_every_n_steps:
+        exports.append(StepExportCallback(out / "steps", t.export_every_n_steps))
     throughput = ThroughputMonitor(batch_size_fn=lambda b: b.input_ids.shape[0],
                                    length_fn=lambda b: b.input_ids.numel(), separator="/",
                                    window_size=t.throughput_window)
@@ -130,8 +138,7 @@ def build_trainer(cfg: ExperimentConfig, logger: Logger, callbacks: list[L.Callb
         enable_progress_bar=t.progress_bar, logger=logger, default_root_dir=str(out),
         # validate() before fit(): inference tensors would poison training buffers
         inference_mode=False,
-        callbacks=[checkpoints, throughput, LearningRateMonitor("step"),
-                   HFExportCallback(out / "final"), *callbacks],
+        callbacks=[checkpoints, throughput, LearningRateMonitor("step"), *exports, *callbacks],
     )
 
 

@@ -54,6 +54,8 @@ def test_saved_config_reloads_exactly(tmp_path):
         ("objective.diffusion_weight=-0.5 attention.clean_context=causal objective.ar_weight=1",
          r"^objective.diffusion_weight=-0.5: must be >= 0"),
         ("objective.certainty_weight=-1", r"^objective.certainty_weight=-1.0: must be >= 0 \(0 = off\)$"),
+        ("trainer.export_every_n_steps=-5", r"^trainer.export_every_n_steps=-5: must be an integer >= 0 "
+                                            r"\(0 exports only the final folder\)$"),
         ("objective.certainty_temperature=0", r"^objective.certainty_temperature=0.0: must be > 0$"),
     ],
 )

@@ -70,10 +70,21 @@ def test_exported_checkpoint_matches_lightning_weights(ar_run):
 
 def test_conversion_from_ar_checkpoint_runs_block_clean(ar_run, tmp_path):
     _, ar = ar_run
-    result = _run(tmp_path, "experiments/tiny.yaml", **{"model.name_or_path": str(ar.final_dir)})
+    result = _run(tmp_path, "experiments/tiny.yaml", **{"model.name_or_path": str(ar.final_dir),
+                                                       "trainer.export_every_n_steps": "3"})
     meta = read_meta(result.final_dir)
     assert (meta.pattern, meta.block_size, meta.shift) == ("block_clean", 4, False)
     assert result.metrics["val/loss"] > 0 and 0 <= result.metrics["val/masked_acc"] <= 1
+    # trainer.export_every_n_steps: a folder per 3 steps beside final; the last is final's weights, the first not
+    steps = tmp_path / "out/steps"
+    assert sorted(p.name for p in steps.iterdir()) == ["step-000003", "step-000006"]
+    assert read_meta(steps / "step-000003") == meta
+    final = load_file(result.final_dir / "model.safetensors")
+    assert load_file(steps / "step-000006/model.safetensors").keys() == final.keys()
+    for name, tensor in load_file(steps / "step-000006/model.safetensors").items():
+        torch.testing.assert_close(tensor, final[name], rtol=0, atol=0)
+    assert not torch.equal(load_file(steps / "step-000003/model.safetensors")["model.embed_tokens.weight"],
+                           final["model.embed_tokens.weight"])
 
 
 def test_crash_marks_run_failed_and_resume_continues_same_run(tmp_path):

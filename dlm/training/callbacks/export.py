@@ -1,4 +1,4 @@
-"""Export the trained backbone as an HF dlm checkpoint when training ends."""
+"""Export the trained backbone as an HF dlm checkpoint when training ends (and every N steps)."""
 
 from __future__ import annotations
 
@@ -50,3 +50,31 @@ class HFExportCallback(L.Callback):
         path = export_module(pl_module, self.out_dir, full)
         for logger in trainer.loggers:
             logger.log_hyperparams({"final_checkpoint": str(path.resolve())})
+
+
+class StepExportCallback(L.Callback):
+    """An HF dlm folder `<out_dir>/step-NNNNNN` every `every` optimizer steps
+    (`trainer.export_every_n_steps`).
+
+    Why: a Lightning checkpoint holds optimizer state and keeps only the last; these folders are
+    what `dlm average` (the mean along one run, LAWA), `dlm bench` and `dlm eval` read. A folder
+    already complete (a resumed run passing the same step) is left as it is.
+    """
+
+    def __init__(self, out_dir: str | Path, every: int) -> None:
+        self.out_dir, self.every = Path(out_dir), every
+        self._last = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           *args: Any) -> None:
+        step = trainer.global_step
+        # with gradient accumulation this hook runs once per micro-batch; export once per step
+        if step == 0 or step % self.every or step == self._last:
+            return
+        self._last = step
+        target = self.out_dir / f"step-{step:06d}"
+        if export_complete(target):
+            return
+        full = trainer.strategy.lightning_module_state_dict()  # collective under FSDP
+        if trainer.is_global_zero:
+            export_module(pl_module, target, full)

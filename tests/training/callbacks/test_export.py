@@ -1,4 +1,5 @@
-"""HFExportCallback alone on a bare Lightning Trainer (no dlm `train()`, no MLflow, no ModelCheckpoint).
+"""HFExportCallback and StepExportCallback alone on a bare Lightning Trainer (no dlm `train()`, no MLflow, no
+ModelCheckpoint).
 
 tests/training/test_trainer.py covers the export inside `train()` (causal and block_clean metadata, the MLflow
 param, weights equal to last.ckpt); here: a non-default pattern/block size/shift, tied embeddings, every logger,
@@ -19,7 +20,7 @@ from torch.testing import assert_close
 from dlm.data.datamodule import DiffusionDataModule
 from dlm.models.checkpoint import CheckpointMeta, load_checkpoint, read_meta
 from dlm.settings import load_config
-from dlm.training.callbacks.export import HFExportCallback
+from dlm.training.callbacks.export import HFExportCallback, StepExportCallback
 from dlm.training.module import DiffusionLM
 from tests.helpers import small_overrides
 
@@ -101,3 +102,34 @@ def test_final_checkpoint_is_logged_to_every_logger(run):
     for logger in loggers:
         hparams = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
         assert hparams["final_checkpoint"] == str(final.resolve())
+
+
+class WeightsProbe(L.Callback):
+    """The backbone's weights after each optimizer step."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.at[trainer.global_step] = {k.removeprefix("model."): v.detach().clone()
+                                        for k, v in pl_module.state_dict().items()}
+
+
+def test_step_exports_hold_the_weights_of_their_step_under_accumulation(tmp_path):
+    overrides = small_overrides(tmp_path, **{"model.name_or_path": "null", "model.tokenizer": "builtin:tiny",
+                                             "optim.warmup_steps": "0", "trainer.max_steps": "4"})
+    cfg = load_config("experiments/tiny.yaml", overrides=overrides)
+    torch.manual_seed(0)
+    module = DiffusionLM(cfg)
+    data = DiffusionDataModule(cfg, module.tokenizer, module.mask_token_id)
+    probe, steps = WeightsProbe(), tmp_path / "out/steps"
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", devices=1, logger=False, accumulate_grad_batches=2,
+                        callbacks=[StepExportCallback(steps, every=2), probe], enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    assert sorted(p.name for p in steps.iterdir()) == ["step-000002", "step-000004"]
+    assert not torch.equal(probe.at[2]["model.embed_tokens.weight"], probe.at[4]["model.embed_tokens.weight"])
+    for step in (2, 4):
+        loaded = load_checkpoint(steps / f"step-{step:06d}")[0].model.state_dict()
+        for name, tensor in loaded.items():
+            assert_close(tensor, probe.at[step][name], rtol=0, atol=0, msg=f"step {step}: {name}")
