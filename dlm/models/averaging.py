@@ -18,12 +18,7 @@ import torch
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from dlm.models.backbone import load_model, load_tokenizer
-from dlm.models.checkpoint import (
-    META_FILE,
-    CheckpointMeta,
-    check_checkpoint,
-        save_checkpoint,
-)
+from dlm.models.checkpoint import META_FILE, CheckpointMeta, check_checkpoint, save_checkpoint
 from dlm.models.lora import is_adapter_folder
 from dlm.settings import DTYPES, ModelConfig, check
 from dlm.settings.experiment import Dtype
